@@ -1,0 +1,303 @@
+"""Trit checkpoint directories: write (quantize or recover), load with checksum checks, dequantize.
+
+A trit checkpoint dir holds config.json and the tokenizer files of its source, packed and kept tensors
+in safetensors shards, and the manifest trit.json (docs/FORMAT.md). Every output is built in a hidden
+temporary sibling dir and renamed into place at the end, so a failure never leaves half a checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import CodecError
+from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
+from .quantize import CODEBOOK_SIZE, GROUP_SIZE, QuantizedMatrix, quantize_matrix
+from .recover import dequantize_as, recover_matrix
+from .safetensors_io import (FLOAT_DTYPES, SafetensorsFile, ShardWriter, from_float, iter_checkpoint_files,
+                             to_float32)
+
+FORMAT_NAME = "trit-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "trit.json"
+DEFAULT_SHARD_BYTES = 2 << 30
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json", MANIFEST)
+_KEPT_NAME_PARTS = ("embed", "lm_head", "norm")
+DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+
+Progress = Callable[[str, int], None]  # (tensor name, number of elements done)
+
+
+def is_quantized_tensor(name: str, shape: tuple[int, ...]) -> bool:
+    """Every 2-D linear weight; embeddings, lm_head and norms are kept (reference.md)."""
+    return (len(shape) == 2 and name.endswith(".weight")
+            and not any(p in name for p in _KEPT_NAME_PARTS))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temp dir beside `out`; on success move it to `out` (replacing it only with force)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise CodecError(f"{out}: output directory exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, trash / "old")
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_source(src: Path) -> tuple[dict, list[SafetensorsFile]]:
+    """config.json and the validated safetensors files of a Hugging Face checkpoint dir."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CodecError(f"{src}: not a directory")
+    cfg_path = src / "config.json"
+    if not cfg_path.exists():
+        raise CodecError(f"{src}: missing config.json (not a Hugging Face checkpoint dir)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise CodecError(f"{cfg_path}: invalid JSON ({e})") from None
+    return config, [SafetensorsFile(p) for p in iter_checkpoint_files(src)]
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """config.json, tokenizer and generation files: everything that is not weights."""
+    for p in sorted(Path(src).iterdir()):
+        if p.is_file() and not any(p.match(pat) for pat in _WEIGHT_FILES):
+            shutil.copy2(p, dst / p.name)
+
+
+class _ShardedOutput:
+    """Rolls safetensors shards at a size limit; remembers which shard holds each tensor."""
+
+    def __init__(self, root: Path, prefix: str, limit: int):
+        self.root, self.prefix, self.limit = root, prefix, limit
+        self.files: list[str] = []
+        self.location: dict[str, str] = {}
+        self._writer: ShardWriter | None = None
+
+    def add(self, name: str, array: np.ndarray, dtype: str | None = None) -> None:
+        if self._writer is not None and self._writer.nbytes and self._writer.nbytes + array.nbytes > self.limit:
+            self._close()
+        if self._writer is None:
+            self.files.append(f"{self.prefix}-{len(self.files) + 1:05d}.safetensors")
+            self._writer = ShardWriter(self.root / self.files[-1])
+        self._writer.add(name, array, dtype)
+        self.location[name] = self.files[-1]
+
+    def _close(self) -> None:
+        self._writer.close({"format": "pt"})
+        self._writer = None
+
+    def finish(self) -> list[str]:
+        if self._writer is not None:
+            self._close()
+        return self.files
+
+
+def _source_tensors(files: list[SafetensorsFile]) -> Iterator[tuple[str, SafetensorsFile]]:
+    seen: set[str] = set()
+    for f in files:
+        for name in f.keys():
+            if name in seen:
+                raise CodecError(f"{f.path}: tensor '{name}' appears in more than one shard")
+            seen.add(name)
+            yield name, f
+
+
+def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse", recover: bool = False,
+                          force: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                          progress: Progress | None = None) -> dict:
+    """Quantize (or, with recover, decode) a Hugging Face checkpoint dir into a trit checkpoint dir.
+
+    Streams tensor by tensor; returns the manifest written.
+    """
+    config, files = read_source(src)
+    quantized: dict[str, dict] = {}
+    kept: dict[str, dict] = {}
+    with atomic_output_dir(out, force) as tmp:
+        shards = _ShardedOutput(tmp, "model", shard_bytes)
+        for name, f in _source_tensors(files):
+            info = f.tensors[name]
+            stored = f.read(name)
+            if is_quantized_tensor(name, info.shape):
+                if info.dtype not in FLOAT_DTYPES:
+                    raise CodecError(f"{f.path}: tensor '{name}' has dtype {info.dtype}; a linear weight must be "
+                                     f"one of {', '.join(FLOAT_DTYPES)}")
+                if recover:
+                    qm = recover_matrix(stored, info.dtype, name)
+                else:
+                    qm = quantize_matrix(to_float32(stored, info.dtype), depth, mode, name)
+                for suffix, arr in pack_matrix(qm).items():
+                    shards.add(f"{name}.{suffix}", arr)
+                quantized[name] = {"shape": list(info.shape), "depth": qm.depth, "dtype": info.dtype,
+                                   "bits_per_weight": round(bits_per_weight(*info.shape, qm.depth), 4)}
+            else:
+                if info.dtype in FLOAT_DTYPES and not np.isfinite(to_float32(stored, info.dtype)).all():
+                    raise CodecError(f"{f.path}: tensor '{name}' contains NaN or Inf")
+                shards.add(name, stored, info.dtype)
+                kept[name] = {"shape": list(info.shape), "dtype": info.dtype}
+            if progress:
+                progress(name, int(np.prod(info.shape)))
+        if not quantized:
+            raise CodecError(f"{src}: no 2-D linear weights to quantize were found")
+        for name, entry in list(quantized.items()) + list(kept.items()):
+            entry["shard"] = shards.location[name if name in kept else f"{name}.{CODES}"]
+        shard_files = shards.finish()
+        copy_side_files(src, tmp)
+        depths = sorted({q["depth"] for q in quantized.values()})
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "group_size": GROUP_SIZE,
+            "codebook_size": CODEBOOK_SIZE, "codec_mode": "recovered" if recover else mode,
+            "depth": depths[0] if len(depths) == 1 else depths,
+            "architectures": config.get("architectures", []),
+            "quantized": quantized, "kept": kept,
+            "shards": {s: {"sha256": _sha256(tmp / s), "bytes": (tmp / s).stat().st_size} for s in shard_files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+@dataclass
+class TritCheckpoint:
+    """A loaded trit checkpoint: manifest, config and lazily memory-mapped shards."""
+    path: Path
+    manifest: dict
+    config: dict
+    _files: dict[str, SafetensorsFile]
+
+    @property
+    def quantized_names(self) -> list[str]:
+        return list(self.manifest["quantized"])
+
+    @property
+    def kept_names(self) -> list[str]:
+        return list(self.manifest["kept"])
+
+    def _file(self, entry: dict) -> SafetensorsFile:
+        return self._files[entry["shard"]]
+
+    def packed(self, name: str) -> dict[str, np.ndarray]:
+        """The packed tensors of a quantized matrix: {trit_codes, trit_scales, trit_codebook}."""
+        f = self._file(self.manifest["quantized"][name])
+        try:
+            return {k: f.read(f"{name}.{k}") for k in (CODES, SCALES, CODEBOOK)}
+        except KeyError as e:
+            raise CodecError(f"{f.path}: missing tensor {e} listed in {MANIFEST}") from None
+
+    def matrix(self, name: str) -> QuantizedMatrix:
+        return unpack_matrix(self.packed(name), self.manifest["quantized"][name]["shape"][1], name)
+
+    def kept(self, name: str) -> tuple[np.ndarray, str]:
+        """A kept tensor in its storage form and its safetensors dtype."""
+        entry = self.manifest["kept"][name]
+        f = self._file(entry)
+        if name not in f.tensors:
+            raise CodecError(f"{f.path}: missing tensor '{name}' listed in {MANIFEST}")
+        return f.read(name), f.tensors[name].dtype
+
+    def packed_bytes(self) -> int:
+        """Bytes of all packed tensors (codes + scale indices + codebooks)."""
+        return sum(a.nbytes for n in self.quantized_names for a in self.packed(n).values())
+
+
+def _field(manifest: dict, key: str, path: Path):
+    if key not in manifest:
+        raise CodecError(f"{path}: manifest field '{key}' is missing")
+    return manifest[key]
+
+
+def load_trit_checkpoint(path: str | os.PathLike, verify: bool = True) -> TritCheckpoint:
+    """Open a trit checkpoint dir; with verify, every shard's sha256 is checked against trit.json."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise CodecError(f"{path}: not a directory")
+    if not mpath.exists():
+        raise CodecError(f"{path}: missing {MANIFEST} (not a trit checkpoint; quantize it with trit-quantize)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError as e:
+        raise CodecError(f"{mpath}: invalid JSON ({e})") from None
+    if _field(manifest, "format", mpath) != FORMAT_NAME:
+        raise CodecError(f"{mpath}: field 'format' is {manifest['format']!r}, expected {FORMAT_NAME!r}")
+    version = _field(manifest, "format_version", mpath)
+    if version != FORMAT_VERSION:
+        raise CodecError(f"{mpath}: unsupported format_version {version!r} (this tool reads {FORMAT_VERSION})")
+    if _field(manifest, "group_size", mpath) != GROUP_SIZE:
+        raise CodecError(f"{mpath}: group_size {manifest['group_size']} unsupported (only {GROUP_SIZE})")
+    for key in ("quantized", "kept", "shards"):
+        _field(manifest, key, mpath)
+    files = {}
+    for shard, meta in manifest["shards"].items():
+        spath = path / shard
+        if not spath.exists():
+            raise CodecError(f"{path}: shard '{shard}' listed in {MANIFEST} is missing")
+        if verify and _sha256(spath) != meta.get("sha256"):
+            raise CodecError(f"{spath}: checksum mismatch (sha256 differs from {MANIFEST}); the file is corrupt")
+        files[shard] = SafetensorsFile(spath)
+    for name, entry in list(manifest["quantized"].items()) + list(manifest["kept"].items()):
+        if entry.get("shard") not in files:
+            raise CodecError(f"{mpath}: tensor '{name}' names shard {entry.get('shard')!r}, which is not listed")
+    cfg = path / "config.json"
+    config = json.loads(cfg.read_text()) if cfg.exists() else {}
+    return TritCheckpoint(path, manifest, config, files)
+
+
+def write_dequantized_checkpoint(trit_dir: Path, out: Path, dtype: str | None = None, force: bool = False,
+                                 progress: Progress | None = None) -> None:
+    """Trit checkpoint -> Hugging Face safetensors checkpoint. dtype: float16|bfloat16|float32 or None (source)."""
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise CodecError(f"unsupported --dtype {dtype!r} (choose from {', '.join(DTYPE_NAMES)})")
+    ckpt = load_trit_checkpoint(trit_dir)
+    target = DTYPE_NAMES.get(dtype) if dtype else None
+    with atomic_output_dir(out, force) as tmp:
+        shards = _ShardedOutput(tmp, "model", DEFAULT_SHARD_BYTES)
+        for name in ckpt.quantized_names:
+            qm = ckpt.matrix(name)
+            d = target or ckpt.manifest["quantized"][name]["dtype"]
+            shards.add(name, dequantize_as(qm, d), d)
+            if progress:
+                progress(name, qm.codes.size)
+        for name in ckpt.kept_names:
+            arr, d = ckpt.kept(name)
+            if target and d in FLOAT_DTYPES and d != target:
+                arr, d = from_float(to_float32(arr, d), target), target
+            shards.add(name, arr, d)
+            if progress:
+                progress(name, arr.size)
+        files = shards.finish()
+        if len(files) == 1:
+            os.rename(tmp / files[0], tmp / "model.safetensors")
+        else:
+            index = {"metadata": {}, "weight_map": dict(sorted(shards.location.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        copy_side_files(ckpt.path, tmp)

@@ -1,0 +1,60 @@
+"""The packed form of one quantized matrix (docs/FORMAT.md is the byte-level spec).
+
+Three tensors per matrix W [N, K] at depth d, G = K/16:
+  <name>.trit_codes    uint8 [N, d, ceil(K/5)]   digit plane i of every weight, 5 per byte
+  <name>.trit_scales   uint8 [N, 3, ceil(G/5)]   the 3 digits of each group's codebook index, 5 per byte
+  <name>.trit_codebook float32 [27]              the steps
+Weight digits are the base-3 digits of u = q + qmax, which are exactly q's balanced-ternary digits + 1,
+so q = Σ_i digit_i·3^i - qmax.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import CodecError
+from .quantize import CODEBOOK_SIZE, GROUP_SIZE, QuantizedMatrix, qmax_of
+from .trits import from_digits, pack_trits, packed_len, to_digits, unpack_trits
+
+CODES, SCALES, CODEBOOK = "trit_codes", "trit_scales", "trit_codebook"
+SCALE_DIGITS = 3  # 27 codebook entries = 3 trits
+
+
+def packed_shapes(n_out: int, n_in: int, depth: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the three packed tensors of an [n_out, n_in] matrix."""
+    return {CODES: (n_out, depth, packed_len(n_in)),
+            SCALES: (n_out, SCALE_DIGITS, packed_len(n_in // GROUP_SIZE)),
+            CODEBOOK: (CODEBOOK_SIZE,)}
+
+
+def pack_matrix(qm: QuantizedMatrix) -> dict[str, np.ndarray]:
+    """QuantizedMatrix -> {suffix: packed array}."""
+    u = qm.codes.astype(np.int32) + qmax_of(qm.depth)
+    return {CODES: pack_trits(to_digits(u, qm.depth)),
+            SCALES: pack_trits(to_digits(qm.scale_idx, SCALE_DIGITS)),
+            CODEBOOK: np.asarray(qm.codebook, np.float32)}
+
+
+def unpack_matrix(packed: dict[str, np.ndarray], n_in: int, name: str = "weight") -> QuantizedMatrix:
+    """Inverse of pack_matrix; checks shapes against n_in so a corrupt file fails with a clear message."""
+    codes, scales, codebook = (np.asarray(packed[k]) for k in (CODES, SCALES, CODEBOOK))
+    n_out, depth = codes.shape[0], codes.shape[1]
+    want = packed_shapes(n_out, n_in, depth)
+    for key, arr in ((CODES, codes), (SCALES, scales), (CODEBOOK, codebook)):
+        if tuple(arr.shape) != want[key]:
+            raise CodecError(f"tensor '{name}.{key}': shape {list(arr.shape)} does not match "
+                             f"{list(want[key])} for a [{n_out}, {n_in}] matrix at depth {depth}")
+    u = from_digits(unpack_trits(codes, n_in))
+    idx = from_digits(unpack_trits(scales, n_in // GROUP_SIZE))
+    return QuantizedMatrix((u - qmax_of(depth)).astype(np.int8), idx.astype(np.uint8),
+                           codebook.astype(np.float32), depth)
+
+
+def packed_bits(n_out: int, n_in: int, depth: int) -> int:
+    """Bits the three packed tensors take on disk."""
+    return 8 * sum(int(np.prod(s)) * (4 if k == CODEBOOK else 1)
+                   for k, s in packed_shapes(n_out, n_in, depth).items())
+
+
+def bits_per_weight(n_out: int, n_in: int, depth: int) -> float:
+    """Packed bits / weight, counting codes, scale indices and the codebook."""
+    return packed_bits(n_out, n_in, depth) / (n_out * n_in)

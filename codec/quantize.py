@@ -1,0 +1,154 @@
+"""Balanced-ternary post-training quantization of one linear weight matrix.
+
+w ≈ step_g · q, q = Σ_{i<d} t_i·3^i, t_i ∈ {-1,0,1}, groups of 16 along `in`, step_g = codebook[idx_g]
+with a 27-entry log-spaced codebook per matrix (3 trits per group index).
+
+Two modes, same bits:
+- "reference": the published rule. Per group the MSE-best of 4 order-statistic amplitudes, codebook
+  spanning [smallest, largest] group step, each group's step snapped to the nearest entry in log space.
+- "mse" (default): the codebook's lower end is a low quantile of the group steps instead of the single
+  smallest (one near-empty group no longer coarsens every other group's grid), and each group picks its
+  codebook entry by measured MSE among the entries around its four candidates instead of snapping.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CodecError
+
+GROUP_SIZE = 16
+CODEBOOK_SIZE = 27
+DEPTHS = (1, 2, 3, 4)
+MODES = ("mse", "reference")
+_AMPLITUDE_RANKS = (GROUP_SIZE - 6, GROUP_SIZE - 4, GROUP_SIZE - 2, GROUP_SIZE - 1)
+_CHUNK_GROUPS = 1 << 15
+_LOW_QUANTILE = 0.02  # mse mode: codebook lower end, as a quantile of the groups' best steps
+
+
+def qmax_of(depth: int) -> int:
+    """Largest |q| at this depth: (3^d - 1) / 2."""
+    return (3 ** depth - 1) // 2
+
+
+@dataclass
+class QuantizedMatrix:
+    """Codes int8 [out, in], scale indices uint8 [out, in/16], codebook float32 [27] (steps)."""
+    codes: np.ndarray
+    scale_idx: np.ndarray
+    codebook: np.ndarray
+    depth: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    def dequantize(self, dtype=np.float32) -> np.ndarray:
+        """step·q, computed exactly in float64 and rounded once to `dtype` (numpy dtype)."""
+        steps = self.codebook.astype(np.float64)[self.scale_idx]
+        w = self.codes.reshape(self.codes.shape[0], -1, GROUP_SIZE) * steps[..., None]
+        return w.reshape(self.codes.shape).astype(dtype)
+
+
+def check_matrix(w: np.ndarray, name: str = "weight") -> None:
+    if w.ndim != 2:
+        raise CodecError(f"tensor '{name}': expected a 2-D [out, in] matrix, got shape {list(w.shape)}")
+    if w.shape[1] % GROUP_SIZE:
+        raise CodecError(f"tensor '{name}': in_features {w.shape[1]} is not a multiple of the group size "
+                         f"{GROUP_SIZE}")
+
+
+def _round_codes(g: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
+    inv = np.divide(1.0, step, out=np.zeros_like(step), where=step > 0)
+    q = np.rint(g * inv[:, None])
+    return np.clip(q, -qmax, qmax, out=q)
+
+
+def _sq_error(g: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
+    q = _round_codes(g, step, qmax)
+    q *= step[:, None]
+    np.subtract(g, q, out=q)
+    np.square(q, out=q)
+    return q.sum(axis=1)
+
+
+def _best_amplitude_steps(g: np.ndarray, qmax: int) -> np.ndarray:
+    """Per group, the MSE-best step among the 4 order-statistic amplitudes / qmax."""
+    top = np.sort(np.abs(g), axis=1)[:, _AMPLITUDE_RANKS] / qmax
+    errs = np.stack([_sq_error(g, top[:, c], qmax) for c in range(top.shape[1])], axis=1)
+    return top[np.arange(len(g)), errs.argmin(axis=1)]
+
+
+def _log_codebook(lo: float, hi: float) -> np.ndarray:
+    if not hi > 0:
+        return np.zeros(CODEBOOK_SIZE, np.float32)
+    lo = min(lo, hi) if lo > 0 else hi
+    return np.exp(np.linspace(np.log(lo), np.log(hi), CODEBOOK_SIZE)).astype(np.float32)
+
+
+def _log_position(step: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Fractional codebook index of each step (log-spaced codebook)."""
+    lo, hi = np.log(codebook[0]), np.log(codebook[-1])
+    if hi <= lo:
+        return np.zeros_like(step)
+    with np.errstate(divide="ignore"):
+        pos = (np.log(np.maximum(step, 1e-38)) - lo) / (hi - lo) * (CODEBOOK_SIZE - 1)
+    return np.clip(pos, 0, CODEBOOK_SIZE - 1)
+
+
+def _choose_entries(g: np.ndarray, best: np.ndarray, codebook: np.ndarray, qmax: int, mode: str) -> np.ndarray:
+    pos = _log_position(best, codebook)
+    if mode == "reference":
+        return np.rint(pos).astype(np.uint8)
+    base = np.floor(pos).astype(np.int64)
+    cands = np.clip(base[:, None] + np.array([-1, 0, 1, 2]), 0, CODEBOOK_SIZE - 1)
+    errs = np.stack([_sq_error(g, codebook[cands[:, c]], qmax) for c in range(cands.shape[1])], axis=1)
+    return cands[np.arange(len(g)), errs.argmin(axis=1)].astype(np.uint8)
+
+
+def _map_chunks(fn, n: int, workers: int):
+    """Run fn(slice) over chunks of groups; numpy releases the GIL, so 2 threads use 2 cores."""
+    slices = [slice(i, min(i + _CHUNK_GROUPS, n)) for i in range(0, n, _CHUNK_GROUPS)]
+    if workers <= 1 or len(slices) == 1:
+        return [fn(s) for s in slices]
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(fn, slices))
+
+
+def quantize_matrix(w: np.ndarray, depth: int = 3, mode: str = "mse", name: str = "weight",
+                    workers: int = 2) -> QuantizedMatrix:
+    """Quantize a [out, in] float matrix; deterministic (no randomness, fixed chunking)."""
+    if depth not in DEPTHS:
+        raise CodecError(f"depth must be one of {DEPTHS}, got {depth}")
+    if mode not in MODES:
+        raise CodecError(f"codec mode must be one of {MODES}, got '{mode}'")
+    check_matrix(w, name)
+    w = np.asarray(w, np.float32)
+    if not np.isfinite(w).all():
+        bad = np.argwhere(~np.isfinite(w))[0].tolist()
+        raise CodecError(f"tensor '{name}': contains NaN or Inf (first at index {bad})")
+    n_out, n_in = w.shape
+    qmax = qmax_of(depth)
+    groups = w.reshape(-1, GROUP_SIZE)
+    best = np.concatenate(_map_chunks(lambda s: _best_amplitude_steps(groups[s], qmax), len(groups), workers))
+    positive = best[best > 0]
+    if positive.size == 0:
+        codebook = _log_codebook(0.0, 0.0)
+    elif mode == "reference":
+        codebook = _log_codebook(float(positive.min()), float(positive.max()))
+    else:
+        codebook = _log_codebook(float(np.quantile(positive, _LOW_QUANTILE)), float(positive.max()))
+    idx = np.concatenate(_map_chunks(lambda s: _choose_entries(groups[s], best[s], codebook, qmax, mode),
+                                     len(groups), workers))
+    steps = codebook[idx]
+    codes = np.concatenate(_map_chunks(lambda s: _round_codes(groups[s], steps[s], qmax).astype(np.int8),
+                                       len(groups), workers))
+    return QuantizedMatrix(codes.reshape(n_out, n_in), idx.reshape(n_out, n_in // GROUP_SIZE), codebook, depth)
+
+
+def relative_mse(w: np.ndarray, w_hat: np.ndarray) -> float:
+    """Σ(w-ŵ)² / Σw², accumulated in float64."""
+    w = np.asarray(w, np.float64)
+    return float(np.sum((w - np.asarray(w_hat, np.float64)) ** 2) / max(np.sum(w * w), 1e-300))

@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny seeded Qwen2 checkpoints built with transformers (nothing downloaded)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """Untied tiny Qwen2 (2 layers, GQA 4/2 heads, q/k/v biases), float32 safetensors + tokenizer."""
+    from trit_tvm.demo import TinyQwen2Spec, build_tiny_qwen2
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_untied"), TinyQwen2Spec(tie_embeddings=False, seed=7))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_tied(tmp_path_factory):
+    from trit_tvm.demo import TinyQwen2Spec, build_tiny_qwen2
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_tied"), TinyQwen2Spec(tie_embeddings=True, seed=11))
