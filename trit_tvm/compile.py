@@ -1,0 +1,152 @@
+"""trit checkpoint (or HF checkpoint, quantized on the fly) → compiled artifact dir.
+
+Artifact dir:
+  model.so            the compiled Relax VM library for the target (host code + device code)
+  params.safetensors  parameters in the order the VM expects: packed trits untouched, kept tensors in
+                      the model dtype of the target
+  manifest.json       target, weight layout, formats, model config, input hash, byte counts
+  tokenizer files     copied from the source when present
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tvm
+
+from codec.checkpoint import MANIFEST as TRIT_MANIFEST
+from codec.checkpoint import FORMAT_VERSION, TritCheckpoint, atomic_output_dir, copy_side_files, \
+    load_trit_checkpoint, write_trit_checkpoint
+from codec.safetensors_io import ShardWriter, from_float, to_float32
+
+from .errors import CompileError
+from .model import Qwen2Config, TritQwen2ForCausalLM, checkpoint_tensor_name
+from .pipeline import trit_pipeline
+from .targets import target_arch, target_device_kind
+
+log = logging.getLogger("trit")
+
+ARTIFACT_FORMAT = "trit-artifact"
+ARTIFACT_VERSION = 1
+WEIGHT_LAYOUT = "trit-planes-5perbyte-v1"  # the checkpoint's packing, read as is by the kernels
+LIBRARY, PARAMS, ARTIFACT_MANIFEST = "model.so", "params.safetensors", "manifest.json"
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LINEAR_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                  "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+Stage = Callable[[str], None]
+
+
+def model_dtype_for(target: tvm.target.Target) -> str:
+    """Activations and kept tensors: float16 on GPUs, float32 on CPUs (no fast fp16 math there)."""
+    return "float16" if target_device_kind(target) == "cuda" else "float32"
+
+
+def _layer_depths(ckpt: TritCheckpoint, cfg: Qwen2Config) -> list[dict[str, int]]:
+    quantized = ckpt.manifest["quantized"]
+    depths = []
+    for i in range(cfg.num_hidden_layers):
+        layer = {}
+        for lin in LINEAR_NAMES:
+            name = f"model.layers.{i}.{_LINEAR_PARENT[lin]}.{lin}.weight"
+            if name not in quantized:
+                raise CompileError(f"{ckpt.path}: quantized tensor '{name}' is missing from {TRIT_MANIFEST}")
+            layer[lin] = quantized[name]["depth"]
+        depths.append(layer)
+    return depths
+
+
+def _input_hash(ckpt: TritCheckpoint) -> str:
+    """sha256 over the trit manifest (which pins every shard's sha256) and config.json."""
+    h = hashlib.sha256((ckpt.path / TRIT_MANIFEST).read_bytes())
+    cfg = ckpt.path / "config.json"
+    if cfg.exists():
+        h.update(cfg.read_bytes())
+    return h.hexdigest()
+
+
+def _param_array(ckpt: TritCheckpoint, param: str, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, str]:
+    """The checkpoint tensor behind one exported parameter, in the layout and dtype the VM expects."""
+    name, suffix = checkpoint_tensor_name(param)
+    if suffix is not None:
+        arr = np.asarray(ckpt.packed(name)[suffix])
+        st = "U8" if arr.dtype == np.uint8 else "F32"
+    else:
+        if name not in ckpt.manifest["kept"]:
+            raise CompileError(f"{ckpt.path}: tensor '{name}' is missing (needed by the {param} parameter)")
+        stored, st_dtype = ckpt.kept(name)
+        st = {"float32": "F32", "float16": "F16"}[dtype]
+        arr = from_float(to_float32(stored, st_dtype), st)
+    if tuple(arr.shape) != tuple(shape):
+        raise CompileError(f"{ckpt.path}: tensor '{name}' has shape {list(arr.shape)}, the model config needs "
+                           f"{list(shape)} for {param}")
+    return arr, st
+
+
+def open_model(model_dir: Path, workdir: Path, depth: int, mode: str, stage: Stage) -> TritCheckpoint:
+    """A trit checkpoint as is, or a Hugging Face checkpoint quantized into workdir first."""
+    model_dir = Path(model_dir)
+    if (model_dir / TRIT_MANIFEST).exists():
+        return load_trit_checkpoint(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise CompileError(f"{model_dir}: neither a trit checkpoint ({TRIT_MANIFEST}) nor a Hugging Face "
+                           "checkpoint (config.json)")
+    Qwen2Config.from_hf(json.loads((model_dir / "config.json").read_text()), str(model_dir / "config.json"))
+    stage(f"quantizing {model_dir} at depth {depth} ({mode})")
+    write_trit_checkpoint(model_dir, workdir / "trit", depth=depth, mode=mode)
+    return load_trit_checkpoint(workdir / "trit")
+
+
+def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, depth: int = 3, mode: str = "mse",
+                  force: bool = False, stage: Stage = log.info) -> dict:
+    """Build the artifact dir for `target`; returns its manifest."""
+    with tempfile.TemporaryDirectory(prefix="trit-compile-") as work:
+        ckpt = open_model(model_dir, Path(work), depth, mode, stage)
+        cfg = Qwen2Config.from_hf(ckpt.config, str(ckpt.path / "config.json"))
+        dtype = model_dtype_for(target)
+        stage(f"importing Qwen2 ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) into Relax, {dtype}")
+        model = TritQwen2ForCausalLM(cfg, _layer_depths(ckpt, cfg), dtype, target)
+        mod, named_params = model.export_tvm(spec=model.get_default_spec())
+        n_trit = sum(1 for gv, f in mod.functions.items()
+                     if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "trit.op" in f.attrs)
+        stage(f"compiling for {target.kind.name} ({n_trit} trit_decode_matmul kernels)")
+        t0 = time.perf_counter()
+        with target:
+            exe = tvm.compile(mod, target, relax_pipeline=trit_pipeline(target))
+        compile_s = time.perf_counter() - t0
+        with atomic_output_dir(out_dir, force) as tmp:
+            stage("exporting library and parameters")
+            fcompile = None
+            if target_arch(target) == "aarch64":
+                from tvm.support import cc
+                fcompile = cc.cross_compiler("aarch64-linux-gnu-g++")
+            exe.export_library(str(tmp / LIBRARY), fcompile=fcompile)
+            writer = ShardWriter(tmp / PARAMS)
+            resident = {"trit": 0, "kept": 0}
+            for param, p in named_params:
+                arr, st = _param_array(ckpt, param, tuple(int(s) for s in p.shape), dtype)
+                writer.add(param, arr, st)
+                resident["trit" if checkpoint_tensor_name(param)[1] else "kept"] += arr.nbytes
+            writer.close()
+            copy_side_files(ckpt.path, tmp)
+            manifest = {
+                "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION,
+                "target": target.export(), "target_kind": target.kind.name,
+                "device": target_device_kind(target), "arch": target_arch(target),
+                "model_dtype": dtype, "weight_layout": WEIGHT_LAYOUT, "trit_format_version": FORMAT_VERSION,
+                "codec_mode": ckpt.manifest["codec_mode"], "depth": ckpt.manifest["depth"],
+                "config": asdict(cfg), "input_hash": _input_hash(ckpt),
+                "params": [n for n, _ in named_params],
+                "resident_trit_bytes": resident["trit"], "resident_kept_bytes": resident["kept"],
+                "packed_checkpoint_bytes": ckpt.packed_bytes(),
+                "trit_kernels": n_trit, "compile_seconds": round(compile_s, 2),
+            }
+            (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    return manifest

@@ -1,0 +1,197 @@
+"""Qwen2 / Qwen2.5 (Qwen2ForCausalLM) in tvm.relax.frontend.nn, every quantized linear a TritLinear.
+
+Methods exported: embed, prefill (last-position logits), decode, create_tir_paged_kv_cache. Attention,
+RoPE and the KV cache are TVM's TIRPagedKVCache. Parameter names map 1:1 to trit checkpoint tensors
+(see `checkpoint_tensor_name`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import relax, te
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from codec.format import CODEBOOK, CODES, SCALES, packed_shapes
+
+from .errors import CompileError
+from .operator import trit_decode_matmul_te, trit_op_attrs
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+TRIT_PARAM_SUFFIXES = (CODES, SCALES, CODEBOOK)
+
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    """The config.json fields the compiled model depends on."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "Qwen2Config":
+        archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise CompileError(f"{source}: unsupported architecture {', '.join(map(str, archs))} "
+                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        try:
+            heads = int(cfg["num_attention_heads"])
+            rope_theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+            scaling = cfg.get("rope_scaling") or {}
+            if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+                raise CompileError(f"{source}: rope_scaling {scaling} is not supported (only default RoPE)")
+            return cls(vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+                       intermediate_size=int(cfg["intermediate_size"]),
+                       num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=heads,
+                       num_key_value_heads=int(cfg.get("num_key_value_heads", heads)),
+                       head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+                       rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta),
+                       tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                       max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)))
+        except KeyError as e:
+            raise CompileError(f"{source}: missing field {e}") from None
+
+
+class TritLinear(nn.Module):
+    """A linear layer stored as packed trits; forward is one trit_decode_matmul call."""
+
+    def __init__(self, in_features: int, out_features: int, depth: int, bias: bool, dtype: str):
+        self.in_features, self.out_features, self.depth = in_features, out_features, depth
+        shapes = packed_shapes(out_features, in_features, depth)
+        self.trit_codes = nn.Parameter(shapes[CODES], "uint8")
+        self.trit_scales = nn.Parameter(shapes[SCALES], "uint8")
+        self.trit_codebook = nn.Parameter(shapes[CODEBOOK], "float32")
+        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        args = [x, self.trit_codes, self.trit_scales, self.trit_codebook]
+        if self.bias is not None:
+            args.append(self.bias)
+        return op.tensor_expr_op(trit_decode_matmul_te, "trit_decode_matmul", args,
+                                 attrs=trit_op_attrs(self.out_features, self.in_features, self.depth,
+                                                     self.bias is not None))
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = TritLinear(h, self.hq * d, depths["q_proj"], True, dtype)
+        self.k_proj = TritLinear(h, self.hkv * d, depths["k_proj"], True, dtype)
+        self.v_proj = TritLinear(h, self.hkv * d, depths["v_proj"], True, dtype)
+        self.o_proj = TritLinear(self.hq * d, h, depths["o_proj"], False, dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = op.reshape(qkv, (b, s, self.hq + 2 * self.hkv, self.d))
+        out = kv.attention_with_fused_qkv(layer_id, qkv, self.hq, sm_scale=self.d ** -0.5)
+        return self.o_proj(op.reshape(out, (b, s, self.hq * self.d)))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = TritLinear(h, i, depths["gate_proj"], False, dtype)
+        self.up_proj = TritLinear(h, i, depths["up_proj"], False, dtype)
+        self.down_proj = TritLinear(i, h, depths["down_proj"], False, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str):
+        self.self_attn = Qwen2Attention(cfg, depths, dtype)
+        self.mlp = Qwen2MLP(cfg, depths, dtype)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer_depths: list[dict[str, int]], dtype: str):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList([Qwen2DecoderLayer(cfg, d, dtype) for d in layer_depths])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv, i)
+        return self.norm(x)
+
+
+class TritQwen2ForCausalLM(nn.Module):
+    """The compiled model's interface: embed → prefill/decode with a paged KV cache → float32 logits."""
+
+    def __init__(self, cfg: Qwen2Config, layer_depths: list[dict[str, int]], dtype: str, target):
+        self.cfg, self.dtype, self.target = cfg, dtype, target
+        self.model = Qwen2Model(cfg, layer_depths, dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
+                                                                     dtype=dtype)
+
+    def _logits(self, h: Tensor) -> Tensor:
+        if self.lm_head is None:
+            logits = op.matmul(h, op.permute_dims(self.model.embed_tokens.weight))
+        else:
+            logits = self.lm_head(h)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def prefill(self, input_embed: Tensor, kv: PagedKVCache):
+        def last_position(x: te.Tensor) -> te.Tensor:
+            b, s, d = x.shape
+            return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="last_position")
+
+        h = self.model(input_embed, kv)
+        h = op.tensor_expr_op(last_position, "last_position", [h])
+        return self._logits(h), kv
+
+    def decode(self, input_embed: Tensor, kv: PagedKVCache):
+        return self._logits(self.model(input_embed, kv)), kv
+
+    def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size):
+        c = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=0,
+            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling={},
+            rope_ext_factors=relax.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
+            dtype=self.dtype, target=self.target)
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        h, packed = self.cfg.hidden_size, {"param_mode": "packed", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        return nn.spec.ModuleSpec.from_raw({
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype), "kv": kv, "$": packed},
+            "decode": {"input_embed": nn.spec.Tensor([1, 1, h], self.dtype), "kv": kv, "$": packed},
+            "create_tir_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int,
+                                          "prefill_chunk_size": int, "page_size": int,
+                                          "$": {"param_mode": "none", "effect_mode": "none"}},
+        }, self)
+
+
+def checkpoint_tensor_name(param: str) -> tuple[str, str | None]:
+    """Exported parameter name -> (checkpoint tensor name, packed suffix or None for kept tensors)."""
+    head, _, last = param.rpartition(".")
+    if last in TRIT_PARAM_SUFFIXES:
+        return f"{head}.weight", last
+    return param, None

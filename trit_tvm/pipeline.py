@@ -1,0 +1,55 @@
+"""The Relax → VM lowering pipeline: TVM's zero pipeline, then schedules/ rules and dlight, then the VM.
+
+The trit_decode_matmul PrimFuncs are marked opaque so FuseOps keeps each one a kernel of its own, with
+the attribute the schedule rules match.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight
+
+from schedules import rules_for_target
+
+
+def schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:
+    """schedules/ rules for this target first, dlight's defaults for everything else."""
+    rules = list(rules_for_target(target))
+    if target.kind.name == "cuda":
+        rules += [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+                  dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
+    else:
+        rules += [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
+    return dlight.ApplyDefaultSchedule(*rules)
+
+
+def trit_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        passes = [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+            schedule_pass(target),
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+            relax.transform.StaticPlanBlockMemory(),
+        ]
+        if target.kind.name == "cuda":
+            passes.append(relax.transform.RewriteCUDAGraph())
+        passes += [
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ]
+        return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline

@@ -1,0 +1,171 @@
+"""Load a compiled artifact and generate: embed → prefill (in chunks) → decode loop, with sampling."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.runtime import ShapeTuple
+
+from codec.safetensors_io import SafetensorsFile
+
+from .compile import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, LIBRARY, PARAMS
+from .errors import CompileError
+from .targets import host_arch
+
+PAGE_SIZE = 16
+PREFILL_CHUNK = 256
+
+
+def read_artifact_manifest(artifact: Path) -> dict:
+    path = Path(artifact) / ARTIFACT_MANIFEST
+    if not path.exists():
+        raise CompileError(f"{artifact}: not a trit artifact (no {ARTIFACT_MANIFEST}; build one with trit-compile)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise CompileError(f"{path}: invalid JSON ({e})") from None
+    if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("format_version") != ARTIFACT_VERSION:
+        raise CompileError(f"{path}: unsupported artifact format {manifest.get('format')!r} "
+                           f"v{manifest.get('format_version')!r} (this tool reads {ARTIFACT_FORMAT} v{ARTIFACT_VERSION})")
+    return manifest
+
+
+def device_for(manifest: dict, artifact: Path) -> tvm.runtime.Device:
+    """The local device the artifact's kernels run on, or a clear error if this machine has none."""
+    arch = manifest.get("arch")
+    if arch and arch != host_arch():
+        raise CompileError(f"{artifact}: built for {arch} ({manifest.get('target_kind')}), this machine is "
+                           f"{host_arch()}; run it on such a device (trit-run --rpc) or rebuild with --target llvm")
+    if manifest["device"] == "cuda":
+        dev = tvm.cuda(0)
+        if not dev.exist:
+            raise CompileError(f"{artifact}: built for CUDA, but no CUDA GPU is visible here; "
+                               "rebuild with --target llvm to run on this CPU")
+        return dev
+    if manifest["device"] != "cpu":
+        raise CompileError(f"{artifact}: built for device {manifest['device']!r}, which this runtime cannot run")
+    return tvm.cpu(0)
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int = field(default=0)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0, else nucleus sampling over the softmax at `temperature`."""
+    logits = logits.astype(np.float64).ravel()
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.cumsum(p[order]) - p[order] < top_p
+    keep[0] = True
+    chosen = order[keep]
+    return int(rng.choice(chosen, p=p[chosen] / p[chosen].sum()))
+
+
+class TritModel:
+    """A loaded artifact on its device (local, or remote when given an RPC session's device and module)."""
+
+    def __init__(self, artifact: str | Path, device: tvm.runtime.Device | None = None, lib=None):
+        self.path = Path(artifact)
+        self.manifest = read_artifact_manifest(self.path)
+        self.config = self.manifest["config"]
+        self.device = device or device_for(self.manifest, self.path)
+        if lib is None:
+            lib = tvm.runtime.load_module(str(self.path / LIBRARY))
+        self.vm = relax.VirtualMachine(lib, self.device)
+        self.params = self._load_params()
+        self._reshape = tvm.get_global_func("vm.builtin.reshape")
+        self._add_seq = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
+        self._begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+        self._end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+        self.max_seq_len = min(int(self.config["max_position_embeddings"]), 4096)
+
+    def _load_params(self) -> list:
+        f = SafetensorsFile(self.path / PARAMS)
+        names = self.manifest["params"]
+        missing = [n for n in names if n not in f.tensors]
+        if missing:
+            raise CompileError(f"{self.path / PARAMS}: missing parameter '{missing[0]}' (artifact is corrupt)")
+        return [tvm.runtime.tensor(np.ascontiguousarray(f.read(n)), self.device) for n in names]
+
+    @property
+    def resident_weight_bytes(self) -> int:
+        return sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in self.params)
+
+    def _new_cache(self):
+        kv = self.vm["create_tir_paged_kv_cache"](ShapeTuple([1]), ShapeTuple([self.max_seq_len]),
+                                                  ShapeTuple([PREFILL_CHUNK]), ShapeTuple([PAGE_SIZE]))
+        self._add_seq(kv, 0)
+        return kv
+
+    def _embed(self, ids: np.ndarray):
+        h = self.vm["embed"](tvm.runtime.tensor(ids.astype(np.int32), self.device), self.params)
+        return self._reshape(h, ShapeTuple([1, h.shape[0], h.shape[1]]))
+
+    def _forward(self, kv, fn: str, ids: np.ndarray) -> np.ndarray:
+        self._begin(kv, ShapeTuple([0]), ShapeTuple([len(ids)]))
+        logits, kv = self.vm[fn](self._embed(ids), kv, self.params)
+        self._end(kv)
+        return logits.numpy().reshape(-1)
+
+    def _prefill(self, kv, ids: np.ndarray) -> np.ndarray:
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            logits = self._forward(kv, "prefill", ids[start:start + PREFILL_CHUNK])
+        return logits
+
+    def _check_prompt(self, ids: list[int]) -> np.ndarray:
+        if len(ids) == 0:
+            raise CompileError("the prompt is empty: give at least one token")
+        arr = np.asarray(ids, np.int64)
+        vocab = int(self.config["vocab_size"])
+        if arr.min() < 0 or arr.max() >= vocab:
+            raise CompileError(f"prompt token ids must be in [0, {vocab}); got {int(arr.min())}..{int(arr.max())}")
+        return arr
+
+    def prefill_logits(self, ids: list[int]) -> np.ndarray:
+        """Last-position logits (float32 [vocab]) after a fresh prefill of ids."""
+        return self._prefill(self._new_cache(), self._check_prompt(ids))
+
+    def generate(self, ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop_ids: tuple[int, ...] = ()) -> Generation:
+        prompt = self._check_prompt(ids)
+        if len(prompt) + max_new_tokens > self.max_seq_len:
+            raise CompileError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                               f"context length {self.max_seq_len}")
+        rng = np.random.default_rng(seed)
+        kv = self._new_cache()
+        t0 = time.perf_counter()
+        logits = self._prefill(kv, prompt)
+        t1 = time.perf_counter()
+        out: list[int] = []
+        steps = 0
+        while len(out) < max_new_tokens:
+            tok = sample_token(logits, temperature, top_p, rng)
+            out.append(tok)
+            if tok in stop_ids or len(out) == max_new_tokens:
+                break
+            logits = self._forward(kv, "decode", np.array([tok]))
+            steps += 1
+        t2 = time.perf_counter()
+        return Generation(out, len(prompt), t1 - t0, t2 - t1, steps)

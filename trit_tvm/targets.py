@@ -1,0 +1,64 @@
+"""Target names users type (llvm, cuda, aarch64, a TVM tag or dict) -> tvm.target.Target."""
+from __future__ import annotations
+
+import json
+import platform
+
+import tvm
+
+from .errors import CompileError
+
+SHORT_TARGETS = {
+    "llvm": {"kind": "llvm"},
+    "x86": {"kind": "llvm"},
+    "cpu": {"kind": "llvm"},
+    "cuda": {"kind": "cuda", "arch": "sm_80"},  # PTX for sm_80 also runs on Hopper; override with a dict
+    "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+}
+_HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def parse_target(spec: str) -> tvm.target.Target:
+    """A short name, a JSON dict ('{"kind":"cuda","arch":"sm_90"}') or a TVM target tag."""
+    spec = spec.strip()
+    try:
+        if spec in SHORT_TARGETS:
+            cfg = dict(SHORT_TARGETS[spec])
+            if spec == "cuda" and tvm.cuda(0).exist:
+                return tvm.target.Target.from_device(tvm.cuda(0))
+            return tvm.target.Target(cfg)
+        if spec.startswith("{"):
+            return tvm.target.Target(json.loads(spec))
+        return tvm.target.Target(spec)
+    except (ValueError, TypeError, tvm.error.TVMError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CompileError(f"unknown target {spec!r} ({first[:160]}); use one of {', '.join(SHORT_TARGETS)}, "
+                           "a TVM tag, or a dict such as '{\"kind\":\"cuda\",\"arch\":\"sm_90\"}'") from None
+
+
+def target_device_kind(target: tvm.target.Target) -> str:
+    """'cuda' or 'cpu': where the artifact's kernels run."""
+    return "cuda" if target.kind.name == "cuda" else "cpu" if target.kind.name == "llvm" else target.kind.name
+
+
+def target_arch(target: tvm.target.Target) -> str:
+    """The CPU architecture the host code is built for (x86_64, aarch64, ...)."""
+    host = target.host if target.host is not None else target
+    triple = str(host.attrs.get("mtriple", "")) if host.kind.name == "llvm" else ""
+    if triple:
+        return _HOST_ARCH.get(triple.split("-")[0], triple.split("-")[0])
+    return host_arch()
+
+
+def host_arch() -> str:
+    return _HOST_ARCH.get(platform.machine().lower(), platform.machine().lower())
+
+
+def target_key(target: tvm.target.Target) -> str:
+    """A short stable name for tuning-record folders: kind, arch/mcpu or mtriple."""
+    parts = [target.kind.name]
+    for attr in ("arch", "mcpu", "mtriple"):
+        v = target.attrs.get(attr)
+        if v:
+            parts.append(str(v))
+    return "-".join(parts).replace("/", "_")
