@@ -29,7 +29,7 @@ from codec.safetensors_io import ShardWriter, from_float, to_float32
 from .errors import CompileError
 from .model import Qwen2Config, TritQwen2ForCausalLM, checkpoint_tensor_name
 from .pipeline import trit_pipeline
-from .targets import target_arch, target_device_kind
+from .targets import target_arch, target_device_kind, target_to_json
 
 log = logging.getLogger("trit")
 
@@ -138,7 +138,7 @@ def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, dep
             copy_side_files(ckpt.path, tmp)
             manifest = {
                 "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION,
-                "target": target.export(), "target_kind": target.kind.name,
+                "target": target_to_json(target), "target_kind": target.kind.name,
                 "device": target_device_kind(target), "arch": target_arch(target),
                 "model_dtype": dtype, "weight_layout": WEIGHT_LAYOUT, "trit_format_version": FORMAT_VERSION,
                 "codec_mode": ckpt.manifest["codec_mode"], "depth": ckpt.manifest["depth"],
@@ -148,5 +148,5 @@ def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, dep
                 "packed_checkpoint_bytes": ckpt.packed_bytes(),
                 "trit_kernels": n_trit, "compile_seconds": round(compile_s, 2),
             }
-            (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+            (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest

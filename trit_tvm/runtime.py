@@ -147,6 +147,13 @@ class TritModel:
         """Last-position logits (float32 [vocab]) after a fresh prefill of ids."""
         return self._prefill(self._new_cache(), self._check_prompt(ids))
 
+    def decode_logits(self, prompt: list[int], continuation: list[int]) -> list[np.ndarray]:
+        """Logits after prefilling prompt, then after each decode step feeding one token of continuation."""
+        kv = self._new_cache()
+        out = [self._prefill(kv, self._check_prompt(prompt))]
+        out += [self._forward(kv, "decode", np.array([t])) for t in continuation]
+        return out
+
     def generate(self, ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop_ids: tuple[int, ...] = ()) -> Generation:
         prompt = self._check_prompt(ids)

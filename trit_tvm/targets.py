@@ -30,10 +30,26 @@ def parse_target(spec: str) -> tvm.target.Target:
         if spec.startswith("{"):
             return tvm.target.Target(json.loads(spec))
         return tvm.target.Target(spec)
-    except (ValueError, TypeError, tvm.error.TVMError, json.JSONDecodeError) as e:
+    except (ValueError, TypeError, RuntimeError, tvm.error.InternalError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CompileError(f"unknown target {spec!r} ({first[:160]}); use one of {', '.join(SHORT_TARGETS)}, "
                            "a TVM tag, or a dict such as '{\"kind\":\"cuda\",\"arch\":\"sm_90\"}'") from None
+
+
+def target_to_json(target: tvm.target.Target) -> dict:
+    """The target as plain JSON (the dict form parse_target accepts back)."""
+    def plain(v):
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            return v
+        if hasattr(v, "items"):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, tvm.target.Target):
+            return target_to_json(v)
+        try:
+            return [plain(x) for x in v]
+        except TypeError:
+            return str(v)
+    return plain(target.export())
 
 
 def target_device_kind(target: tvm.target.Target) -> str:

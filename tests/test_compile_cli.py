@@ -1,0 +1,161 @@
+"""trit-compile / trit-run: the IR shape, CUDA builds without a GPU, and every bad-input path."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import tvm
+
+from codec.cli import quantize_main
+from trit_tvm.cli import compile_main, run_main
+
+
+@pytest.fixture(scope="module")
+def trit_ckpt(tiny_hf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "trit"
+    assert quantize_main([str(tiny_hf), str(out), "--depth", "3"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def llvm_artifact(trit_ckpt):
+    out = trit_ckpt.parent / "art-llvm"
+    assert compile_main([str(trit_ckpt), "--target", "llvm", "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def cuda_artifact(trit_ckpt):
+    out = trit_ckpt.parent / "art-cuda"
+    assert compile_main([str(trit_ckpt), "--target", '{"kind":"cuda","arch":"sm_90"}', "-o", str(out)]) == 0
+    return out
+
+
+def test_one_trit_call_per_quantized_linear(trit_ckpt):
+    from trit_tvm.compile import _layer_depths
+    from trit_tvm.model import Qwen2Config, TritQwen2ForCausalLM
+    from codec import load_trit_checkpoint
+    ckpt = load_trit_checkpoint(trit_ckpt)
+    cfg = Qwen2Config.from_hf(ckpt.config)
+    model = TritQwen2ForCausalLM(cfg, _layer_depths(ckpt, cfg), "float32", tvm.target.Target({"kind": "llvm"}))
+    mod, _ = model.export_tvm(spec=model.get_default_spec())
+    for fn in ("prefill", "decode"):
+        text = mod[fn].script()
+        calls = re.findall(r"R\.call_tir\(trit_decode_matmul\d*, \(\w+, (\w+)_trit_codes", text)
+        assert len(calls) == 7 * cfg.num_hidden_layers, fn
+        assert len(set(calls)) == len(calls)  # each quantized linear exactly once
+    tagged = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs
+              and f.attrs.get("trit.op") == "decode_matmul"]
+    assert tagged
+
+
+def test_run_json_and_text(llvm_artifact, capsys):
+    assert run_main([str(llvm_artifact), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["tokens"]) == 8 and out["prefill_tok_s"] > 0 and out["decode_tok_s"] > 0
+    assert run_main([str(llvm_artifact), "--prompt", "Balanced ternary", "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "decode" in captured.err
+
+
+def test_sampling_is_seeded(llvm_artifact, capsys):
+    runs = []
+    for seed in (1, 1, 2):
+        run_main([str(llvm_artifact), "--prompt-ids", "4,5", "--max-new-tokens", "12", "--temperature", "1.5",
+                  "--top-p", "0.95", "--seed", str(seed), "--json"])
+        runs.append(json.loads(capsys.readouterr().out)["tokens"])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_cuda_artifact_builds_without_gpu(cuda_artifact):
+    m = json.loads((cuda_artifact / "manifest.json").read_text())
+    assert m["device"] == "cuda" and m["model_dtype"] == "float16" and m["target"]["arch"] == "sm_90"
+    assert (cuda_artifact / "model.so").stat().st_size > 0
+
+
+def test_cuda_artifact_runs_on_gpu(cuda_artifact, llvm_artifact):
+    if not tvm.cuda(0).exist:
+        pytest.skip("no CUDA GPU: the CUDA artifact was built, not run")
+    from trit_tvm.runtime import TritModel
+    gpu, cpu = TritModel(cuda_artifact), TritModel(llvm_artifact)
+    prompt = [5, 17, 42, 99, 3]
+    # fp16 activations on the GPU vs fp32 on the CPU: compare the first greedy tokens and the logits loosely
+    assert gpu.generate(prompt, 8).tokens[:4] == cpu.generate(prompt, 8).tokens[:4]
+    import numpy as np
+    assert np.abs(gpu.prefill_logits(prompt) - cpu.prefill_logits(prompt)).max() < 5e-2
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+def _err(main, args, capsys):
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_unsupported_architecture(tiny_hf, tmp_path, capsys):
+    src = tmp_path / "llama"
+    shutil.copytree(tiny_hf, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    code, err = _err(compile_main, [src, "-o", tmp_path / "o"], capsys)
+    assert code == 2 and "unsupported architecture LlamaForCausalLM" in err and "Qwen2ForCausalLM" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_trit_checkpoint(trit_ckpt, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(trit_ckpt, bad)
+    shard = next(bad.glob("model-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    code, err = _err(compile_main, [bad, "-o", tmp_path / "o"], capsys)
+    assert code == 2 and "checksum mismatch" in err and shard.name in err
+
+
+def test_unknown_target(trit_ckpt, tmp_path, capsys):
+    code, err = _err(compile_main, [trit_ckpt, "--target", "quantum-abacus", "-o", tmp_path / "o"], capsys)
+    assert code == 2 and "unknown target 'quantum-abacus'" in err and "llvm" in err
+
+
+def test_artifact_for_another_target(cuda_artifact, tmp_path, capsys):
+    if tvm.cuda(0).exist:
+        pytest.skip("a GPU is present, so the CUDA artifact is runnable here")
+    code, err = _err(run_main, [cuda_artifact, "--prompt-ids", "1,2"], capsys)
+    assert code == 2 and "built for CUDA" in err and "no CUDA GPU" in err
+
+
+def test_artifact_for_another_cpu_architecture(llvm_artifact, tmp_path, capsys):
+    art = tmp_path / "arm"
+    shutil.copytree(llvm_artifact, art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["arch"] = "aarch64"
+    (art / "manifest.json").write_text(json.dumps(m))
+    code, err = _err(run_main, [art, "--prompt-ids", "1,2"], capsys)
+    assert code == 2 and "built for aarch64" in err
+
+
+def test_empty_prompt(llvm_artifact, capsys):
+    code, err = _err(run_main, [llvm_artifact, "--prompt", ""], capsys)
+    assert code == 2 and "prompt is empty" in err
+    code, err = _err(run_main, [llvm_artifact, "--prompt-ids", ""], capsys)
+    assert code == 2 and "prompt is empty" in err
+
+
+def test_not_an_artifact(tmp_path, capsys):
+    code, err = _err(run_main, [tmp_path, "--prompt-ids", "1"], capsys)
+    assert code == 2 and "not a trit artifact" in err
+
+
+def test_out_of_range_prompt_ids(llvm_artifact, capsys):
+    code, err = _err(run_main, [llvm_artifact, "--prompt-ids", "1,99999"], capsys)
+    assert code == 2 and "must be in [0, 384)" in err
+
+
+def test_compile_help_exit_code():
+    r = subprocess.run([sys.executable, "-c", "from trit_tvm.cli import compile_main; compile_main(['--help'])"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "--target" in r.stdout

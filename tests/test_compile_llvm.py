@@ -1,0 +1,70 @@
+"""The compiled llvm model against transformers on the same (dequantized) weights."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from codec.cli import dequantize_main, quantize_main
+from trit_tvm.cli import compile_main
+from trit_tvm.runtime import TritModel
+
+NEW_TOKENS = 40
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], list(range(20, 61))]
+
+
+def _hf_greedy(model, ids, n):
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+@pytest.fixture(scope="module", params=[("untied", 2), ("untied", 3), ("tied", 3), ("tied", 2)],
+                ids=lambda p: f"{p[0]}-d{p[1]}")
+def built(request, tiny_hf, tiny_hf_tied, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+    kind, depth = request.param
+    src = tiny_hf if kind == "untied" else tiny_hf_tied
+    root = tmp_path_factory.mktemp(f"{kind}{depth}")
+    assert quantize_main([str(src), str(root / "trit"), "--depth", str(depth)]) == 0
+    assert dequantize_main([str(root / "trit"), str(root / "deq"), "--dtype", "float32"]) == 0
+    assert compile_main([str(root / "trit"), "--target", "llvm", "-o", str(root / "art")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(root / "deq", dtype=torch.float32).eval()
+    return TritModel(root / "art"), hf, root
+
+
+def test_greedy_tokens_equal_transformers(built):
+    model, hf, _ = built
+    for prompt in PROMPTS:
+        assert model.generate(prompt, NEW_TOKENS).tokens == _hf_greedy(hf, prompt, NEW_TOKENS)
+
+
+def test_prefill_logits_within_1e_3(built):
+    model, hf, _ = built
+    for prompt in PROMPTS + [[1]]:
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+        assert np.abs(model.prefill_logits(prompt) - ref).max() < 1e-3
+
+
+def test_decode_after_prefill_matches_one_longer_prefill(built):
+    model, _, _ = built
+    prompt, cont = PROMPTS[0], [11, 12, 13, 14, 15]
+    steps = model.decode_logits(prompt, cont)
+    for i in range(len(cont) + 1):
+        np.testing.assert_allclose(steps[i], model.prefill_logits(prompt + cont[:i]), atol=1e-4)
+
+
+def test_resident_weights_are_the_packed_checkpoint(built):
+    model, _, root = built
+    m = json.loads((root / "art" / "manifest.json").read_text())
+    packed = m["packed_checkpoint_bytes"]
+    assert m["resident_trit_bytes"] == packed
+    assert model.resident_weight_bytes == m["resident_trit_bytes"] + m["resident_kept_bytes"]
+    # nothing float-sized for the quantized matrices: kept = embeddings (+ lm_head) + norms + biases only
+    cfg = m["config"]
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    emb = v * h * 4 * (1 if cfg["tie_word_embeddings"] else 2)
+    assert emb <= m["resident_kept_bytes"] < emb + 64 * h * cfg["num_hidden_layers"] * 4
