@@ -1,7 +1,10 @@
 """The packed form of one quantized matrix (docs/FORMAT.md is the byte-level spec).
 
 Three tensors per matrix W [N, K] at depth d, G = K/16:
-  <name>.trit_codes    uint8 [N, d, ceil(K/5)]   digit plane i of every weight, 5 per byte
+  <name>.trit_codes    uint8 [N, d, ceil(K/5)]   digit plane i of every weight, 5 per byte, group-aligned:
+                       in each block of 80 weights (5 groups), byte j holds weights j, 16+j, .., 64+j, so
+                       digit position p of the block's 16 bytes is exactly group p; a tail of < 80 weights
+                       is packed in plain order
   <name>.trit_scales   uint8 [N, 3, ceil(G/5)]   the 3 digits of each group's codebook index, 5 per byte
   <name>.trit_codebook float32 [27]              the steps
 Weight digits are the base-3 digits of u = q + qmax, which are exactly q's balanced-ternary digits + 1,
@@ -13,7 +16,7 @@ import numpy as np
 
 from .errors import CodecError
 from .quantize import CODEBOOK_SIZE, GROUP_SIZE, QuantizedMatrix, qmax_of
-from .trits import from_digits, pack_trits, packed_len, to_digits, unpack_trits
+from .trits import TRITS_PER_BYTE, from_digits, pack_trits, packed_len, to_digits, unpack_trits
 
 CODES, SCALES, CODEBOOK = "trit_codes", "trit_scales", "trit_codebook"
 SCALE_DIGITS = 3  # 27 codebook entries = 3 trits
@@ -26,10 +29,25 @@ def packed_shapes(n_out: int, n_in: int, depth: int) -> dict[str, tuple[int, ...
             CODEBOOK: (CODEBOOK_SIZE,)}
 
 
+BLOCK = GROUP_SIZE * TRITS_PER_BYTE  # 80 weights: 16 bytes per digit plane
+
+
+def _block_order(values: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """Last axis: weight order -> packing order (or back with inverse).
+
+    Packing position of weight k = 80·b + 16·p + j (k < 80·B) is 80·b + 5·j + p; the tail keeps its order.
+    """
+    lead, n_in = values.shape[:-1], values.shape[-1]
+    main = n_in - n_in % BLOCK
+    inner = (TRITS_PER_BYTE, GROUP_SIZE) if not inverse else (GROUP_SIZE, TRITS_PER_BYTE)
+    head = np.swapaxes(values[..., :main].reshape(lead + (-1,) + inner), -1, -2).reshape(lead + (main,))
+    return np.concatenate([head, values[..., main:]], axis=-1)
+
+
 def pack_matrix(qm: QuantizedMatrix) -> dict[str, np.ndarray]:
     """QuantizedMatrix -> {suffix: packed array}."""
     u = qm.codes.astype(np.int32) + qmax_of(qm.depth)
-    return {CODES: pack_trits(to_digits(u, qm.depth)),
+    return {CODES: pack_trits(_block_order(to_digits(u, qm.depth))),
             SCALES: pack_trits(to_digits(qm.scale_idx, SCALE_DIGITS)),
             CODEBOOK: np.asarray(qm.codebook, np.float32)}
 
@@ -43,7 +61,7 @@ def unpack_matrix(packed: dict[str, np.ndarray], n_in: int, name: str = "weight"
         if tuple(arr.shape) != want[key]:
             raise CodecError(f"tensor '{name}.{key}': shape {list(arr.shape)} does not match "
                              f"{list(want[key])} for a [{n_out}, {n_in}] matrix at depth {depth}")
-    u = from_digits(unpack_trits(codes, n_in))
+    u = from_digits(_block_order(unpack_trits(codes, n_in), inverse=True))
     idx = from_digits(unpack_trits(scales, n_in // GROUP_SIZE))
     return QuantizedMatrix((u - qmax_of(depth)).astype(np.int8), idx.astype(np.uint8),
                            codebook.astype(np.float32), depth)

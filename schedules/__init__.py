@@ -1,19 +1,29 @@
 """Schedule rules for trit_decode_matmul, one class per target family and shape of work (dlight style).
 
-`rules_for_target` lists the rules the compiler applies before dlight's defaults.
+`rules_for_target` lists the rules the compiler applies before dlight's defaults; `layout_for_target`
+says which run-time weight layout those rules expect (the compiler repacks the checkpoint to it).
 """
 from __future__ import annotations
 
 import tvm
 
 from .base import is_trit_decode_matmul
-from .cpu import TritMatmulCPU
+from .cpu import TritGEMMCPU, TritGEMVCPU
 from .cuda import TritGEMVCuda
 
-__all__ = ["TritGEMVCuda", "TritMatmulCPU", "is_trit_decode_matmul", "rules_for_target"]
+__all__ = ["TritGEMMCPU", "TritGEMVCPU", "TritGEMVCuda", "is_trit_decode_matmul", "layout_rows_for_target",
+           "rules_for_target"]
+
+LAYOUT_ROWS = 32  # CPU: 32 rows x 16-bit lanes = one 512-bit register; CUDA: one warp reads 32 rows' bytes
 
 
 def rules_for_target(target: tvm.target.Target) -> list:
     if target.kind.name == "cuda":
         return [TritGEMVCuda()]
-    return [TritMatmulCPU()]
+    return [TritGEMVCPU(), TritGEMMCPU()]
+
+
+def layout_rows_for_target(target: tvm.target.Target) -> int:
+    """Rows interleaved in the run-time weight layout the rules expect (0 = the checkpoint's planes)."""
+    del target  # every rule here reads the row-interleaved layout
+    return LAYOUT_ROWS

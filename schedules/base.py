@@ -1,10 +1,40 @@
-"""What every trit rule needs: recognising the operator by its PrimFunc attribute."""
+"""What every trit rule needs: recognising the operator by its PrimFunc attributes, finding its blocks."""
 from __future__ import annotations
 
-from tvm import tirx
+from tvm import s_tir, tirx
 
 TRIT_OP_ATTR = "trit.op"  # set by trit_tvm.operator.trit_op_attrs
+LAYOUT_ROWS_ATTR = "trit.layout_rows"  # rows interleaved in the weight layout (0: checkpoint planes)
+BLOCK_NAMES = ("trit_decode", "trit_xsum", "trit_group_dot", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail",
+               "trit_out")
 
 
 def is_trit_decode_matmul(func) -> bool:
     return isinstance(func, tirx.PrimFunc) and func.attrs is not None and TRIT_OP_ATTR in func.attrs
+
+
+def layout_rows(func: tirx.PrimFunc) -> int:
+    return int(func.attrs.get(LAYOUT_ROWS_ATTR, 0))
+
+
+def row_count(func: tirx.PrimFunc) -> int | None:
+    """Rows of x (product of its leading dims) when static, else None (prefill: symbolic)."""
+    sch = s_tir.Schedule(func)
+    out = sch.get(sch.get_sblock("trit_out"))
+    total = 1
+    for iv in out.iter_vars[:-1]:
+        if not isinstance(iv.dom.extent, tirx.IntImm):
+            return None
+        total *= int(iv.dom.extent)
+    return total
+
+
+def trit_blocks(sch: s_tir.Schedule) -> dict[str, s_tir.schedule.SBlockRV]:
+    """The operator's blocks that exist in this instance (the tail ones only when K % 80 != 0)."""
+    found = {}
+    for name in BLOCK_NAMES:
+        try:
+            found[name] = sch.get_sblock(name)
+        except (ValueError, RuntimeError, s_tir.ScheduleError):
+            continue
+    return found

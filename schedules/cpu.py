@@ -1,29 +1,136 @@
-"""CPU (llvm: x86 and ARM) rules for trit_decode_matmul."""
+"""CPU (llvm: x86 and ARM) rules for trit_decode_matmul on the row-interleaved weight layout.
+
+Both vectorize over the R interleaved rows (one SIMD load = the same packed byte of R rows), decode the
+digit planes in 16-bit lanes, multiply each group's dot product by its step once, and spread row
+panels over the cores.
+"""
 from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .base import is_trit_decode_matmul
+from .base import is_trit_decode_matmul, layout_rows, row_count, trit_blocks
 
 
-class TritMatmulCPU(ScheduleRule):
-    """Output elements spread over cores, each a serial float32 dot product over the decoded row.
+def _applies(func, target: Target) -> bool:
+    return target.kind.name == "llvm" and is_trit_decode_matmul(func) and layout_rows(func) > 0
 
-    The baseline every faster CPU rule is measured against; keeps dlight's rules off this operator.
-    """
 
-    chunk = 16
+def _split_loops(sch: s_tir.Schedule, block):
+    """A block's loops as (spatial, reduction) lists."""
+    pairs = list(zip(sch.get_loops(block), sch.get(block).iter_vars))
+    return ([lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.DataPar],
+            [lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.CommReduce])
+
+
+def _rows_and_panels(sch: s_tir.Schedule, block, lanes: int):
+    """(lead..., n, red...) of an accumulation block -> (x-rows loop, row-panel loop, lane loop, red...)."""
+    spatial, reduce = _split_loops(sch, block)
+    *lead, n = spatial
+    m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    nb, r = sch.split(n, factors=[None, lanes])
+    return m, nb, r, reduce
+
+
+def _finish_tail_and_output(sch: s_tir.Schedule, b: dict, anchor) -> None:
+    """Bring the tail accumulation and the epilogue under `anchor`, lanes innermost and vectorized."""
+    if "trit_matmul_tail" in b and "trit_matmul" in b:
+        sch.reverse_compute_at(b["trit_matmul_tail"], anchor, preserve_unit_loops=True)
+        *spatial, kt = sch.get_loops(b["trit_matmul_tail"])
+        lane = spatial[-1]
+        sch.reorder(kt, lane)
+        sch.unroll(kt)
+        sch.vectorize(lane)
+    sch.reverse_compute_at(b["trit_out"], anchor, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(b["trit_out"])[-1])
+
+
+class TritGEMVCPU(ScheduleRule):
+    """Decode (one row of x): per row panel and block of 80 weights, the 5 group dot products are
+    accumulated together so each packed byte is loaded and decoded once for its 5 digit positions."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if target.kind.name != "llvm" or not is_trit_decode_matmul(func):
+        if not _applies(func, target) or row_count(func) != 1:
             return None
         sch = s_tir.Schedule(func)
-        acc, out = sch.get_sblock("trit_matmul"), sch.get_sblock("trit_out")
-        *spatial, _k = sch.get_loops(acc)
-        outer, inner = sch.split(sch.fuse(*spatial), factors=[None, self.chunk])
-        sch.parallel(outer)
-        sch.set_scope(acc, 0, "local")
-        sch.reverse_compute_at(out, inner)
+        b = trit_blocks(sch)
+        lanes = layout_rows(func)
+        for name in ("trit_decode", "trit_decode_tail"):
+            if name in b:
+                sch.compute_inline(b[name])
+        if "trit_matmul" not in b:  # K < 80: only the plain-order tail
+            return self._tail_only(sch, b, lanes)
+        mm = b["trit_matmul"]
+        m, nb, r, (kb, kp) = _rows_and_panels(sch, mm, lanes)
+        sch.reorder(m, nb, kb, kp, r)
+        sch.vectorize(r)
+        for name in ("trit_group_dot", "trit_step"):  # trit_xsum stays a small nest before the panels
+            sch.compute_at(b[name], kb, preserve_unit_loops=True)
+        *_, pos, lane, kj = sch.get_loops(b["trit_group_dot"])
+        sch.reorder(kj, pos, lane)
+        sch.unroll(pos)
+        sch.vectorize(lane)
+        sch.vectorize(sch.get_loops(b["trit_step"])[-1])
+        _finish_tail_and_output(sch, b, nb)
+        for name in ("trit_group_dot", "trit_step", "trit_matmul", "trit_matmul_tail"):
+            if name in b:
+                sch.set_scope(b[name], 0, "local")
+        sch.parallel(nb)  # per-panel tiles are then allocated inside the parallel loop
+        return sch
+
+    @staticmethod
+    def _tail_only(sch, b, lanes):
+        tail = b["trit_matmul_tail"]
+        m, nb, r, (kt,) = _rows_and_panels(sch, tail, lanes)
+        sch.reorder(m, nb, kt, r)
+        sch.parallel(nb)
+        sch.unroll(kt)
+        sch.vectorize(r)
+        sch.reverse_compute_at(b["trit_out"], nb, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(b["trit_out"])[-1])
+        sch.set_scope(tail, 0, "local")
+        return sch
+
+
+class TritGEMMCPU(ScheduleRule):
+    """Prefill (many rows of x): per row panel and block of 80 weights, the block is decoded once into
+    a small float tile (5 x 16 x R, L1-resident) that every row of x then reads."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not _applies(func, target) or row_count(func) == 1:
+            return None
+        sch = s_tir.Schedule(func)
+        b = trit_blocks(sch)
+        lanes = layout_rows(func)
+        if "trit_decode_tail" in b:
+            sch.compute_inline(b["trit_decode_tail"])
+        if "trit_matmul" not in b:
+            return TritGEMVCPU._tail_only(sch, b, lanes)
+        mm = b["trit_matmul"]
+        m, nb, r, (kb, kp) = _rows_and_panels(sch, mm, lanes)
+        sch.reorder(nb, kb, m, kp, r)
+        sch.vectorize(r)
+        sch.compute_at(b["trit_group_dot"], m, preserve_unit_loops=True)
+        *_, pos, lane, kj = sch.get_loops(b["trit_group_dot"])
+        sch.reorder(kj, pos, lane)
+        sch.unroll(pos)
+        sch.vectorize(lane)
+        for name in ("trit_decode", "trit_step"):
+            sch.compute_at(b[name], kb, preserve_unit_loops=True)
+        *_, lane, _, pos, j = sch.get_loops(b["trit_decode"])
+        sch.reorder(j, pos, lane)
+        sch.unroll(pos)
+        sch.vectorize(lane)
+        sch.vectorize(sch.get_loops(b["trit_step"])[-1])
+        if "trit_matmul_tail" in b:
+            sch.reverse_compute_at(b["trit_matmul_tail"], nb, preserve_unit_loops=True)
+            *_, row, lane, kt = sch.get_loops(b["trit_matmul_tail"])
+            sch.reorder(row, kt, lane)
+            sch.vectorize(lane)
+        sch.reverse_compute_at(b["trit_out"], nb, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(b["trit_out"])[-1])
+        for name in ("trit_decode", "trit_step", "trit_group_dot"):
+            sch.set_scope(b[name], 0, "local")
+        sch.parallel(nb)  # per-panel tiles are then allocated inside the parallel loop
         return sch

@@ -37,9 +37,11 @@ def test_one_trit_call_per_quantized_linear(trit_ckpt):
     from trit_tvm.compile import _layer_depths
     from trit_tvm.model import Qwen2Config, TritQwen2ForCausalLM
     from codec import load_trit_checkpoint
+    from trit_tvm.operator import WeightLayout
     ckpt = load_trit_checkpoint(trit_ckpt)
     cfg = Qwen2Config.from_hf(ckpt.config)
-    model = TritQwen2ForCausalLM(cfg, _layer_depths(ckpt, cfg), "float32", tvm.target.Target({"kind": "llvm"}))
+    model = TritQwen2ForCausalLM(cfg, _layer_depths(ckpt, cfg), "float32", tvm.target.Target({"kind": "llvm"}),
+                                 WeightLayout(32))
     mod, _ = model.export_tvm(spec=model.get_default_spec())
     for fn in ("prefill", "decode"):
         text = mod[fn].script()

@@ -1,4 +1,5 @@
-"""trit_decode_matmul against its numpy reference: odd shapes, every depth, bias or not, 1 and 7 rows."""
+"""trit_decode_matmul against its numpy reference: odd shapes, every depth, bias or not, 1 and 7 rows,
+unscheduled on the checkpoint layout and through every schedule rule on the row-interleaved one."""
 import re
 
 import numpy as np
@@ -7,28 +8,24 @@ import tvm
 from tvm import te
 
 from codec import pack_matrix, quantize_matrix
-from schedules import rules_for_target
-from trit_tvm.operator import reference_decode_matmul, trit_decode_matmul_te, trit_op_attrs
+from schedules import TritGEMMCPU, TritGEMVCPU, TritGEMVCuda
+from trit_tvm.operator import PLANES, WeightLayout, reference_decode_matmul, trit_decode_matmul_te, trit_op_attrs
+
+ROWS32 = WeightLayout(32)
+LLVM = tvm.target.Target({"kind": "llvm"})
+SHAPES = [(37, 16 * 5), (131, 16 * 21), (7, 16), (64, 16 * 7)]  # N prime or small; K = 16·odd; tails
 
 
-def _prim_func(n_out, n_in, depth, bias, dtype="float32"):
-    x = te.placeholder((te.var("m"), n_in), dtype, "x")
-    codes = te.placeholder((n_out, depth, -(-n_in // 5)), "uint8", "codes")
-    scales = te.placeholder((n_out, 3, -(-(n_in // 16) // 5)), "uint8", "scales")
+def _prim_func(n_out, n_in, depth, bias, layout, rows=None, dtype="float32"):
+    x = te.placeholder((rows if rows else te.var("m"), n_in), dtype, "x")
+    codes = te.placeholder(layout.code_shape(n_out, depth, -(-n_in // 5)), "uint8", "codes")
+    scales = te.placeholder(layout.code_shape(n_out, 3, -(-(n_in // 16) // 5)), "uint8", "scales")
     codebook = te.placeholder((27,), "float32", "codebook")
     args = [x, codes, scales, codebook]
     if bias:
         args.append(te.placeholder((n_out,), dtype, "bias"))
-    y = trit_decode_matmul_te(*args)
-    return te.create_prim_func(args + [y]).with_attr(trit_op_attrs(n_out, n_in, depth, bias))
-
-
-def _schedule(func, target):
-    for rule in rules_for_target(target):
-        sch = rule.apply(func, target, False)
-        if sch is not None:
-            return sch.mod["main"]
-    raise AssertionError(f"no rule for {target}")
+    y = trit_decode_matmul_te(*args, n_out=n_out, layout=layout)
+    return te.create_prim_func(args + [y]).with_attr(trit_op_attrs(n_out, n_in, depth, bias, layout))
 
 
 def _inputs(n_out, n_in, depth, rows, bias, seed):
@@ -42,35 +39,72 @@ def _inputs(n_out, n_in, depth, rows, bias, seed):
     return arrays
 
 
+def _check(lib, dev, layout, n_out, n_in, depth, rows, bias, atol_scale=1e-5):
+    arrays = _inputs(n_out, n_in, depth, rows, bias, seed=depth * 100 + rows + n_out)
+    ref = reference_decode_matmul(*arrays)
+    arrays[1], arrays[2] = layout.repack(arrays[1]), layout.repack(arrays[2])
+    out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), dev)
+    lib(*[tvm.runtime.tensor(a, dev) for a in arrays], out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=atol_scale * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
-@pytest.mark.parametrize("n_out,n_in", [(37, 16 * 5), (131, 16 * 21), (7, 16)])
+@pytest.mark.parametrize("n_out,n_in", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_llvm_matches_numpy_reference(depth, n_out, n_in, bias):
-    target = tvm.target.Target({"kind": "llvm"})
-    lib = tvm.compile(_schedule(_prim_func(n_out, n_in, depth, bias), target), target=target)
+def test_unscheduled_checkpoint_layout_matches_reference(depth, n_out, n_in, bias):
+    lib = tvm.compile(_prim_func(n_out, n_in, depth, bias, PLANES), target=LLVM)
     for rows in (1, 7):
-        arrays = _inputs(n_out, n_in, depth, rows, bias, seed=depth * 100 + rows)
-        dev = tvm.cpu()
-        out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), dev)
-        lib(*[tvm.runtime.tensor(a, dev) for a in arrays], out)
-        ref = reference_decode_matmul(*arrays)
-        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+        _check(lib, tvm.cpu(), PLANES, n_out, n_in, depth, rows, bias)
 
 
-def test_the_operator_is_one_tagged_primfunc():
-    f = _prim_func(37, 80, 3, True)
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_out,n_in", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_rules_match_reference(depth, n_out, n_in, bias):
+    gemv = TritGEMVCPU().apply(_prim_func(n_out, n_in, depth, bias, ROWS32, rows=1), LLVM, False)
+    _check(tvm.compile(gemv.mod["main"], target=LLVM), tvm.cpu(), ROWS32, n_out, n_in, depth, 1, bias)
+    gemm = TritGEMMCPU().apply(_prim_func(n_out, n_in, depth, bias, ROWS32), LLVM, False)
+    lib = tvm.compile(gemm.mod["main"], target=LLVM)
+    for rows in (1, 7):
+        _check(lib, tvm.cpu(), ROWS32, n_out, n_in, depth, rows, bias)
+
+
+def test_rules_pick_their_shape_of_work():
+    decode, prefill = _prim_func(64, 96, 3, False, ROWS32, rows=1), _prim_func(64, 96, 3, False, ROWS32)
+    assert TritGEMVCPU().apply(decode, LLVM, False) is not None
+    assert TritGEMVCPU().apply(prefill, LLVM, False) is None
+    assert TritGEMMCPU().apply(prefill, LLVM, False) is not None
+    assert TritGEMMCPU().apply(decode, LLVM, False) is None
+    assert TritGEMVCPU().apply(_prim_func(64, 96, 3, False, PLANES, rows=1), LLVM, False) is None
+
+
+def _compacted_allocations(sch) -> list[tuple[int, str]]:
+    """(elements, scope) of every buffer the scheduled kernel allocates, after buffer compaction."""
+    t = tvm.s_tir.transform
+    mod = tvm.transform.Sequential([t.LowerInitBlock(), t.PlanAndUpdateBufferAllocationLocation(),
+                                    t.ConvertBlocksToOpaque(), t.CompactBufferAllocation()])(sch.mod)
+    found = re.findall(r'T\.sblock_alloc_buffer\(\(([\d, ]+)\)[^)]*?(?:scope="(\w+)")?\)', mod["main"].script())
+    return [(int(np.prod([int(v) for v in shape.split(",") if v.strip()])), scope or "global")
+            for shape, scope in found]
+
+
+@pytest.mark.parametrize("rule,rows", [(TritGEMVCPU(), 1), (TritGEMMCPU(), None)])
+def test_no_decoded_weight_matrix_is_materialized(rule, rows):
+    f = _prim_func(2048, 2048, 3, True, ROWS32, rows=rows)
     assert f.attrs["trit.op"] == "decode_matmul" and int(f.attrs["trit.depth"]) == 3
-    script = f.script()
-    # decode + multiply-accumulate in one function; the only intermediate buffer is the [m, N] accumulator
-    assert set(re.findall(r'T\.sblock\("(\w+)"\)', script)) - {"root"} == {"trit_matmul", "trit_out"}
-    assert script.count("T.sblock_alloc_buffer(") == 1 and "T.sblock_alloc_buffer((m, 37))" in script
+    allocs = _compacted_allocations(rule.apply(f, LLVM, False))
+    # decode and multiply-accumulate in one function: per-panel tiles of at most one 80-weight block
+    # of 32 rows (5·16·32 floats) in local scope, never a decoded [N, K] weight buffer
+    assert allocs and all(n <= 5 * 16 * 32 for n, scope in allocs if scope == "local")
+    assert all(n < 2048 * 2048 // 16 for n, _ in allocs)
 
 
 def test_cuda_kernel_builds_without_a_gpu():
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
-    lib = tvm.compile(_schedule(_prim_func(131, 336, 3, True, "float16"), target), target=target)
-    src = lib.mod.imports[0].inspect_source()
-    assert "__global__" in src
+    for rows in (1, None):
+        sch = TritGEMVCuda().apply(_prim_func(131, 336, 3, True, ROWS32, rows=rows, dtype="float16"), target, False)
+        lib = tvm.compile(sch.mod["main"], target=target)
+        assert "__global__" in lib.mod.imports[0].inspect_source()
 
 
 @pytest.mark.gpu
@@ -79,11 +113,18 @@ def test_cuda_matches_numpy_reference():
         pytest.skip("no CUDA GPU")
     target = tvm.target.Target.from_device(tvm.cuda(0))
     for depth in (2, 3):
-        lib = tvm.compile(_schedule(_prim_func(131, 336, depth, True), target), target=target)
         for rows in (1, 7):
-            arrays = _inputs(131, 336, depth, rows, True, seed=rows)
-            dev = tvm.cuda(0)
-            out = tvm.runtime.tensor(np.zeros((rows, 131), np.float32), dev)
-            lib(*[tvm.runtime.tensor(a, dev) for a in arrays], out)
-            ref = reference_decode_matmul(*arrays)
-            np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+            sch = TritGEMVCuda().apply(_prim_func(131, 336, depth, True, ROWS32, rows=rows), target, False)
+            lib = tvm.compile(sch.mod["main"], target=target)
+            _check(lib, tvm.cuda(0), ROWS32, 131, 336, depth, rows, True, atol_scale=1e-4)
+
+
+@pytest.mark.parametrize("n_out", [32, 37, 96])
+def test_row_interleaved_layout_is_a_reordering(n_out):
+    packed = np.random.default_rng(n_out).integers(0, 256, size=(n_out, 3, 41), dtype=np.uint8)
+    rt = ROWS32.repack(packed)
+    assert rt.shape == (-(-n_out // 32), 3, 41, 32)
+    load = ROWS32.load(rt)
+    back = np.array([[[load(n, i, b) for b in range(41)] for i in range(3)] for n in range(n_out)])
+    np.testing.assert_array_equal(back, packed)
+    assert rt.nbytes == packed.nbytes + (-n_out % 32) * 3 * 41  # only zero padding rows added

@@ -2,8 +2,9 @@
 
 Artifact dir:
   model.so            the compiled Relax VM library for the target (host code + device code)
-  params.safetensors  parameters in the order the VM expects: packed trits untouched, kept tensors in
-                      the model dtype of the target
+  params.safetensors  parameters in the order the VM expects: the packed trits reordered into the
+                      kernels' layout (same bytes, 32 rows interleaved), kept tensors in the target's
+                      model dtype
   manifest.json       target, weight layout, formats, model config, input hash, byte counts
   tokenizer files     copied from the source when present
 """
@@ -27,7 +28,10 @@ from codec.checkpoint import FORMAT_VERSION, TritCheckpoint, atomic_output_dir, 
 from codec.safetensors_io import ShardWriter, from_float, to_float32
 
 from .errors import CompileError
+from schedules import layout_rows_for_target
+
 from .model import Qwen2Config, TritQwen2ForCausalLM, checkpoint_tensor_name
+from .operator import WeightLayout
 from .pipeline import trit_pipeline
 from .targets import target_arch, target_device_kind, target_to_json
 
@@ -35,7 +39,6 @@ log = logging.getLogger("trit")
 
 ARTIFACT_FORMAT = "trit-artifact"
 ARTIFACT_VERSION = 1
-WEIGHT_LAYOUT = "trit-planes-5perbyte-v1"  # the checkpoint's packing, read as is by the kernels
 LIBRARY, PARAMS, ARTIFACT_MANIFEST = "model.so", "params.safetensors", "manifest.json"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LINEAR_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -72,12 +75,16 @@ def _input_hash(ckpt: TritCheckpoint) -> str:
     return h.hexdigest()
 
 
-def _param_array(ckpt: TritCheckpoint, param: str, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, str]:
+def _param_array(ckpt: TritCheckpoint, param: str, shape: tuple[int, ...], dtype: str,
+                 layout: WeightLayout) -> tuple[np.ndarray, str]:
     """The checkpoint tensor behind one exported parameter, in the layout and dtype the VM expects."""
     name, suffix = checkpoint_tensor_name(param)
     if suffix is not None:
         arr = np.asarray(ckpt.packed(name)[suffix])
-        st = "U8" if arr.dtype == np.uint8 else "F32"
+        if arr.dtype == np.uint8:
+            arr, st = layout.repack(arr), "U8"
+        else:
+            st = "F32"
     else:
         if name not in ckpt.manifest["kept"]:
             raise CompileError(f"{ckpt.path}: tensor '{name}' is missing (needed by the {param} parameter)")
@@ -111,8 +118,10 @@ def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, dep
         ckpt = open_model(model_dir, Path(work), depth, mode, stage)
         cfg = Qwen2Config.from_hf(ckpt.config, str(ckpt.path / "config.json"))
         dtype = model_dtype_for(target)
-        stage(f"importing Qwen2 ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) into Relax, {dtype}")
-        model = TritQwen2ForCausalLM(cfg, _layer_depths(ckpt, cfg), dtype, target)
+        layout = WeightLayout(layout_rows_for_target(target))
+        stage(f"importing Qwen2 ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) into Relax, {dtype}, "
+              f"weights as {layout.name}")
+        model = TritQwen2ForCausalLM(cfg, _layer_depths(ckpt, cfg), dtype, target, layout)
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
         n_trit = sum(1 for gv, f in mod.functions.items()
                      if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "trit.op" in f.attrs)
@@ -131,7 +140,7 @@ def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, dep
             writer = ShardWriter(tmp / PARAMS)
             resident = {"trit": 0, "kept": 0}
             for param, p in named_params:
-                arr, st = _param_array(ckpt, param, tuple(int(s) for s in p.shape), dtype)
+                arr, st = _param_array(ckpt, param, tuple(int(s) for s in p.shape), dtype, layout)
                 writer.add(param, arr, st)
                 resident["trit" if checkpoint_tensor_name(param)[1] else "kept"] += arr.nbytes
             writer.close()
@@ -140,7 +149,7 @@ def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, dep
                 "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION,
                 "target": target_to_json(target), "target_kind": target.kind.name,
                 "device": target_device_kind(target), "arch": target_arch(target),
-                "model_dtype": dtype, "weight_layout": WEIGHT_LAYOUT, "trit_format_version": FORMAT_VERSION,
+                "model_dtype": dtype, "weight_layout": layout.name, "trit_format_version": FORMAT_VERSION,
                 "codec_mode": ckpt.manifest["codec_mode"], "depth": ckpt.manifest["depth"],
                 "config": asdict(cfg), "input_hash": _input_hash(ckpt),
                 "params": [n for n, _ in named_params],

@@ -6,6 +6,7 @@ RoPE and the KV cache are TVM's TIRPagedKVCache. Parameter names map 1:1 to trit
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from tvm import relax, te
@@ -16,7 +17,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from codec.format import CODEBOOK, CODES, SCALES, packed_shapes
 
 from .errors import CompileError
-from .operator import trit_decode_matmul_te, trit_op_attrs
+from .operator import WeightLayout, trit_decode_matmul_te, trit_op_attrs
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 TRIT_PARAM_SUFFIXES = (CODES, SCALES, CODEBOOK)
@@ -64,11 +65,12 @@ class Qwen2Config:
 class TritLinear(nn.Module):
     """A linear layer stored as packed trits; forward is one trit_decode_matmul call."""
 
-    def __init__(self, in_features: int, out_features: int, depth: int, bias: bool, dtype: str):
-        self.in_features, self.out_features, self.depth = in_features, out_features, depth
+    def __init__(self, in_features: int, out_features: int, depth: int, bias: bool, dtype: str,
+                 layout: WeightLayout):
+        self.in_features, self.out_features, self.depth, self.layout = in_features, out_features, depth, layout
         shapes = packed_shapes(out_features, in_features, depth)
-        self.trit_codes = nn.Parameter(shapes[CODES], "uint8")
-        self.trit_scales = nn.Parameter(shapes[SCALES], "uint8")
+        self.trit_codes = nn.Parameter(layout.code_shape(out_features, *shapes[CODES][1:]), "uint8")
+        self.trit_scales = nn.Parameter(layout.code_shape(out_features, *shapes[SCALES][1:]), "uint8")
         self.trit_codebook = nn.Parameter(shapes[CODEBOOK], "float32")
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
@@ -76,19 +78,20 @@ class TritLinear(nn.Module):
         args = [x, self.trit_codes, self.trit_scales, self.trit_codebook]
         if self.bias is not None:
             args.append(self.bias)
-        return op.tensor_expr_op(trit_decode_matmul_te, "trit_decode_matmul", args,
+        te_func = functools.partial(trit_decode_matmul_te, n_out=self.out_features, layout=self.layout)
+        return op.tensor_expr_op(te_func, "trit_decode_matmul", args,
                                  attrs=trit_op_attrs(self.out_features, self.in_features, self.depth,
-                                                     self.bias is not None))
+                                                     self.bias is not None, self.layout))
 
 
 class Qwen2Attention(nn.Module):
-    def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str):
+    def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str, layout: WeightLayout):
         h, d = cfg.hidden_size, cfg.head_dim
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.q_proj = TritLinear(h, self.hq * d, depths["q_proj"], True, dtype)
-        self.k_proj = TritLinear(h, self.hkv * d, depths["k_proj"], True, dtype)
-        self.v_proj = TritLinear(h, self.hkv * d, depths["v_proj"], True, dtype)
-        self.o_proj = TritLinear(self.hq * d, h, depths["o_proj"], False, dtype)
+        self.q_proj = TritLinear(h, self.hq * d, depths["q_proj"], True, dtype, layout)
+        self.k_proj = TritLinear(h, self.hkv * d, depths["k_proj"], True, dtype, layout)
+        self.v_proj = TritLinear(h, self.hkv * d, depths["v_proj"], True, dtype, layout)
+        self.o_proj = TritLinear(self.hq * d, h, depths["o_proj"], False, dtype, layout)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
@@ -99,20 +102,20 @@ class Qwen2Attention(nn.Module):
 
 
 class Qwen2MLP(nn.Module):
-    def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str):
+    def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str, layout: WeightLayout):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = TritLinear(h, i, depths["gate_proj"], False, dtype)
-        self.up_proj = TritLinear(h, i, depths["up_proj"], False, dtype)
-        self.down_proj = TritLinear(i, h, depths["down_proj"], False, dtype)
+        self.gate_proj = TritLinear(h, i, depths["gate_proj"], False, dtype, layout)
+        self.up_proj = TritLinear(h, i, depths["up_proj"], False, dtype, layout)
+        self.down_proj = TritLinear(i, h, depths["down_proj"], False, dtype, layout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str):
-        self.self_attn = Qwen2Attention(cfg, depths, dtype)
-        self.mlp = Qwen2MLP(cfg, depths, dtype)
+    def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str, layout: WeightLayout):
+        self.self_attn = Qwen2Attention(cfg, depths, dtype, layout)
+        self.mlp = Qwen2MLP(cfg, depths, dtype, layout)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
@@ -122,9 +125,9 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    def __init__(self, cfg: Qwen2Config, layer_depths: list[dict[str, int]], dtype: str):
+    def __init__(self, cfg: Qwen2Config, layer_depths: list[dict[str, int]], dtype: str, layout: WeightLayout):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList([Qwen2DecoderLayer(cfg, d, dtype) for d in layer_depths])
+        self.layers = nn.ModuleList([Qwen2DecoderLayer(cfg, d, dtype, layout) for d in layer_depths])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
@@ -136,9 +139,10 @@ class Qwen2Model(nn.Module):
 class TritQwen2ForCausalLM(nn.Module):
     """The compiled model's interface: embed → prefill/decode with a paged KV cache → float32 logits."""
 
-    def __init__(self, cfg: Qwen2Config, layer_depths: list[dict[str, int]], dtype: str, target):
+    def __init__(self, cfg: Qwen2Config, layer_depths: list[dict[str, int]], dtype: str, target,
+                 layout: WeightLayout):
         self.cfg, self.dtype, self.target = cfg, dtype, target
-        self.model = Qwen2Model(cfg, layer_depths, dtype)
+        self.model = Qwen2Model(cfg, layer_depths, dtype, layout)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
                                                                      dtype=dtype)
 

@@ -1,86 +1,182 @@
 """trit_decode_matmul: y = x @ Ŵᵀ (+ bias), reading the packed trits of Ŵ directly.
 
-The TE definition decodes each weight inside the reduction (one PrimFunc, nothing materialized):
-    digit(byte, p) = ((byte · 3^p) & 255) · 3 >> 8          (codec/trits.py: multiply and shift)
-    q[n,k]   = Σ_j digit(codes[n, j, k/5], k%5) · 3^j − qmax
-    s[n,g]   = codebook[Σ_j digit(scales[n, j, g/5], g%5) · 3^j],  g = k/16
-    y[i, n]  = Σ_k x[i,k] · s[n, k/16] · q[n,k]  (+ bias[n]), accumulated in float32
-The PrimFunc carries the attribute TRIT_OP_ATTR so schedule rules find it without guessing by name.
+Packed layout (docs/FORMAT.md): in each block b of 80 weights, byte 16b+j of digit plane i holds the
+digits of weights 80b+16p+j for p = 0..4, so digit position p of a block is group 5b+p; a tail of
+r < 5 groups is packed in plain order (weight 80B+t: byte 16B + t/5, position t%5).
+    digit(byte, p) = ((byte · 3^p) & 255) · 3 >> 8                (multiply and shift, no division)
+    q              = Σ_i digit_i · 3^i − qmax
+    step[n, g]     = codebook[Σ_i digit(scales[n, i, g/5], g%5) · 3^i]
+The TE below states decode (trit_decode: u = q + qmax; trit_decode_tail: step·q), per-group dot
+products (trit_group_dot, corrected by qmax·Σx from trit_xsum), group steps (trit_step) and the accumulation (trit_matmul, then trit_matmul_tail which
+adds the tail's sum) as blocks of one PrimFunc;
+schedules/ inline the decode into the reduction loop (GEMV) or compute it tile by tile in registers (GEMM),
+so no full-size float copy of Ŵ ever exists.
+The PrimFunc carries TRIT_OP_ATTR so schedule rules find it without guessing by name.
 `reference_decode_matmul` is the numpy statement of the same math, used by the tests.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from tvm import te, tirx
 
-from codec.format import SCALE_DIGITS
+from codec.format import BLOCK, SCALE_DIGITS, unpack_matrix
 from codec.quantize import GROUP_SIZE, qmax_of
-from codec.trits import TRITS_PER_BYTE, from_digits, unpack_trits
-from schedules.base import TRIT_OP_ATTR
+from codec.trits import TRITS_PER_BYTE
+from schedules.base import LAYOUT_ROWS_ATTR, TRIT_OP_ATTR
 
 TRIT_OP_NAME = "decode_matmul"
 OP_PATTERN_OPAQUE = 8  # relax FuseOps leaves the call alone: it stays one kernel with its attributes
 
 
-def _pow3(pos: tirx.PrimExpr) -> tirx.PrimExpr:
-    """3^pos for pos in 0..4, as a select chain the simplifier folds once pos is a constant."""
-    out = tirx.const(81, "int32")
-    for p in (3, 2, 1, 0):
-        out = tirx.Select(pos == p, tirx.const(3 ** p, "int32"), out)
-    return out
+def _digit(byte: tirx.PrimExpr, pos) -> tirx.PrimExpr:
+    """Digit `pos` of a packed byte in 16-bit lanes, two SIMD operations per digit.
+
+    With T_0 = byte·256 and T_p = 3^p·T_0 mod 2^16 (= ((byte·3^p) mod 256)·256), the digit is
+    ((byte·3^p) mod 256)·3 >> 8 = high half of 3·T_p: one wrapping 16-bit multiply to step to the next
+    position, one high-half multiply per digit. The five positions share the chain once the position
+    loop is unrolled (a Select chain the simplifier folds).
+    """
+    three = tirx.const(3, "uint16")
+    t = tirx.shift_left(byte.astype("uint16"), tirx.const(8, "uint16"))
+    candidates = []
+    for p in range(TRITS_PER_BYTE):
+        if p:
+            t = t * three
+        candidates.append(tirx.shift_right(t.astype("uint32") * tirx.const(3, "uint32"), tirx.const(16, "uint32")))
+    if isinstance(pos, int):
+        digit = candidates[pos]
+    else:
+        digit = candidates[-1]
+        for p in range(TRITS_PER_BYTE - 2, -1, -1):
+            digit = tirx.Select(pos == p, candidates[p], digit)
+    return digit.astype("uint16")
 
 
-def _digit(byte: tirx.PrimExpr, pos: tirx.PrimExpr) -> tirx.PrimExpr:
-    b = byte.astype("int32")
-    return tirx.shift_right(tirx.bitwise_and(b * _pow3(pos), 255) * 3, 8)
-
-
-def _base3(load, n, index: tirx.PrimExpr, ndigits: int) -> tirx.PrimExpr:
-    """Σ_j digit_j · 3^j of element `index` in the packed planes load(n, j, byte)."""
-    byte, pos = index // TRITS_PER_BYTE, index % TRITS_PER_BYTE
-    total = _digit(load(n, 0, byte), pos)
+def _base3(planes, ndigits: int, byte, pos) -> tirx.PrimExpr:
+    """Σ_j digit_j · 3^j (< 81, kept in 16-bit lanes) of position `pos` in byte `byte` of the planes."""
+    total = _digit(planes(0, byte), pos)
     for j in range(1, ndigits):
-        total = total + _digit(load(n, j, byte), pos) * (3 ** j)
-    return total
+        total = total + _digit(planes(j, byte), pos) * tirx.const(3 ** j, "uint16")
+    return total.astype("int32")
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """How the packed planes sit in memory at run time.
+
+    rows == 0: the checkpoint's own arrays, codes [N, d, Kb] and scales [N, 3, Gb] ("planes").
+    rows == R: R consecutive output rows interleaved innermost, codes [ceil(N/R), d, Kb, R] and scales
+    [ceil(N/R), 3, Gb, R], so one SIMD load fetches the same byte of R rows (CPU kernels vectorize
+    over rows). Same bytes as the checkpoint, only reordered (plus zero rows up to a multiple of R).
+    """
+    rows: int = 0
+
+    @property
+    def name(self) -> str:
+        return "trit-planes-v1" if self.rows == 0 else f"trit-rows{self.rows}-v1"
+
+    def code_shape(self, n_out: int, planes: int, nbytes: int) -> tuple[int, ...]:
+        if self.rows == 0:
+            return (n_out, planes, nbytes)
+        return (-(-n_out // self.rows), planes, nbytes, self.rows)
+
+    def load(self, buf: te.Tensor):
+        """Accessor (row, plane, byte) -> element of a codes or scales buffer in this layout."""
+        if self.rows == 0:
+            return lambda n, i, b: buf[n, i, b]
+        return lambda n, i, b: buf[n // self.rows, i, b, n % self.rows]
+
+    def repack(self, packed: np.ndarray) -> np.ndarray:
+        """Checkpoint array [N, planes, bytes] -> this layout (numpy, at compile time)."""
+        if self.rows == 0:
+            return np.ascontiguousarray(packed)
+        n_out = packed.shape[0]
+        pad = -n_out % self.rows
+        if pad:
+            packed = np.concatenate([packed, np.zeros((pad,) + packed.shape[1:], packed.dtype)])
+        grouped = packed.reshape((-1, self.rows) + packed.shape[1:])
+        return np.ascontiguousarray(np.moveaxis(grouped, 1, -1))
+
+
+PLANES = WeightLayout(0)
 
 
 def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, codebook: te.Tensor,
-                          bias: te.Tensor | None = None, *, out_dtype: str | None = None) -> te.Tensor:
-    """TE compute of the operator; x is [..., K], the result [..., N]."""
-    n_out, depth = int(codes.shape[0]), int(codes.shape[1])
+                          bias: te.Tensor | None = None, *, n_out: int, layout: WeightLayout = PLANES,
+                          out_dtype: str | None = None) -> te.Tensor:
+    """TE compute of the operator; x is [..., K], the result [..., n_out].
+
+    y = Σ_groups step · (Σ_{16 weights} x·q): the step multiplies a group's dot product once.
+    """
+    depth = int(codes.shape[1])
     n_in = int(x.shape[-1])
     qmax = qmax_of(depth)
+    n_blocks, tail = n_in // BLOCK, n_in % BLOCK
     out_dtype = out_dtype or x.dtype
-    k = te.reduce_axis((0, n_in), name="k")
-
-    def weight(n, kk):
-        q = _base3(lambda a, b, c: codes[a, b, c], n, kk, depth) - qmax
-        idx = _base3(lambda a, b, c: scales[a, b, c], n, kk // GROUP_SIZE, SCALE_DIGITS)
-        return codebook[idx] * q.astype("float32")
-
     lead = list(x.shape[:-1])
-    acc = te.compute(lead + [n_out],
-                     lambda *i: te.sum(x[tuple(i[:-1]) + (k,)].astype("float32") * weight(i[-1], k), axis=k),
-                     name="trit_matmul")
-    if bias is None:
-        return te.compute(acc.shape, lambda *i: acc[i].astype(out_dtype), name="trit_out")
-    return te.compute(acc.shape, lambda *i: (acc[i] + bias[i[-1]].astype("float32")).astype(out_dtype),
-                      name="trit_out")
+    code_at, scale_at = layout.load(codes), layout.load(scales)
+
+    def step_of(n, g):
+        idx = _base3(lambda i, b: scale_at(n, i, b), SCALE_DIGITS, g // TRITS_PER_BYTE, g % TRITS_PER_BYTE)
+        return codebook[idx]
+
+    def u(n, byte, pos):  # q + qmax, in [0, 3^d)
+        return _base3(lambda i, b: code_at(n, i, b), depth, byte, pos).astype("float32")
+
+    def x_at(i, k):
+        return x[tuple(i[:-1]) + (k,)].astype("float32")
+
+    acc = None
+    if n_blocks:
+        w = te.compute((n_out, n_blocks, TRITS_PER_BYTE, GROUP_SIZE),
+                       lambda n, b, p, j: u(n, b * GROUP_SIZE + j, p), name="trit_decode")
+        kj = te.reduce_axis((0, GROUP_SIZE), "kj")
+        ks = te.reduce_axis((0, GROUP_SIZE), "ks")
+        # Σ x·q = Σ x·u − qmax·Σ x: the group sums of x are shared by every row
+        xsum = te.compute(lead + [n_blocks, TRITS_PER_BYTE], lambda *i: te.sum(
+            x_at(i[:-1], i[-2] * BLOCK + i[-1] * GROUP_SIZE + ks), axis=ks), name="trit_xsum")
+        # output rows innermost, so a tile of rows is contiguous for SIMD lanes
+        dot = te.compute(lead + [n_blocks, TRITS_PER_BYTE, n_out], lambda *i: te.sum(
+            x_at(i[:-2], i[-3] * BLOCK + i[-2] * GROUP_SIZE + kj) * w[i[-1], i[-3], i[-2], kj], axis=kj),
+            name="trit_group_dot")
+        step = te.compute((n_blocks, TRITS_PER_BYTE, n_out), lambda b, p, n: step_of(n, b * TRITS_PER_BYTE + p),
+                          name="trit_step")
+        kb = te.reduce_axis((0, n_blocks), "kb")
+        kp = te.reduce_axis((0, TRITS_PER_BYTE), "kp")
+        acc = te.compute(lead + [n_out], lambda *i: te.sum(step[kb, kp, i[-1]] * (
+            dot[tuple(i[:-1]) + (kb, kp, i[-1])] - float(qmax) * xsum[tuple(i[:-1]) + (kb, kp)]), axis=[kb, kp]),
+            name="trit_matmul")
+    if tail:
+        base = n_blocks * GROUP_SIZE  # first tail byte; tail weights are in plain order
+        wt = te.compute((n_out, tail), lambda n, t: step_of(n, n_blocks * TRITS_PER_BYTE + t // GROUP_SIZE)
+                        * (u(n, base + t // TRITS_PER_BYTE, t % TRITS_PER_BYTE) - float(qmax)), name="trit_decode_tail")
+        kt = te.reduce_axis((0, tail), "kt")
+        prev = acc
+
+        def tail_sum(*i):
+            term = x_at(i, n_blocks * BLOCK + kt) * wt[i[-1], kt]
+            if prev is not None:  # continue from the blocks' sum, so one loop nest can hold both
+                term = term + tirx.Select(kt == 0, prev[i], tirx.const(0.0, "float32"))
+            return te.sum(term, axis=kt)
+        acc = te.compute(lead + [n_out], tail_sum, name="trit_matmul_tail")
+
+    def finish(*i):
+        y = acc[i] if bias is None else acc[i] + bias[i[-1]].astype("float32")
+        return y.astype(out_dtype)
+    return te.compute(acc.shape, finish, name="trit_out")
 
 
-def trit_op_attrs(n_out: int, n_in: int, depth: int, has_bias: bool) -> dict:
-    """PrimFunc attributes: the tag schedule rules match, the static weight shape, the op pattern."""
+def trit_op_attrs(n_out: int, n_in: int, depth: int, has_bias: bool, layout: WeightLayout = PLANES) -> dict:
+    """PrimFunc attributes: the tag schedule rules match, the static weight shape, layout, op pattern."""
     return {TRIT_OP_ATTR: TRIT_OP_NAME, "trit.n_out": n_out, "trit.n_in": n_in, "trit.depth": depth,
-            "trit.bias": int(has_bias), "op_pattern": OP_PATTERN_OPAQUE}
+            "trit.bias": int(has_bias), LAYOUT_ROWS_ATTR: layout.rows, "op_pattern": OP_PATTERN_OPAQUE}
 
 
 def reference_decode_matmul(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, codebook: np.ndarray,
                             bias: np.ndarray | None = None) -> np.ndarray:
-    """numpy: x @ Ŵᵀ (+ bias) in float64, Ŵ unpacked with the codec (the operator's specification)."""
-    n_in = x.shape[-1]
-    depth = codes.shape[1]
-    q = from_digits(unpack_trits(codes, n_in)) - qmax_of(depth)
-    idx = from_digits(unpack_trits(scales, n_in // GROUP_SIZE))
-    w = q.astype(np.float64) * np.repeat(codebook.astype(np.float64)[idx], GROUP_SIZE, axis=1)
-    y = x.astype(np.float64) @ w.T
+    """numpy: x @ Ŵᵀ (+ bias) in float64, Ŵ unpacked by the codec (the operator's specification)."""
+    qm = unpack_matrix({"trit_codes": codes, "trit_scales": scales, "trit_codebook": codebook}, x.shape[-1])
+    y = x.astype(np.float64) @ qm.dequantize(np.float64).T
     return y if bias is None else y + bias.astype(np.float64)
