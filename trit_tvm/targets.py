@@ -9,8 +9,7 @@ import tvm
 from .errors import CompileError
 
 SHORT_TARGETS = {
-    "llvm": {"kind": "llvm"},
-    "x86": {"kind": "llvm"},
+    "llvm": {"kind": "llvm"},  # + mcpu of this machine (see parse_target)
     "cpu": {"kind": "llvm"},
     "cuda": {"kind": "cuda", "arch": "sm_80"},  # PTX for sm_80 also runs on Hopper; override with a dict
     "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
@@ -19,13 +18,19 @@ _HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm6
 
 
 def parse_target(spec: str) -> tvm.target.Target:
-    """A short name, a JSON dict ('{"kind":"cuda","arch":"sm_90"}') or a TVM target tag."""
+    """A short name, a JSON dict ('{"kind":"cuda","arch":"sm_90"}') or a TVM target tag.
+
+    `llvm`/`cpu` mean this machine's CPU (its mcpu, so its SIMD width); '{"kind":"llvm"}' is a portable
+    baseline x86-64 build.
+    """
     spec = spec.strip()
     try:
         if spec in SHORT_TARGETS:
             cfg = dict(SHORT_TARGETS[spec])
             if spec == "cuda" and tvm.cuda(0).exist:
                 return tvm.target.Target.from_device(tvm.cuda(0))
+            if cfg == {"kind": "llvm"}:  # like -march=native: this CPU's vector units (AVX-512, NEON, ...)
+                cfg["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
             return tvm.target.Target(cfg)
         if spec.startswith("{"):
             return tvm.target.Target(json.loads(spec))

@@ -1,0 +1,128 @@
+"""trit_decode_matmul as a decode GEMV (rows = 1) at Qwen2.5-3B shapes, d=3, against baselines measured
+in the same run: torch FP32 `x @ W.T`, and the same TVM pipeline (dlight) on dense FP32 weights.
+
+    python benchmarks/bench_gemv.py [--target llvm] [--plot benchmarks/gemv_bandwidth.png]
+
+Prints one JSON line. Effective bandwidth = packed bytes read (codes + scales + codebook) / time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import tvm
+from tvm import te
+from tvm.s_tir import dlight
+
+from benchmarks.common import machine, random_packed, streaming_read_gbps, tvm_seconds
+from schedules import layout_rows_for_target
+from trit_tvm.operator import WeightLayout, reference_decode_matmul, trit_decode_matmul_te, trit_op_attrs
+from trit_tvm.pipeline import schedule_pass
+from trit_tvm.targets import parse_target
+
+SHAPES_3B = [(2048, 2560, "qkv"), (2048, 2048, "o_proj"), (2048, 22016, "gate_up"), (11008, 2048, "down_proj")]
+
+
+def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
+    """Schedule one PrimFunc exactly as trit-compile does (schedules/ rules, then dlight), and build it."""
+    mod = tvm.IRModule({"main": func})
+    with target:
+        mod = schedule_pass(target)(mod)
+    return tvm.compile(mod, target=target)
+
+
+def trit_kernel(n_in: int, n_out: int, depth: int, layout: WeightLayout, target):
+    x = te.placeholder((1, n_in), "float32", "x")
+    codes = te.placeholder(layout.code_shape(n_out, depth, -(-n_in // 5)), "uint8", "codes")
+    scales = te.placeholder(layout.code_shape(n_out, 3, -(-(n_in // 16) // 5)), "uint8", "scales")
+    codebook = te.placeholder((27,), "float32", "codebook")
+    y = trit_decode_matmul_te(x, codes, scales, codebook, n_out=n_out, layout=layout)
+    func = te.create_prim_func([x, codes, scales, codebook, y]).with_attr(
+        trit_op_attrs(n_out, n_in, depth, False, layout))
+    return build(func, target)
+
+
+def dense_kernel(n_in: int, n_out: int, target):
+    x = te.placeholder((1, n_in), "float32", "x")
+    w = te.placeholder((n_out, n_in), "float32", "w")
+    k = te.reduce_axis((0, n_in), "k")
+    y = te.compute((1, n_out), lambda i, n: te.sum(x[i, k] * w[n, k], axis=k), name="dense")
+    return build(te.create_prim_func([x, w, y]), target)
+
+
+def torch_seconds(n_in: int, n_out: int) -> float:
+    import torch
+    from benchmarks.common import best_seconds
+    w, x = torch.randn(n_out, n_in), torch.randn(1, n_in)
+    return best_seconds(lambda: x @ w.T)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="llvm")
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--plot", help="write a PNG of effective bandwidth per shape")
+    args = ap.parse_args()
+    target = parse_target(args.target)
+    on_gpu = target.kind.name == "cuda"
+    dev = tvm.cuda(0) if on_gpu else tvm.cpu(0)
+    layout = WeightLayout(layout_rows_for_target(target))
+    stream = None if on_gpu else streaming_read_gbps()
+    rows = []
+    for n_in, n_out, name in SHAPES_3B:
+        packed = random_packed(n_out, n_in, args.depth)
+        x = np.random.default_rng(1).standard_normal((1, n_in)).astype(np.float32)
+        lib = trit_kernel(n_in, n_out, args.depth, layout, target)
+        out = tvm.runtime.tensor(np.zeros((1, n_out), np.float32), dev)
+        targs = [tvm.runtime.tensor(a, dev) for a in
+                 (x, layout.repack(packed["trit_codes"]), layout.repack(packed["trit_scales"]),
+                  packed["trit_codebook"])] + [out]
+        t_trit = tvm_seconds(lib, dev, targs)
+        ref = reference_decode_matmul(x, packed["trit_codes"], packed["trit_scales"], packed["trit_codebook"])
+        err = float(np.abs(out.numpy() - ref).max() / np.abs(ref).max())
+        nbytes = sum(a.nbytes for a in packed.values())
+        dlib = dense_kernel(n_in, n_out, target)
+        w = np.random.default_rng(2).standard_normal((n_out, n_in)).astype(np.float32)
+        dargs = [tvm.runtime.tensor(a, dev) for a in (x, w)] + [tvm.runtime.tensor(np.zeros((1, n_out), np.float32), dev)]
+        t_dense = tvm_seconds(dlib, dev, dargs, repeat=5, number=3)
+        row = {"shape": f"{n_in}->{n_out}", "name": name, "trit_us": round(t_trit * 1e6, 1),
+               "packed_bytes": nbytes, "eff_gbps": round(nbytes / t_trit / 1e9, 2),
+               "tvm_dense_fp32_us": round(t_dense * 1e6, 1), "x_tvm_dense_fp32": round(t_dense / t_trit, 2),
+               "max_rel_err": err}
+        if not on_gpu:
+            t_torch = torch_seconds(n_in, n_out)
+            row.update({"torch_fp32_us": round(t_torch * 1e6, 1), "x_torch_fp32": round(t_torch / t_trit, 2),
+                        "frac_stream": round(nbytes / t_trit / 1e9 / stream, 3)})
+        rows.append(row)
+    geo = lambda key: round(float(np.exp(np.mean([np.log(r[key]) for r in rows]))), 2)  # noqa: E731
+    result = {"bench": "gemv", "target": target.kind.name, "depth": args.depth, "weight_layout": layout.name,
+              **machine(), "stream_read_gbps": None if stream is None else round(stream, 1), "shapes": rows,
+              "geomean_x_tvm_dense_fp32": geo("x_tvm_dense_fp32")}
+    if not on_gpu:
+        result.update({"geomean_x_torch_fp32": geo("x_torch_fp32"), "geomean_frac_stream": geo("frac_stream")})
+    print(json.dumps(result))
+    if args.plot:
+        plot(result, args.plot)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [f"{r['name']}\n{r['shape']}" for r in result["shapes"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(names, [r["eff_gbps"] for r in result["shapes"]], color="#4a7", label="trit GEMV (packed bytes / time)")
+    if result.get("stream_read_gbps"):
+        ax.axhline(result["stream_read_gbps"], color="k", ls="--", label=f"streaming read {result['stream_read_gbps']} GB/s")
+        ax.axhline(0.7 * result["stream_read_gbps"], color="gray", ls=":", label="70% of streaming read")
+    ax.set_ylabel("GB/s")
+    ax.set_title(f"trit_decode_matmul d={result['depth']}, rows=1, {result['target']}: {result['cpu']}, "
+                 f"{result['cores']} cores", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

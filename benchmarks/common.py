@@ -1,0 +1,60 @@
+"""What every benchmark here shares: machine description, streaming bandwidth, building one kernel."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import numpy as np
+
+import trit_tvm  # noqa: F401  (sizes TVM's thread pool to this machine's cores)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    return {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d")}
+
+
+def streaming_read_gbps(nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """This machine's streaming read bandwidth: best of a multithreaded torch sum over a 1 GiB array."""
+    import torch
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    a = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def best_seconds(fn, repeat: int = 7, number: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return best
+
+
+def tvm_seconds(lib, dev, args, repeat: int = 7, number: int = 10) -> float:
+    """Best-of time of a compiled kernel with TVM's own evaluator (no Python overhead)."""
+    return lib.mod.time_evaluator("main", dev, number=number, repeat=repeat)(*args).min
+
+
+def random_packed(n_out: int, n_in: int, depth: int, seed: int = 0) -> dict[str, np.ndarray]:
+    from codec import pack_matrix, quantize_matrix
+    w = np.random.default_rng(seed).standard_normal((n_out, n_in)).astype(np.float32) * 0.02
+    return pack_matrix(quantize_matrix(w, depth))
