@@ -8,10 +8,10 @@ from __future__ import annotations
 import tvm
 
 from .base import is_trit_decode_matmul
-from .cpu import TritGEMMCPU, TritGEMVCPU
+from .cpu import DenseLogitsCPU, TritGEMMCPU, TritGEMVCPU
 from .cuda import TritGEMVCuda
 
-__all__ = ["TritGEMMCPU", "TritGEMVCPU", "TritGEMVCuda", "is_trit_decode_matmul", "layout_rows_for_target",
+__all__ = ["DenseLogitsCPU", "TritGEMMCPU", "TritGEMVCPU", "TritGEMVCuda", "is_trit_decode_matmul", "layout_rows_for_target",
            "rules_for_target"]
 
 LAYOUT_ROWS = 32  # CPU: 32 rows x 16-bit lanes = one 512-bit register; CUDA: one warp reads 32 rows' bytes
@@ -20,7 +20,7 @@ LAYOUT_ROWS = 32  # CPU: 32 rows x 16-bit lanes = one 512-bit register; CUDA: on
 def rules_for_target(target: tvm.target.Target) -> list:
     if target.kind.name == "cuda":
         return [TritGEMVCuda()]
-    return [TritGEMVCPU(), TritGEMMCPU()]
+    return [TritGEMVCPU(), TritGEMMCPU(), DenseLogitsCPU()]
 
 
 def layout_rows_for_target(target: tvm.target.Target) -> int:

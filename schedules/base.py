@@ -4,7 +4,9 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 TRIT_OP_ATTR = "trit.op"  # set by trit_tvm.operator.trit_op_attrs
-LAYOUT_ROWS_ATTR = "trit.layout_rows"  # rows interleaved in the weight layout (0: checkpoint planes)
+LAYOUT_ROWS_ATTR = "trit.layout_rows"
+KERNEL_ATTR = "trit.kernel"  # other kernels the model emits with a rule of their own
+LOGITS_KERNEL = "logits_nt"  # rows interleaved in the weight layout (0: checkpoint planes)
 BLOCK_NAMES = ("trit_decode", "trit_xsum", "trit_group_dot", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail",
                "trit_out")
 

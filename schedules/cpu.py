@@ -10,7 +10,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .base import is_trit_decode_matmul, layout_rows, row_count, trit_blocks
+from .base import KERNEL_ATTR, LOGITS_KERNEL, is_trit_decode_matmul, layout_rows, row_count, trit_blocks
 
 
 def _applies(func, target: Target) -> bool:
@@ -133,4 +133,27 @@ class TritGEMMCPU(ScheduleRule):
         for name in ("trit_decode", "trit_step", "trit_group_dot"):
             sch.set_scope(b[name], 0, "local")
         sch.parallel(nb)  # per-panel tiles are then allocated inside the parallel loop
+        return sch
+
+
+class DenseLogitsCPU(ScheduleRule):
+    """The output projection (logits = h · Wᵀ, W [vocab, hidden] kept dense): vocabulary rows spread
+    over the cores, each dot product vectorized along the contiguous hidden axis (rfactor)."""
+
+    lanes = 16
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if target.kind.name != "llvm" or func.attrs is None or func.attrs.get(KERNEL_ATTR) != LOGITS_KERNEL:
+            return None
+        sch = s_tir.Schedule(func)
+        block = sch.get_sblock("logits")
+        _, (k,) = _split_loops(sch, block)
+        ko, ki = sch.split(k, factors=[None, self.lanes])
+        rf = sch.rfactor(ki, 0)
+        *rf_spatial, red, lane = sch.get_loops(rf)  # the loops keep their order: (lead..., vocab, ko, ki)
+        outer = sch.fuse(*rf_spatial)
+        sch.parallel(outer)
+        sch.vectorize(lane)
+        sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
+        sch.set_scope(rf, 0, "local")
         return sch

@@ -20,3 +20,11 @@ def tiny_hf(tmp_path_factory):
 def tiny_hf_tied(tmp_path_factory):
     from trit_tvm.demo import TinyQwen2Spec, build_tiny_qwen2
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_tied"), TinyQwen2Spec(tie_embeddings=True, seed=11))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_bf16(tmp_path_factory):
+    """Tied tiny Qwen2 stored in BF16, like the published Qwen2.5 checkpoints."""
+    from trit_tvm.demo import TinyQwen2Spec, build_tiny_qwen2
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_bf16"), TinyQwen2Spec(tie_embeddings=True, seed=5),
+                            dtype="bfloat16")

@@ -21,12 +21,12 @@ def _hf_greedy(model, ids, n):
     return ids[-n:]
 
 
-@pytest.fixture(scope="module", params=[("untied", 2), ("untied", 3), ("tied", 3), ("tied", 2)],
+@pytest.fixture(scope="module", params=[("untied", 2), ("untied", 3), ("tied", 3), ("tied", 2), ("bf16", 3)],
                 ids=lambda p: f"{p[0]}-d{p[1]}")
-def built(request, tiny_hf, tiny_hf_tied, tmp_path_factory):
+def built(request, tiny_hf, tiny_hf_tied, tiny_hf_bf16, tmp_path_factory):
     from transformers import AutoModelForCausalLM
     kind, depth = request.param
-    src = tiny_hf if kind == "untied" else tiny_hf_tied
+    src = {"untied": tiny_hf, "tied": tiny_hf_tied, "bf16": tiny_hf_bf16}[kind]
     root = tmp_path_factory.mktemp(f"{kind}{depth}")
     assert quantize_main([str(src), str(root / "trit"), "--depth", str(depth)]) == 0
     assert dequantize_main([str(root / "trit"), str(root / "deq"), "--dtype", "float32"]) == 0
@@ -69,5 +69,5 @@ def test_resident_weights_are_the_packed_checkpoint(built):
     # nothing float-sized for the quantized matrices: kept = embeddings (+ lm_head) + norms + biases only
     cfg = m["config"]
     h, v = cfg["hidden_size"], cfg["vocab_size"]
-    emb = v * h * 4 * (1 if cfg["tie_word_embeddings"] else 2)
+    emb = v * h * (2 if m["embedding_dtype"] == "bfloat16" else 4) * (1 if cfg["tie_word_embeddings"] else 2)
     assert emb <= m["resident_kept_bytes"] < emb + 64 * h * cfg["num_hidden_layers"] * 4

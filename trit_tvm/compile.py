@@ -75,7 +75,19 @@ def _input_hash(ckpt: TritCheckpoint) -> str:
     return h.hexdigest()
 
 
-def _param_array(ckpt: TritCheckpoint, param: str, shape: tuple[int, ...], dtype: str,
+EMBEDDING_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+_DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def embed_dtype_for(ckpt: TritCheckpoint, target: tvm.target.Target) -> str:
+    """16-bit embeddings stay 16-bit on CPUs (half the bytes the logits read per token); else model dtype."""
+    stored = ckpt.manifest["kept"].get("model.embed_tokens.weight", {}).get("dtype")
+    if target_device_kind(target) == "cpu" and stored in ("F16", "BF16"):
+        return {"F16": "float16", "BF16": "bfloat16"}[stored]
+    return model_dtype_for(target)
+
+
+def _param_array(ckpt: TritCheckpoint, param: str, shape: tuple[int, ...], dtype: str, embed_dtype: str,
                  layout: WeightLayout) -> tuple[np.ndarray, str]:
     """The checkpoint tensor behind one exported parameter, in the layout and dtype the VM expects."""
     name, suffix = checkpoint_tensor_name(param)
@@ -89,8 +101,8 @@ def _param_array(ckpt: TritCheckpoint, param: str, shape: tuple[int, ...], dtype
         if name not in ckpt.manifest["kept"]:
             raise CompileError(f"{ckpt.path}: tensor '{name}' is missing (needed by the {param} parameter)")
         stored, st_dtype = ckpt.kept(name)
-        st = {"float32": "F32", "float16": "F16"}[dtype]
-        arr = from_float(to_float32(stored, st_dtype), st)
+        st = _DTYPE_NAMES[embed_dtype if name in EMBEDDING_TENSORS else dtype]
+        arr = stored if st == st_dtype else from_float(to_float32(stored, st_dtype), st)
     if tuple(arr.shape) != tuple(shape):
         raise CompileError(f"{ckpt.path}: tensor '{name}' has shape {list(arr.shape)}, the model config needs "
                            f"{list(shape)} for {param}")
@@ -121,7 +133,8 @@ def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, dep
         layout = WeightLayout(layout_rows_for_target(target))
         stage(f"importing Qwen2 ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) into Relax, {dtype}, "
               f"weights as {layout.name}")
-        model = TritQwen2ForCausalLM(cfg, _layer_depths(ckpt, cfg), dtype, target, layout)
+        embed_dtype = embed_dtype_for(ckpt, target)
+        model = TritQwen2ForCausalLM(cfg, _layer_depths(ckpt, cfg), dtype, target, layout, embed_dtype)
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
         n_trit = sum(1 for gv, f in mod.functions.items()
                      if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "trit.op" in f.attrs)
@@ -140,7 +153,7 @@ def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, dep
             writer = ShardWriter(tmp / PARAMS)
             resident = {"trit": 0, "kept": 0}
             for param, p in named_params:
-                arr, st = _param_array(ckpt, param, tuple(int(s) for s in p.shape), dtype, layout)
+                arr, st = _param_array(ckpt, param, tuple(int(s) for s in p.shape), dtype, embed_dtype, layout)
                 writer.add(param, arr, st)
                 resident["trit" if checkpoint_tensor_name(param)[1] else "kept"] += arr.nbytes
             writer.close()
@@ -149,7 +162,7 @@ def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, dep
                 "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION,
                 "target": target_to_json(target), "target_kind": target.kind.name,
                 "device": target_device_kind(target), "arch": target_arch(target),
-                "model_dtype": dtype, "weight_layout": layout.name, "trit_format_version": FORMAT_VERSION,
+                "model_dtype": dtype, "embedding_dtype": embed_dtype, "weight_layout": layout.name, "trit_format_version": FORMAT_VERSION,
                 "codec_mode": ckpt.manifest["codec_mode"], "depth": ckpt.manifest["depth"],
                 "config": asdict(cfg), "input_hash": _input_hash(ckpt),
                 "params": [n for n, _ in named_params],

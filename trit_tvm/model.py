@@ -15,6 +15,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from codec.format import CODEBOOK, CODES, SCALES, packed_shapes
+from schedules.base import KERNEL_ATTR, LOGITS_KERNEL
 
 from .errors import CompileError
 from .operator import WeightLayout, trit_decode_matmul_te, trit_op_attrs
@@ -125,8 +126,9 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    def __init__(self, cfg: Qwen2Config, layer_depths: list[dict[str, int]], dtype: str, layout: WeightLayout):
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+    def __init__(self, cfg: Qwen2Config, layer_depths: list[dict[str, int]], dtype: str, layout: WeightLayout,
+                 embed_dtype: str):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=embed_dtype)
         self.layers = nn.ModuleList([Qwen2DecoderLayer(cfg, d, dtype, layout) for d in layer_depths])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
@@ -140,21 +142,28 @@ class TritQwen2ForCausalLM(nn.Module):
     """The compiled model's interface: embed → prefill/decode with a paged KV cache → float32 logits."""
 
     def __init__(self, cfg: Qwen2Config, layer_depths: list[dict[str, int]], dtype: str, target,
-                 layout: WeightLayout):
+                 layout: WeightLayout, embed_dtype: str | None = None):
+        """embed_dtype: storage of the [vocab, hidden] matrices (default: dtype). The biggest tensors of a
+        small model; kept 16-bit where the checkpoint is, and widened inside the kernels that read them."""
         self.cfg, self.dtype, self.target = cfg, dtype, target
-        self.model = Qwen2Model(cfg, layer_depths, dtype, layout)
+        embed_dtype = embed_dtype or dtype
+        self.model = Qwen2Model(cfg, layer_depths, dtype, layout, embed_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
-                                                                     dtype=dtype)
+                                                                     dtype=embed_dtype)
 
     def _logits(self, h: Tensor) -> Tensor:
-        if self.lm_head is None:
-            logits = op.matmul(h, op.permute_dims(self.model.embed_tokens.weight))
-        else:
-            logits = self.lm_head(h)
-        return logits.astype("float32") if logits.dtype != "float32" else logits
+        """h @ Wᵀ read straight from the [vocab, hidden] matrix (no transposed copy of it per call)."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+        def logits_nt(x: te.Tensor, w: te.Tensor) -> te.Tensor:
+            k = te.reduce_axis((0, w.shape[1]), "k")
+            return te.compute(tuple(x.shape[:-1]) + (w.shape[0],), lambda b, s, v: te.sum(
+                x[b, s, k].astype("float32") * w[v, k].astype("float32"), axis=k), name="logits")
+        return op.tensor_expr_op(logits_nt, "lm_head", [h, weight], attrs={KERNEL_ATTR: LOGITS_KERNEL})
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.embed_tokens(input_ids)
+        h = self.model.embed_tokens(input_ids)
+        return h if h.dtype == self.dtype else h.astype(self.dtype)
 
     def prefill(self, input_embed: Tensor, kv: PagedKVCache):
         def last_position(x: te.Tensor) -> te.Tensor:

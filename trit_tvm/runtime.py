@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import tvm
 from tvm import relax
@@ -83,6 +84,12 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
     return int(rng.choice(chosen, p=p[chosen] / p[chosen].sum()))
 
 
+def _as_tvm_array(f: SafetensorsFile, name: str) -> np.ndarray:
+    """A stored parameter as numpy; BF16 bits become ml_dtypes.bfloat16 (what tvm.runtime.tensor takes)."""
+    arr = np.ascontiguousarray(f.read(name))
+    return arr.view(ml_dtypes.bfloat16) if f.tensors[name].dtype == "BF16" else arr
+
+
 class TritModel:
     """A loaded artifact on its device (local, or remote when given an RPC session's device and module)."""
 
@@ -107,7 +114,7 @@ class TritModel:
         missing = [n for n in names if n not in f.tensors]
         if missing:
             raise CompileError(f"{self.path / PARAMS}: missing parameter '{missing[0]}' (artifact is corrupt)")
-        return [tvm.runtime.tensor(np.ascontiguousarray(f.read(n)), self.device) for n in names]
+        return [tvm.runtime.tensor(_as_tvm_array(f, n), self.device) for n in names]
 
     @property
     def resident_weight_bytes(self) -> int:

@@ -1,0 +1,110 @@
+"""End-to-end generation at a real Qwen2.5 shape (random weights, d=3) against transformers FP32 on the
+same machine in the same run: prefill tok/s for a 128-token prompt and greedy decode tok/s.
+
+    python benchmarks/bench_decode.py [--model 0.5B] [--target llvm] [--layers N] [--new-tokens 32]
+
+Prints one JSON line. The random model is saved in BF16, as Qwen2.5 checkpoints are; transformers runs
+it in FP32 and keeps only the last position's logits (logits_to_keep=1), as the compiled prefill does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import machine
+
+QWEN25 = {  # Qwen2.5 configs (anchors.md)
+    "0.5B": dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "1.5B": dict(num_hidden_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "3B": dict(num_hidden_layers=36, hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7B": dict(num_hidden_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+def random_qwen(name: str, layers: int | None):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = dict(QWEN25[name])
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    torch.manual_seed(0)
+    config = Qwen2Config(**cfg, max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def transformers_speed(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    import torch
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        model(ids[:, :8], logits_to_keep=1)  # warm-up
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - t0
+        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        decode = time.perf_counter() - t0
+    return len(prompt) / prefill, (new_tokens - 1) / decode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="0.5B", choices=list(QWEN25))
+    ap.add_argument("--target", default="llvm")
+    ap.add_argument("--layers", type=int, help="fewer layers than the real model (quick runs)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=3)
+    args = ap.parse_args()
+
+    import torch
+    from codec.checkpoint import write_trit_checkpoint
+    from trit_tvm.compile import compile_model
+    from trit_tvm.runtime import TritModel
+    from trit_tvm.targets import parse_target
+
+    torch.set_num_threads(machine()["cores"])
+    target = parse_target(args.target)
+    prompt = np.random.default_rng(0).integers(0, 150000, size=args.prompt_tokens).tolist()
+    with tempfile.TemporaryDirectory(prefix="trit-bench-") as tmp:
+        tmp = Path(tmp)
+        hf = random_qwen(args.model, args.layers)
+        hf.to(torch.bfloat16).save_pretrained(tmp / "hf", safe_serialization=True)  # as Qwen2.5 ships
+        hf.float()  # the baseline: transformers FP32 on the same (bf16-valued) weights
+        t0 = time.perf_counter()
+        write_trit_checkpoint(tmp / "hf", tmp / "trit", depth=args.depth)
+        quantize_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        manifest = compile_model(tmp / "trit", target, tmp / "art", stage=lambda _msg: None)
+        compile_s = time.perf_counter() - t0
+        model = TritModel(tmp / "art")
+        model.generate(prompt[:8], 2)  # warm-up
+        gen = model.generate(prompt, args.new_tokens)
+        hf_prefill, hf_decode = transformers_speed(hf, prompt, args.new_tokens)
+    result = {
+        "bench": "decode", "model": f"Qwen2.5-{args.model} shape, random weights", "layers": hf.config.num_hidden_layers,
+        "depth": args.depth, "target": target.kind.name, **machine(),
+        "prompt_tokens": len(prompt), "new_tokens": len(gen.tokens),
+        "trit_prefill_tok_s": round(gen.prefill_tok_s, 2), "trit_decode_tok_s": round(gen.decode_tok_s, 2),
+        "hf_fp32_prefill_tok_s": round(hf_prefill, 2), "hf_fp32_decode_tok_s": round(hf_decode, 2),
+        "x_prefill": round(gen.prefill_tok_s / hf_prefill, 2), "x_decode": round(gen.decode_tok_s / hf_decode, 2),
+        "resident_trit_mb": round(manifest["resident_trit_bytes"] / 1e6, 1),
+        "resident_kept_mb": round(manifest["resident_kept_bytes"] / 1e6, 1),
+        "quantize_s": round(quantize_s, 1), "compile_s": round(compile_s, 1),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
