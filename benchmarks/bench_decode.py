@@ -17,27 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine
-
-QWEN25 = {  # Qwen2.5 configs (anchors.md)
-    "0.5B": dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "1.5B": dict(num_hidden_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "3B": dict(num_hidden_layers=36, hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
-               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "7B": dict(num_hidden_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-}
-
+from trit_tvm.shapes import QWEN25_CONFIGS, hf_config
 
 def random_qwen(name: str, layers: int | None):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    cfg = dict(QWEN25[name])
+    cfg = hf_config(name, max_position_embeddings=4096)
     if layers:
         cfg["num_hidden_layers"] = layers
     torch.manual_seed(0)
-    config = Qwen2Config(**cfg, max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6)
+    config = Qwen2Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -60,7 +49,7 @@ def transformers_speed(model, prompt: list[int], new_tokens: int) -> tuple[float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="0.5B", choices=list(QWEN25))
+    ap.add_argument("--model", default="0.5B", choices=list(QWEN25_CONFIGS))
     ap.add_argument("--target", default="llvm")
     ap.add_argument("--layers", type=int, help="fewer layers than the real model (quick runs)")
     ap.add_argument("--prompt-tokens", type=int, default=128)

@@ -50,10 +50,19 @@ class TritGEMVCPU(ScheduleRule):
     """Decode (one row of x): per row panel and block of 80 weights, the 5 group dot products are
     accumulated together so each packed byte is loaded and decoded once for its 5 digit positions."""
 
+    # knobs MetaSchedule may tune (trit_tvm/tuning.py); the hand rule uses the first of each
+    PANELS_PER_TASK = (1, 2, 4, 8)
+    UNROLL_STEPS = (0, 16, 64, 512)
+
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
         if not _applies(func, target) or row_count(func) != 1:
             return None
-        sch = s_tir.Schedule(func)
+        return self.schedule(s_tir.Schedule(func), tunable=False)
+
+    def schedule(self, sch: s_tir.Schedule, tunable: bool) -> s_tir.Schedule:
+        """Apply the rule to sch; with tunable, panels per parallel task and the unroll depth of the
+        block loop are sampled decisions (a 16-point space for MetaSchedule)."""
+        func = sch.mod["main"]
         b = trit_blocks(sch)
         lanes = layout_rows(func)
         for name in ("trit_decode", "trit_decode_tail"):
@@ -76,6 +85,12 @@ class TritGEMVCPU(ScheduleRule):
         for name in ("trit_group_dot", "trit_step", "trit_matmul", "trit_matmul_tail"):
             if name in b:
                 sch.set_scope(b[name], 0, "local")
+        if tunable:
+            uniform = [1.0 / len(self.UNROLL_STEPS)] * len(self.UNROLL_STEPS)
+            sch.annotate(kb, "pragma_auto_unroll_max_step", sch.sample_categorical(list(self.UNROLL_STEPS), uniform))
+            sch.annotate(kb, "pragma_unroll_explicit", 1)
+            per_task = sch.sample_categorical(list(self.PANELS_PER_TASK), [1.0 / len(self.PANELS_PER_TASK)] * 4)
+            nb, _ = sch.split(nb, factors=[None, per_task])
         sch.parallel(nb)  # per-panel tiles are then allocated inside the parallel loop
         return sch
 

@@ -30,6 +30,10 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=3, choices=DEPTHS, help="depth when quantizing an HF checkpoint")
     p.add_argument("--mode", default="mse", choices=MODES, help="codec mode when quantizing an HF checkpoint")
     p.add_argument("--force", action="store_true", help="replace the output dir if it exists")
+    p.add_argument("--tuning-logs", type=Path, default=None,
+                   help="root of tuning records (default: the repository's tuning_logs/); records under "
+                        "<root>/<target key>/ schedule the kernels they match, hand rules the rest")
+    p.add_argument("--no-tuning-logs", action="store_true", help="hand rules only")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -38,6 +42,7 @@ def _compile(args: argparse.Namespace) -> int:
     from .compile import compile_model
     from .demo import DEMO_SPEC, build_tiny_qwen2
     from .targets import parse_target
+    from .tuning import DEFAULT_LOGS
 
     target = parse_target(args.target)
     t0 = time.perf_counter()
@@ -53,9 +58,11 @@ def _compile(args: argparse.Namespace) -> int:
                   f"hidden {DEMO_SPEC.hidden}, with its own tokenizer)")
             model = build_tiny_qwen2(Path(tmp) / "trit-demo", DEMO_SPEC)
         out = args.output or Path(f"{Path(model).name}-{target.kind.name}")
-        manifest = compile_model(model, target, out, args.depth, args.mode, args.force, stage)
-    log.info("wrote %s: %s, %d trit kernels, weights resident %.2f MB packed trits + %.2f MB kept "
-             "(packed checkpoint %.2f MB), %.1f s", out, target.kind.name, manifest["trit_kernels"],
+        logs = None if args.no_tuning_logs else (args.tuning_logs or DEFAULT_LOGS)
+        manifest = compile_model(model, target, out, args.depth, args.mode, args.force, stage, logs)
+    log.info("wrote %s: %s, %d trit kernels (%d from tuning records), weights resident %.2f MB packed trits + "
+             "%.2f MB kept (packed checkpoint %.2f MB), %.1f s", out, target.kind.name, manifest["trit_kernels"],
+             len(manifest["tuned_kernels"]),
              manifest["resident_trit_bytes"] / 1e6, manifest["resident_kept_bytes"] / 1e6,
              manifest["packed_checkpoint_bytes"] / 1e6, time.perf_counter() - t0)
     return 0
@@ -126,3 +133,59 @@ def _run(args: argparse.Namespace) -> int:
 
 def run_main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_run, run_parser(), argv)
+
+
+def tune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trit-tune",
+        description="Tune the decode (one-row) trit kernels of a model with MetaSchedule and write the records "
+                    "to TUNING_LOGS/<target key>/, where trit-compile finds them.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("model", nargs="?", type=Path, help="trit or Hugging Face checkpoint dir (its config is used)")
+    src.add_argument("--config", help="a Qwen2.5 size (0.5B, 1.5B, 3B, 7B) or a config.json: tune from shapes alone")
+    p.add_argument("--target", default="llvm")
+    p.add_argument("--depth", type=int, default=3, choices=DEPTHS, help="trit depth of every matrix (with --config)")
+    p.add_argument("--trials", type=int, default=16, help="measured candidates per kernel (default 16)")
+    p.add_argument("--tuning-logs", type=Path, default=None, help="records root (default: the repository's tuning_logs/)")
+    p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its servers")
+    p.add_argument("--rpc-key", help="device key the servers registered with the tracker")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _model_config(args: argparse.Namespace):
+    from .model import Qwen2Config
+    from .shapes import QWEN25_CONFIGS, hf_config
+    if args.config in QWEN25_CONFIGS:
+        return Qwen2Config.from_hf(hf_config(args.config), f"Qwen2.5-{args.config}"), args.depth
+    path = Path(args.config) if args.config else Path(args.model) / "config.json"
+    if not path.exists():
+        raise CodecError(f"{path}: no such config (give a checkpoint dir, a config.json or one of "
+                         f"{', '.join(QWEN25_CONFIGS)})")
+    try:
+        return Qwen2Config.from_hf(json.loads(path.read_text()), str(path)), args.depth
+    except ValueError as e:
+        raise CodecError(f"{path}: invalid JSON ({e})") from None
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .compile import export_model
+    from .targets import parse_target
+    from .tuning import DEFAULT_LOGS, decode_gemv_kernels, fused_module, logs_dir, make_runner, tune_kernels
+
+    target = parse_target(args.target)
+    cfg, depth = _model_config(args)
+    layers = [{name: depth for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                         "down_proj")}] * cfg.num_hidden_layers
+    mod, _, _, _ = export_model(cfg, layers, target)
+    kernels = decode_gemv_kernels(fused_module(mod))
+    out = logs_dir(args.tuning_logs or DEFAULT_LOGS, target)
+    log.info("tuning %d decode kernels x %d trials for %s into %s", len(kernels), args.trials, target.kind.name, out)
+    t0 = time.perf_counter()
+    tune_kernels(kernels, target, out, args.trials, make_runner(args.rpc_tracker, args.rpc_key))
+    log.info("done in %.0f s; trit-compile --target %s applies the records", time.perf_counter() - t0, args.target)
+    return 0
+
+
+def tune_main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_tune, tune_parser(), argv)

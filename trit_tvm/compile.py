@@ -27,13 +27,14 @@ from codec.checkpoint import FORMAT_VERSION, TritCheckpoint, atomic_output_dir, 
     load_trit_checkpoint, write_trit_checkpoint
 from codec.safetensors_io import ShardWriter, from_float, to_float32
 
-from .errors import CompileError
 from schedules import layout_rows_for_target
 
+from .errors import CompileError
 from .model import Qwen2Config, TritQwen2ForCausalLM, checkpoint_tensor_name
 from .operator import WeightLayout
 from .pipeline import trit_pipeline
 from .targets import target_arch, target_device_kind, target_to_json
+from .tuning import DEFAULT_LOGS, apply_records_pass, logs_dir
 
 log = logging.getLogger("trit")
 
@@ -123,25 +124,36 @@ def open_model(model_dir: Path, workdir: Path, depth: int, mode: str, stage: Sta
     return load_trit_checkpoint(workdir / "trit")
 
 
+def export_model(cfg: Qwen2Config, layer_depths: list[dict[str, int]], target: tvm.target.Target,
+                 embed_dtype: str | None = None):
+    """The Relax module of the model for `target` -> (module, named params, weight layout, model dtype)."""
+    dtype = model_dtype_for(target)
+    layout = WeightLayout(layout_rows_for_target(target))
+    model = TritQwen2ForCausalLM(cfg, layer_depths, dtype, target, layout, embed_dtype)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    return mod, named_params, layout, dtype
+
+
 def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, depth: int = 3, mode: str = "mse",
-                  force: bool = False, stage: Stage = log.info) -> dict:
-    """Build the artifact dir for `target`; returns its manifest."""
+                  force: bool = False, stage: Stage = log.info, tuning_logs: Path | None = DEFAULT_LOGS) -> dict:
+    """Build the artifact dir for `target`; returns its manifest. Tuning records under
+    tuning_logs/<target key>/ schedule the kernels they match; hand rules do the rest."""
     with tempfile.TemporaryDirectory(prefix="trit-compile-") as work:
         ckpt = open_model(model_dir, Path(work), depth, mode, stage)
         cfg = Qwen2Config.from_hf(ckpt.config, str(ckpt.path / "config.json"))
-        dtype = model_dtype_for(target)
-        layout = WeightLayout(layout_rows_for_target(target))
-        stage(f"importing Qwen2 ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) into Relax, {dtype}, "
-              f"weights as {layout.name}")
         embed_dtype = embed_dtype_for(ckpt, target)
-        model = TritQwen2ForCausalLM(cfg, _layer_depths(ckpt, cfg), dtype, target, layout, embed_dtype)
-        mod, named_params = model.export_tvm(spec=model.get_default_spec())
+        mod, named_params, layout, dtype = export_model(cfg, _layer_depths(ckpt, cfg), target, embed_dtype)
+        stage(f"imported Qwen2 ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) into Relax, {dtype}, "
+              f"weights as {layout.name}")
         n_trit = sum(1 for gv, f in mod.functions.items()
                      if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "trit.op" in f.attrs)
-        stage(f"compiling for {target.kind.name} ({n_trit} trit_decode_matmul kernels)")
+        records = logs_dir(tuning_logs, target) if tuning_logs is not None else None
+        tuned: list[str] = []
+        stage(f"compiling for {target.kind.name} ({n_trit} trit_decode_matmul kernels"
+              + (f"; tuning records from {records}" if records is not None and records.exists() else "") + ")")
         t0 = time.perf_counter()
         with target:
-            exe = tvm.compile(mod, target, relax_pipeline=trit_pipeline(target))
+            exe = tvm.compile(mod, target, relax_pipeline=trit_pipeline(target, apply_records_pass(records, tuned)))
         compile_s = time.perf_counter() - t0
         with atomic_output_dir(out_dir, force) as tmp:
             stage("exporting library and parameters")
@@ -168,7 +180,7 @@ def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, dep
                 "params": [n for n, _ in named_params],
                 "resident_trit_bytes": resident["trit"], "resident_kept_bytes": resident["kept"],
                 "packed_checkpoint_bytes": ckpt.packed_bytes(),
-                "trit_kernels": n_trit, "compile_seconds": round(compile_s, 2),
+                "trit_kernels": n_trit, "tuned_kernels": tuned, "compile_seconds": round(compile_s, 2),
             }
             (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest

@@ -23,16 +23,19 @@ def schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:
     return dlight.ApplyDefaultSchedule(*rules)
 
 
-def trit_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def fusion_passes() -> list[tvm.transform.Pass]:
+    """Relax → fused TIR kernels (TVM's zero pipeline): what tuning and scheduling both see."""
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
+
+
+def trit_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
+    """tuned: a pass that schedules kernels from tuning records first (trit_tvm.tuning)."""
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         passes = [
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination(),
+            *fusion_passes(),
+            *([tuned] if tuned is not None else []),
             schedule_pass(target),
             relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
