@@ -13,7 +13,6 @@ import json
 import numpy as np
 import tvm
 from tvm import te
-from tvm.s_tir import dlight
 
 from benchmarks.common import machine, random_packed, streaming_read_gbps, tvm_seconds
 from schedules import layout_rows_for_target

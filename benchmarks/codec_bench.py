@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from codec import bits_per_weight, pack_matrix, quantize_matrix, relative_mse
+from codec import pack_matrix, quantize_matrix, relative_mse
 from codec.safetensors_io import SafetensorsFile, to_float32
 
 

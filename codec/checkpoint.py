@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import CodecError
+from .errors import CodecError, read_json
 from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
 from .quantize import CODEBOOK_SIZE, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
@@ -81,11 +81,7 @@ def read_source(src: Path) -> tuple[dict, list[SafetensorsFile]]:
     cfg_path = src / "config.json"
     if not cfg_path.exists():
         raise CodecError(f"{src}: missing config.json (not a Hugging Face checkpoint dir)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise CodecError(f"{cfg_path}: invalid JSON ({e})") from None
-    return config, [SafetensorsFile(p) for p in iter_checkpoint_files(src)]
+    return read_json(cfg_path), [SafetensorsFile(p) for p in iter_checkpoint_files(src)]
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -243,10 +239,7 @@ def load_trit_checkpoint(path: str | os.PathLike, verify: bool = True) -> TritCh
         raise CodecError(f"{path}: not a directory")
     if not mpath.exists():
         raise CodecError(f"{path}: missing {MANIFEST} (not a trit checkpoint; quantize it with trit-quantize)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except ValueError as e:
-        raise CodecError(f"{mpath}: invalid JSON ({e})") from None
+    manifest = read_json(mpath)
     if _field(manifest, "format", mpath) != FORMAT_NAME:
         raise CodecError(f"{mpath}: field 'format' is {manifest['format']!r}, expected {FORMAT_NAME!r}")
     version = _field(manifest, "format_version", mpath)
@@ -268,7 +261,7 @@ def load_trit_checkpoint(path: str | os.PathLike, verify: bool = True) -> TritCh
         if entry.get("shard") not in files:
             raise CodecError(f"{mpath}: tensor '{name}' names shard {entry.get('shard')!r}, which is not listed")
     cfg = path / "config.json"
-    config = json.loads(cfg.read_text()) if cfg.exists() else {}
+    config = read_json(cfg) if cfg.exists() else {}
     return TritCheckpoint(path, manifest, config, files)
 
 

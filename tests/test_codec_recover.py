@@ -1,5 +1,4 @@
 """--recover: codes recovered from synthesized Entrit-style FP16/BF16 checkpoints reproduce them bit-exactly."""
-import json
 
 import numpy as np
 import pytest

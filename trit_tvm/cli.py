@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from codec.cli import run_cli
-from codec.errors import CodecError
+from codec.errors import CodecError, read_json
 from codec.quantize import DEPTHS, MODES
 
 log = logging.getLogger("trit")
@@ -162,10 +162,7 @@ def _model_config(args: argparse.Namespace):
     if not path.exists():
         raise CodecError(f"{path}: no such config (give a checkpoint dir, a config.json or one of "
                          f"{', '.join(QWEN25_CONFIGS)})")
-    try:
-        return Qwen2Config.from_hf(json.loads(path.read_text()), str(path)), args.depth
-    except ValueError as e:
-        raise CodecError(f"{path}: invalid JSON ({e})") from None
+    return Qwen2Config.from_hf(read_json(path), str(path)), args.depth
 
 
 def _tune(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ import tvm
 from codec.checkpoint import MANIFEST as TRIT_MANIFEST
 from codec.checkpoint import FORMAT_VERSION, TritCheckpoint, atomic_output_dir, copy_side_files, \
     load_trit_checkpoint, write_trit_checkpoint
+from codec.errors import read_json
 from codec.safetensors_io import ShardWriter, from_float, to_float32
 
 from schedules import layout_rows_for_target
@@ -118,7 +119,7 @@ def open_model(model_dir: Path, workdir: Path, depth: int, mode: str, stage: Sta
     if not (model_dir / "config.json").exists():
         raise CompileError(f"{model_dir}: neither a trit checkpoint ({TRIT_MANIFEST}) nor a Hugging Face "
                            "checkpoint (config.json)")
-    Qwen2Config.from_hf(json.loads((model_dir / "config.json").read_text()), str(model_dir / "config.json"))
+    Qwen2Config.from_hf(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
     stage(f"quantizing {model_dir} at depth {depth} ({mode})")
     write_trit_checkpoint(model_dir, workdir / "trit", depth=depth, mode=mode)
     return load_trit_checkpoint(workdir / "trit")

@@ -1,7 +1,6 @@
 """Load a compiled artifact and generate: embed → prefill (in chunks) → decode loop, with sampling."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import tvm
 from tvm import relax
 from tvm.runtime import ShapeTuple
 
+from codec.errors import read_json
 from codec.safetensors_io import SafetensorsFile
 
 from .compile import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, LIBRARY, PARAMS
@@ -26,10 +26,7 @@ def read_artifact_manifest(artifact: Path) -> dict:
     path = Path(artifact) / ARTIFACT_MANIFEST
     if not path.exists():
         raise CompileError(f"{artifact}: not a trit artifact (no {ARTIFACT_MANIFEST}; build one with trit-compile)")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise CompileError(f"{path}: invalid JSON ({e})") from None
+    manifest = read_json(path)
     if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("format_version") != ARTIFACT_VERSION:
         raise CompileError(f"{path}: unsupported artifact format {manifest.get('format')!r} "
                            f"v{manifest.get('format_version')!r} (this tool reads {ARTIFACT_FORMAT} v{ARTIFACT_VERSION})")
