@@ -16,8 +16,8 @@ from tvm.s_tir import meta_schedule as ms
 
 from benchmarks.common import machine
 from schedules import TritGEMVCPU
-from trit_tvm.cli import _model_config
-from trit_tvm.compile import export_model
+from trit_tvm.cli import resolve_model_config
+from trit_tvm.compile import LINEAR_NAMES, export_model
 from trit_tvm.targets import parse_target
 from trit_tvm.tuning import DEFAULT_LOGS, decode_gemv_kernels, fused_module, logs_dir
 
@@ -44,9 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     args.model = None
     target = parse_target(args.target)
-    cfg, depth = _model_config(args)
-    layers = [{n: depth for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}]
-    mod, _, _, _ = export_model(cfg, layers * cfg.num_hidden_layers, target)
+    cfg, depth = resolve_model_config(args)
+    mod, _, _, _ = export_model(cfg, [dict.fromkeys(LINEAR_NAMES, depth)] * cfg.num_hidden_layers, target)
     kernels = decode_gemv_kernels(fused_module(mod))
     work_dir = logs_dir(args.tuning_logs, target)
     db = ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=False)

@@ -153,7 +153,8 @@ def tune_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_config(args: argparse.Namespace):
+def resolve_model_config(args: argparse.Namespace):
+    """(Qwen2Config, depth) from --config (a Qwen2.5 size or config.json) or MODEL/config.json."""
     from .model import Qwen2Config
     from .shapes import QWEN25_CONFIGS, hf_config
     if args.config in QWEN25_CONFIGS:
@@ -166,14 +167,13 @@ def _model_config(args: argparse.Namespace):
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .compile import export_model
+    from .compile import LINEAR_NAMES, export_model
     from .targets import parse_target
     from .tuning import DEFAULT_LOGS, decode_gemv_kernels, fused_module, logs_dir, make_runner, tune_kernels
 
     target = parse_target(args.target)
-    cfg, depth = _model_config(args)
-    layers = [{name: depth for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                         "down_proj")}] * cfg.num_hidden_layers
+    cfg, depth = resolve_model_config(args)
+    layers = [dict.fromkeys(LINEAR_NAMES, depth)] * cfg.num_hidden_layers
     mod, _, _, _ = export_model(cfg, layers, target)
     kernels = decode_gemv_kernels(fused_module(mod))
     out = logs_dir(args.tuning_logs or DEFAULT_LOGS, target)

@@ -7,7 +7,6 @@ records (relax MetaScheduleApplyDatabase) before the hand rules, which schedule 
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import tvm
@@ -21,7 +20,6 @@ from .errors import CompileError
 from .pipeline import fusion_passes
 from .targets import target_key
 
-log = logging.getLogger("trit")
 DEFAULT_LOGS = Path(__file__).resolve().parent.parent / "tuning_logs"
 
 
