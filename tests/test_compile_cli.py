@@ -161,3 +161,10 @@ def test_compile_help_exit_code():
     r = subprocess.run([sys.executable, "-c", "from trit_tvm.cli import compile_main; compile_main(['--help'])"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "--target" in r.stdout
+
+
+def test_hf_checkpoint_is_quantized_on_the_fly(tiny_hf, tmp_path):
+    out = tmp_path / "art"
+    assert compile_main([str(tiny_hf), "--depth", "2", "-o", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["depth"] == 2 and m["codec_mode"] == "mse" and (out / "tokenizer.json").exists()
