@@ -21,6 +21,7 @@ from .pipeline import fusion_passes
 from .targets import target_key
 
 DEFAULT_LOGS = Path(__file__).resolve().parent.parent / "tuning_logs"
+BUILD_TIMEOUT_S = 300
 
 
 def logs_dir(root: Path, target: tvm.target.Target) -> Path:
@@ -42,7 +43,7 @@ def _space(sch: tvm.s_tir.Schedule) -> tvm.s_tir.Schedule:
     return TritGEMVCPU().schedule(sch, tunable=True)
 
 
-def make_runner(rpc_tracker: str | None, rpc_key: str | None, timeout_s: int = 30):
+def make_runner(rpc_tracker: str | None, rpc_key: str | None, timeout_s: int = 60):
     """Local measurement, or TVM's RPC runner spreading trials over a tracker's servers."""
     if not rpc_tracker:
         return ms.runner.LocalRunner(timeout_sec=timeout_s)
@@ -68,7 +69,9 @@ def tune_kernels(kernels: dict[str, tvm.tirx.PrimFunc], target: tvm.target.Targe
         mod, target, str(work_dir), max_trials_global=trials_per_kernel * len(kernels),
         max_trials_per_task=trials_per_kernel, num_trials_per_iter=min(trials_per_kernel, 16),
         space=ms.space_generator.ScheduleFn(_space, sch_rules=[], postprocs=[], mutator_probs={}),
-        runner=runner or "local", cost_model="random", strategy="replay-trace", seed=0)
+        # builds run in fresh worker processes that import TVM first: give them time on a busy 2-core box
+        builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S), runner=runner or make_runner(None, None),
+        cost_model="random", strategy="replay-trace", seed=0)
 
 
 def apply_records_pass(work_dir: Path | None, applied: list[str]) -> tvm.transform.Pass:
