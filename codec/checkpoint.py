@@ -265,12 +265,14 @@ def load_trit_checkpoint(path: str | os.PathLike, verify: bool = True) -> TritCh
     return TritCheckpoint(path, manifest, config, files)
 
 
-def write_dequantized_checkpoint(trit_dir: Path, out: Path, dtype: str | None = None, force: bool = False,
-                                 progress: Progress | None = None) -> None:
-    """Trit checkpoint -> Hugging Face safetensors checkpoint. dtype: float16|bfloat16|float32 or None (source)."""
+def write_dequantized_checkpoint(trit: Path | TritCheckpoint, out: Path, dtype: str | None = None,
+                                 force: bool = False, progress: Progress | None = None) -> None:
+    """Trit checkpoint (dir, or one already loaded and verified) -> Hugging Face safetensors checkpoint.
+
+    dtype: float16|bfloat16|float32 or None (each tensor's source dtype)."""
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise CodecError(f"unsupported --dtype {dtype!r} (choose from {', '.join(DTYPE_NAMES)})")
-    ckpt = load_trit_checkpoint(trit_dir)
+    ckpt = trit if isinstance(trit, TritCheckpoint) else load_trit_checkpoint(trit)
     target = DTYPE_NAMES.get(dtype) if dtype else None
     with atomic_output_dir(out, force) as tmp:
         shards = _ShardedOutput(tmp, "model", DEFAULT_SHARD_BYTES)

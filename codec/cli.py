@@ -107,7 +107,7 @@ def _dequantize(args: argparse.Namespace) -> int:
     total = sum(int(np.prod(e["shape"])) for sec in ("quantized", "kept") for e in ckpt.manifest[sec].values())
     bar, step = _element_bar(total, "dequantize")
     with bar:
-        write_dequantized_checkpoint(args.trit_dir, args.out, args.dtype, args.force, step)
+        write_dequantized_checkpoint(ckpt, args.out, args.dtype, args.force, step)  # checksums verified once
     log.info("wrote %s", args.out)
     return 0
 

@@ -23,7 +23,7 @@ import numpy as np
 import tvm
 
 from codec.checkpoint import MANIFEST as TRIT_MANIFEST
-from codec.checkpoint import FORMAT_VERSION, TritCheckpoint, atomic_output_dir, copy_side_files, \
+from codec.checkpoint import DTYPE_NAMES, FORMAT_VERSION, TritCheckpoint, atomic_output_dir, copy_side_files, \
     load_trit_checkpoint, write_trit_checkpoint
 from codec.errors import read_json
 from codec.safetensors_io import ShardWriter, from_float, to_float32
@@ -78,14 +78,13 @@ def _input_hash(ckpt: TritCheckpoint) -> str:
 
 
 EMBEDDING_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
-_DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def embed_dtype_for(ckpt: TritCheckpoint, target: tvm.target.Target) -> str:
     """16-bit embeddings stay 16-bit on CPUs (half the bytes the logits read per token); else model dtype."""
     stored = ckpt.manifest["kept"].get("model.embed_tokens.weight", {}).get("dtype")
     if target_device_kind(target) == "cpu" and stored in ("F16", "BF16"):
-        return {"F16": "float16", "BF16": "bfloat16"}[stored]
+        return next(name for name, st in DTYPE_NAMES.items() if st == stored)
     return model_dtype_for(target)
 
 
@@ -103,7 +102,7 @@ def _param_array(ckpt: TritCheckpoint, param: str, shape: tuple[int, ...], dtype
         if name not in ckpt.manifest["kept"]:
             raise CompileError(f"{ckpt.path}: tensor '{name}' is missing (needed by the {param} parameter)")
         stored, st_dtype = ckpt.kept(name)
-        st = _DTYPE_NAMES[embed_dtype if name in EMBEDDING_TENSORS else dtype]
+        st = DTYPE_NAMES[embed_dtype if name in EMBEDDING_TENSORS else dtype]
         arr = stored if st == st_dtype else from_float(to_float32(stored, st_dtype), st)
     if tuple(arr.shape) != tuple(shape):
         raise CompileError(f"{ckpt.path}: tensor '{name}' has shape {list(arr.shape)}, the model config needs "
