@@ -15,8 +15,7 @@ import tvm
 from tvm import te
 
 from benchmarks.common import machine, random_packed, streaming_read_gbps, tvm_seconds
-from schedules import layout_rows_for_target
-from trit_tvm.operator import WeightLayout, reference_decode_matmul, trit_decode_matmul_te, trit_op_attrs
+from trit_tvm.operator import WeightLayout, layout_for_target, reference_decode_matmul, trit_decode_matmul_func
 from trit_tvm.pipeline import schedule_pass
 from trit_tvm.targets import parse_target
 
@@ -32,22 +31,23 @@ def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
 
 
 def trit_kernel(n_in: int, n_out: int, depth: int, layout: WeightLayout, target):
-    x = te.placeholder((1, n_in), "float32", "x")
-    codes = te.placeholder(layout.code_shape(n_out, depth, -(-n_in // 5)), "uint8", "codes")
-    scales = te.placeholder(layout.code_shape(n_out, 3, -(-(n_in // 16) // 5)), "uint8", "scales")
-    codebook = te.placeholder((27,), "float32", "codebook")
-    y = trit_decode_matmul_te(x, codes, scales, codebook, n_out=n_out, layout=layout)
-    func = te.create_prim_func([x, codes, scales, codebook, y]).with_attr(
-        trit_op_attrs(n_out, n_in, depth, False, layout))
-    return build(func, target)
+    return build(trit_decode_matmul_func(n_out, n_in, depth, layout, rows=1), target)
+
+
+def dense_func(n_in: int, n_out: int, dtype: str = "float32") -> tvm.tirx.PrimFunc:
+    """y = x @ Wᵀ on dense weights, accumulated in float32 like the trit kernel."""
+    x = te.placeholder((1, n_in), dtype, "x")
+    w = te.placeholder((n_out, n_in), dtype, "w")
+    k = te.reduce_axis((0, n_in), "k")
+    y = te.compute((1, n_out), lambda i, n: te.sum(x[i, k].astype("float32") * w[n, k].astype("float32"), axis=k),
+                   name="dense")
+    if dtype != "float32":
+        y = te.compute((1, n_out), lambda i, n: y[i, n].astype(dtype), name="dense_out")
+    return te.create_prim_func([x, w, y])
 
 
 def dense_kernel(n_in: int, n_out: int, target):
-    x = te.placeholder((1, n_in), "float32", "x")
-    w = te.placeholder((n_out, n_in), "float32", "w")
-    k = te.reduce_axis((0, n_in), "k")
-    y = te.compute((1, n_out), lambda i, n: te.sum(x[i, k] * w[n, k], axis=k), name="dense")
-    return build(te.create_prim_func([x, w, y]), target)
+    return build(dense_func(n_in, n_out), target)
 
 
 def torch_seconds(n_in: int, n_out: int) -> float:
@@ -66,7 +66,7 @@ def main() -> None:
     target = parse_target(args.target)
     on_gpu = target.kind.name == "cuda"
     dev = tvm.cuda(0) if on_gpu else tvm.cpu(0)
-    layout = WeightLayout(layout_rows_for_target(target))
+    layout = layout_for_target(target)
     stream = None if on_gpu else streaming_read_gbps()
     rows = []
     for n_in, n_out, name in SHAPES_3B:

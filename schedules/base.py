@@ -7,6 +7,8 @@ TRIT_OP_ATTR = "trit.op"  # set by trit_tvm.operator.trit_op_attrs
 LAYOUT_ROWS_ATTR = "trit.layout_rows"
 KERNEL_ATTR = "trit.kernel"  # other kernels the model emits with a rule of their own
 LOGITS_KERNEL = "logits_nt"  # rows interleaved in the weight layout (0: checkpoint planes)
+DECODE_SIMD16 = "simd16"  # CPUs: digits by multiply-and-shift in 16-bit SIMD lanes
+DECODE_INT32 = "int32"  # GPUs: the same multiply-and-shift digits in 32-bit integers
 BLOCK_NAMES = ("trit_decode", "trit_xsum", "trit_group_dot", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail",
                "trit_out")
 

@@ -1,46 +1,138 @@
-"""CUDA rules for trit_decode_matmul on the row-interleaved weight layout."""
+"""CUDA rules for trit_decode_matmul on the row-interleaved weight layout.
+
+In that layout byte b of 32 consecutive rows is 32 consecutive bytes, so a warp whose 32 lanes are 32
+rows reads each packed byte position with one coalesced 32-byte transaction. Both rules decode each
+byte once for its 5 digit positions in registers (positions unrolled, so the digit arithmetic is
+constant multiplies and shifts) and multiply each group's dot product by its step once.
+"""
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .base import is_trit_decode_matmul, layout_rows, trit_blocks
+from .base import is_trit_decode_matmul, layout_rows, row_count, trit_blocks
+
+WARP = 32
+
+
+def _applies(func, target: Target) -> bool:
+    return target.kind.name == "cuda" and is_trit_decode_matmul(func) and layout_rows(func) > 0
+
+
+def _split_loops(sch: s_tir.Schedule, block):
+    pairs = list(zip(sch.get_loops(block), sch.get(block).iter_vars))
+    return ([lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.DataPar],
+            [lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.CommReduce])
+
+
+def _group_dots_at(sch: s_tir.Schedule, b: dict, block_loop) -> None:
+    """Per 80-weight block: the 5 group dot products (and group sums of x) in registers, each packed
+    byte loaded once and decoded for its 5 positions (position loop innermost, unrolled)."""
+    for name, pos_at in (("trit_xsum", -2), ("trit_group_dot", -3)):  # group_dot: (..., pos, row, j)
+        sch.compute_at(b[name], block_loop, preserve_unit_loops=True)
+        sch.set_scope(b[name], 0, "local")
+        loops = sch.get_loops(b[name])
+        pos, j = loops[pos_at], loops[-1]
+        sch.reorder(j, pos)
+        sch.unroll(pos)
+        sch.unroll(j)
+
+
+def _tail_and_output_at(sch: s_tir.Schedule, b: dict, anchor, first) -> None:
+    """The K-tail and the epilogue per thread, after `first` (the accumulation that owns the loops)."""
+    for name in ("trit_matmul_tail", "trit_out"):
+        if name in b and b[name] != first:
+            sch.reverse_compute_at(b[name], anchor, preserve_unit_loops=True)
+    if "trit_matmul_tail" in b:
+        sch.unroll(sch.get_loops(b["trit_matmul_tail"])[-1])  # < 80 weights: constant digit positions
+    for name in ("trit_matmul", "trit_matmul_tail"):
+        if name in b:
+            sch.set_scope(b[name], 0, "local")
 
 
 class TritGEMVCuda(ScheduleRule):
-    """One thread per output element: a warp's 32 threads are 32 consecutive rows, so each of their
-    byte loads is one coalesced 32-byte transaction; group dot products and steps stay in registers.
+    """Decode (one row of x), split-K: a thread block is 32 rows (one warp wide) by `k_split` warps,
+    each warp taking every k_split-th 80-weight block; the partial sums meet in a shared-memory
+    reduction. More warps per row tile keep more loads in flight when `out` is small (2048 rows are
+    only 64 tiles for 132 SMs)."""
 
-    Correct for any row count (decode and prefill); the baseline a split-K rule is measured against.
-    """
+    def __init__(self, max_k_split: int = 16):
+        self.max_k_split = max_k_split
 
-    threads = 128
+    def k_split(self, n_blocks: int) -> int:
+        """Warps per row tile: a power of two with at least two 80-weight blocks per warp."""
+        ks = 1
+        while ks * 2 <= self.max_k_split and ks * 4 <= n_blocks:
+            ks *= 2
+        return ks
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if target.kind.name != "cuda" or not is_trit_decode_matmul(func) or layout_rows(func) == 0:
+        if not _applies(func, target) or row_count(func) != 1:
             return None
         sch = s_tir.Schedule(func)
         b = trit_blocks(sch)
+        if "trit_matmul" not in b:  # K < 80: only a tail, nothing to split
+            return None
         for name in ("trit_decode", "trit_step", "trit_decode_tail"):
             if name in b:
                 sch.compute_inline(b[name])
+        spatial, (kb, kp) = _split_loops(sch, b["trit_matmul"])
+        n_blocks = int(sch.get(kb).extent)
+        bx, tx = sch.split(sch.fuse(*spatial), factors=[None, WARP])
+        # interleaved: warp w takes blocks w, w + ks, ... so the warps of a tile read neighbouring bytes
+        kr, ty = sch.split(kb, factors=[None, self.k_split(n_blocks)])
+        sch.reorder(ty, kr)
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        sch.bind(ty, "threadIdx.y")
+        _group_dots_at(sch, b, kr)
+        sch.unroll(kp)
+        _tail_and_output_at(sch, b, tx, b["trit_matmul"])
+        return sch
+
+
+class TritGEMMCuda(ScheduleRule):
+    """Prefill (many rows of x): one thread per output column and `rows_per_thread` rows of x, so each
+    80-weight block is decoded once into registers and used for all of those rows. Correct for any
+    row count: also the fallback for decode kernels the split-K rule leaves (K < 80)."""
+
+    threads = 128
+    rows_per_thread = 8
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not _applies(func, target):
+            return None
+        # int32 indices: with int64 ones (Relax's seq_len) buffer compaction cannot bound the register
+        # tiles of a row block that the symbolic row count may cut short, and CUDA needs them constant
+        func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
+        sch = s_tir.Schedule(func)
+        b = trit_blocks(sch)
+        for name in ("trit_step", "trit_decode_tail"):
+            if name in b:
+                sch.compute_inline(b[name])
         first = b.get("trit_matmul", b.get("trit_matmul_tail"))
-        loops = sch.get_loops(first)
-        iters = sch.get(first).iter_vars
-        spatial = [lp for lp, iv in zip(loops, iters) if iv.iter_type == tirx.IterVar.DataPar]
-        reduce = [lp for lp, iv in zip(loops, iters) if iv.iter_type == tirx.IterVar.CommReduce]
-        bx, tx = sch.split(sch.fuse(*spatial), factors=[None, self.threads])
+        spatial, reduce = _split_loops(sch, first)
+        *batch, m, n = spatial
+        if batch:  # kept apart from m: a fused (batch, seq) index would leave the register tiles' size symbolic
+            sch.bind(sch.fuse(*batch) if len(batch) > 1 else batch[0], "blockIdx.z")
+        by, mi = sch.split(m, factors=[None, self.rows_per_thread])
+        bx, tx = sch.split(n, factors=[None, self.threads])
+        sch.reorder(by, bx, tx, *reduce, mi)
+        sch.bind(by, "blockIdx.y")
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
         if "trit_matmul" in b:
+            kb, kp = reduce
             for name in ("trit_xsum", "trit_group_dot"):
-                sch.compute_at(b[name], reduce[-1], preserve_unit_loops=True)
+                sch.compute_at(b[name], kp, preserve_unit_loops=True)
                 sch.set_scope(b[name], 0, "local")
-        for name in ("trit_matmul_tail", "trit_out"):
-            if name in b and b[name] != first:
-                sch.reverse_compute_at(b[name], tx, preserve_unit_loops=True)
-        for name in ("trit_matmul", "trit_matmul_tail"):
-            if name in b:
-                sch.set_scope(b[name], 0, "local")
+                sch.unroll(sch.get_loops(b[name])[-1])
+            sch.compute_at(b["trit_decode"], kb, preserve_unit_loops=True)  # 80 weights, once per block
+            sch.set_scope(b["trit_decode"], 0, "local")
+            for loop in sch.get_loops(b["trit_decode"])[-2:]:
+                sch.unroll(loop)
+            sch.unroll(kp)
+        _tail_and_output_at(sch, b, tx, first)
         return sch

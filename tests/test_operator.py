@@ -5,27 +5,19 @@ import re
 import numpy as np
 import pytest
 import tvm
-from tvm import te
 
 from codec import pack_matrix, quantize_matrix
-from schedules import TritGEMMCPU, TritGEMVCPU, TritGEMVCuda
-from trit_tvm.operator import PLANES, WeightLayout, reference_decode_matmul, trit_decode_matmul_te, trit_op_attrs
+from schedules import TritGEMMCPU, TritGEMMCuda, TritGEMVCPU, TritGEMVCuda
+from trit_tvm.operator import DECODE_INT32, PLANES, WeightLayout, reference_decode_matmul, trit_decode_matmul_func
 
 ROWS32 = WeightLayout(32)
+CUDA_LAYOUT = WeightLayout(32, DECODE_INT32)
 LLVM = tvm.target.Target({"kind": "llvm"})
 SHAPES = [(37, 16 * 5), (131, 16 * 21), (7, 16), (64, 16 * 7)]  # N prime or small; K = 16·odd; tails
 
 
 def _prim_func(n_out, n_in, depth, bias, layout, rows=None, dtype="float32"):
-    x = te.placeholder((rows if rows else te.var("m"), n_in), dtype, "x")
-    codes = te.placeholder(layout.code_shape(n_out, depth, -(-n_in // 5)), "uint8", "codes")
-    scales = te.placeholder(layout.code_shape(n_out, 3, -(-(n_in // 16) // 5)), "uint8", "scales")
-    codebook = te.placeholder((27,), "float32", "codebook")
-    args = [x, codes, scales, codebook]
-    if bias:
-        args.append(te.placeholder((n_out,), dtype, "bias"))
-    y = trit_decode_matmul_te(*args, n_out=n_out, layout=layout)
-    return te.create_prim_func(args + [y]).with_attr(trit_op_attrs(n_out, n_in, depth, bias, layout))
+    return trit_decode_matmul_func(n_out, n_in, depth, layout, rows=rows, bias=bias, dtype=dtype)
 
 
 def _inputs(n_out, n_in, depth, rows, bias, seed):
@@ -55,6 +47,15 @@ def test_unscheduled_checkpoint_layout_matches_reference(depth, n_out, n_in, bia
     lib = tvm.compile(_prim_func(n_out, n_in, depth, bias, PLANES), target=LLVM)
     for rows in (1, 7):
         _check(lib, tvm.cpu(), PLANES, n_out, n_in, depth, rows, bias)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_out,n_in", SHAPES)
+def test_gpu_int32_decode_matches_reference(depth, n_out, n_in):
+    """The GPUs' 32-bit decode (masked products, float by bit pattern), unscheduled on the CPU: same numbers."""
+    lib = tvm.compile(_prim_func(n_out, n_in, depth, True, CUDA_LAYOUT), target=LLVM)
+    for rows in (1, 7):
+        _check(lib, tvm.cpu(), CUDA_LAYOUT, n_out, n_in, depth, rows, True)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
@@ -99,12 +100,37 @@ def test_no_decoded_weight_matrix_is_materialized(rule, rows):
     assert all(n < 2048 * 2048 // 16 for n, _ in allocs)
 
 
-def test_cuda_kernel_builds_without_a_gpu():
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
-    for rows in (1, None):
-        sch = TritGEMVCuda().apply(_prim_func(131, 336, 3, True, ROWS32, rows=rows, dtype="float16"), target, False)
-        lib = tvm.compile(sch.mod["main"], target=target)
-        assert "__global__" in lib.mod.imports[0].inspect_source()
+CUDA_SHAPES = [(131, 336), (37, 80), (7, 16), (2048, 2048)]  # tails, K = one block, K < one block, 3B o_proj
+
+
+def _cuda_kernels(target, depth, dtype="float32"):
+    """(rule, rows, n_out, n_in, scheduled PrimFunc): split-K GEMV for decode, the GEMM rule for any rows."""
+    for n_out, n_in in CUDA_SHAPES:
+        for rule, rows in ((TritGEMVCuda(), 1), (TritGEMMCuda(), None), (TritGEMMCuda(), 1)):
+            sch = rule.apply(_prim_func(n_out, n_in, depth, n_out % 2 == 1, CUDA_LAYOUT, rows=rows, dtype=dtype), target, False)
+            if sch is None:
+                assert isinstance(rule, TritGEMVCuda) and n_in < 80  # no full block to split: the GEMM rule takes it
+                continue
+            yield rule, rows, n_out, n_in, sch.mod["main"]
+
+
+def test_cuda_kernels_build_without_a_gpu():
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    built = 0
+    for *_, func in _cuda_kernels(target, 3, "float16"):
+        src = tvm.compile(func, target=target).mod.imports[0].inspect_source()
+        assert "__global__" in src
+        built += 1
+    assert built == 11
+
+
+def test_cuda_gemv_splits_k_across_warps():
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    sch = TritGEMVCuda().apply(_prim_func(2048, 11008, 3, False, CUDA_LAYOUT, rows=1), target, False)
+    src = tvm.compile(sch.mod["main"], target=target).mod.imports[0].inspect_source()
+    assert "threadIdx.y" in src and "__shared__" in src  # warps of a row tile meet in shared memory
+    assert TritGEMVCuda().k_split(11008 // 80) == 16 and TritGEMVCuda().k_split(25) == 8
+    assert TritGEMVCuda().apply(_prim_func(64, 96, 3, False, CUDA_LAYOUT), target, False) is None  # prefill: GEMM rule
 
 
 @pytest.mark.gpu
@@ -113,10 +139,10 @@ def test_cuda_matches_numpy_reference():
         pytest.skip("no CUDA GPU")
     target = tvm.target.Target.from_device(tvm.cuda(0))
     for depth in (2, 3):
-        for rows in (1, 7):
-            sch = TritGEMVCuda().apply(_prim_func(131, 336, depth, True, ROWS32, rows=rows), target, False)
-            lib = tvm.compile(sch.mod["main"], target=target)
-            _check(lib, tvm.cuda(0), ROWS32, 131, 336, depth, rows, True, atol_scale=1e-4)
+        for _rule, rows, n_out, n_in, func in _cuda_kernels(target, depth):
+            lib = tvm.compile(func, target=target)
+            for r in ((1, 7) if rows is None else (rows,)):
+                _check(lib, tvm.cuda(0), CUDA_LAYOUT, n_out, n_in, depth, r, n_out % 2 == 1, atol_scale=1e-4)
 
 
 @pytest.mark.parametrize("n_out", [32, 37, 96])

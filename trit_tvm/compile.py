@@ -28,20 +28,16 @@ from codec.checkpoint import DTYPE_NAMES, FORMAT_VERSION, TritCheckpoint, atomic
 from codec.errors import read_json
 from codec.safetensors_io import ShardWriter, from_float, to_float32
 
-from schedules import layout_rows_for_target
-
+from .artifact import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, LIBRARY, PARAMS
 from .errors import CompileError
 from .model import Qwen2Config, TritQwen2ForCausalLM, checkpoint_tensor_name
-from .operator import WeightLayout
+from .operator import WeightLayout, layout_for_target
 from .pipeline import trit_pipeline
 from .targets import target_arch, target_device_kind, target_to_json
 from .tuning import DEFAULT_LOGS, apply_records_pass, logs_dir
 
 log = logging.getLogger("trit")
 
-ARTIFACT_FORMAT = "trit-artifact"
-ARTIFACT_VERSION = 1
-LIBRARY, PARAMS, ARTIFACT_MANIFEST = "model.so", "params.safetensors", "manifest.json"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LINEAR_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                   "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -128,40 +124,60 @@ def export_model(cfg: Qwen2Config, layer_depths: list[dict[str, int]], target: t
                  embed_dtype: str | None = None):
     """The Relax module of the model for `target` -> (module, named params, weight layout, model dtype)."""
     dtype = model_dtype_for(target)
-    layout = WeightLayout(layout_rows_for_target(target))
+    layout = layout_for_target(target)
     model = TritQwen2ForCausalLM(cfg, layer_depths, dtype, target, layout, embed_dtype)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     return mod, named_params, layout, dtype
 
 
+def build_library(cfg: Qwen2Config, layer_depths: list[dict[str, int]], target: tvm.target.Target,
+                  embed_dtype: str | None = None, tuning_logs: Path | None = DEFAULT_LOGS,
+                  stage: Stage = log.info) -> dict:
+    """Relax import + compile for `target`: {exe, named_params, layout, dtype, tuned, n_trit, compile_s}.
+    Tuning records under tuning_logs/<target key>/ schedule the kernels they match; hand rules do the rest."""
+    mod, named_params, layout, dtype = export_model(cfg, layer_depths, target, embed_dtype)
+    stage(f"imported Qwen2 ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) into Relax, {dtype}, "
+          f"weights as {layout.name}")
+    n_trit = sum(1 for gv, f in mod.functions.items()
+                 if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "trit.op" in f.attrs)
+    records = logs_dir(tuning_logs, target) if tuning_logs is not None else None
+    tuned: list[str] = []
+    stage(f"compiling for {target.kind.name} ({n_trit} trit_decode_matmul kernels"
+          + (f"; tuning records from {records}" if records is not None and records.exists() else "") + ")")
+    t0 = time.perf_counter()
+    with target:
+        exe = tvm.compile(mod, target, relax_pipeline=trit_pipeline(target, apply_records_pass(records, tuned)))
+    return {"exe": exe, "named_params": named_params, "layout": layout, "dtype": dtype, "tuned": tuned,
+            "n_trit": n_trit, "compile_s": time.perf_counter() - t0}
+
+
+def export_library(exe, target: tvm.target.Target, path: Path) -> None:
+    """model.so for the target's host: cross-compiled with aarch64-linux-gnu-g++ for aarch64."""
+    fcompile = None
+    if target_arch(target) == "aarch64":
+        from tvm.support import cc
+        fcompile = cc.cross_compiler("aarch64-linux-gnu-g++")
+    exe.export_library(str(path), fcompile=fcompile)
+
+
+def _target_fields(target: tvm.target.Target) -> dict:
+    return {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION,
+            "target": target_to_json(target), "target_kind": target.kind.name,
+            "device": target_device_kind(target), "arch": target_arch(target)}
+
+
 def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, depth: int = 3, mode: str = "mse",
                   force: bool = False, stage: Stage = log.info, tuning_logs: Path | None = DEFAULT_LOGS) -> dict:
-    """Build the artifact dir for `target`; returns its manifest. Tuning records under
-    tuning_logs/<target key>/ schedule the kernels they match; hand rules do the rest."""
+    """Build the artifact dir for `target`; returns its manifest."""
     with tempfile.TemporaryDirectory(prefix="trit-compile-") as work:
         ckpt = open_model(model_dir, Path(work), depth, mode, stage)
         cfg = Qwen2Config.from_hf(ckpt.config, str(ckpt.path / "config.json"))
         embed_dtype = embed_dtype_for(ckpt, target)
-        mod, named_params, layout, dtype = export_model(cfg, _layer_depths(ckpt, cfg), target, embed_dtype)
-        stage(f"imported Qwen2 ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) into Relax, {dtype}, "
-              f"weights as {layout.name}")
-        n_trit = sum(1 for gv, f in mod.functions.items()
-                     if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "trit.op" in f.attrs)
-        records = logs_dir(tuning_logs, target) if tuning_logs is not None else None
-        tuned: list[str] = []
-        stage(f"compiling for {target.kind.name} ({n_trit} trit_decode_matmul kernels"
-              + (f"; tuning records from {records}" if records is not None and records.exists() else "") + ")")
-        t0 = time.perf_counter()
-        with target:
-            exe = tvm.compile(mod, target, relax_pipeline=trit_pipeline(target, apply_records_pass(records, tuned)))
-        compile_s = time.perf_counter() - t0
+        built = build_library(cfg, _layer_depths(ckpt, cfg), target, embed_dtype, tuning_logs, stage)
+        named_params, layout, dtype = built["named_params"], built["layout"], built["dtype"]
         with atomic_output_dir(out_dir, force) as tmp:
             stage("exporting library and parameters")
-            fcompile = None
-            if target_arch(target) == "aarch64":
-                from tvm.support import cc
-                fcompile = cc.cross_compiler("aarch64-linux-gnu-g++")
-            exe.export_library(str(tmp / LIBRARY), fcompile=fcompile)
+            export_library(built["exe"], target, tmp / LIBRARY)
             writer = ShardWriter(tmp / PARAMS)
             resident = {"trit": 0, "kept": 0}
             for param, p in named_params:
@@ -171,16 +187,38 @@ def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, dep
             writer.close()
             copy_side_files(ckpt.path, tmp)
             manifest = {
-                "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION,
-                "target": target_to_json(target), "target_kind": target.kind.name,
-                "device": target_device_kind(target), "arch": target_arch(target),
-                "model_dtype": dtype, "embedding_dtype": embed_dtype, "weight_layout": layout.name, "trit_format_version": FORMAT_VERSION,
+                **_target_fields(target),
+                "model_dtype": dtype, "embedding_dtype": embed_dtype, "weight_layout": layout.name,
+                "trit_format_version": FORMAT_VERSION,
                 "codec_mode": ckpt.manifest["codec_mode"], "depth": ckpt.manifest["depth"],
                 "config": asdict(cfg), "input_hash": _input_hash(ckpt),
                 "params": [n for n, _ in named_params],
                 "resident_trit_bytes": resident["trit"], "resident_kept_bytes": resident["kept"],
                 "packed_checkpoint_bytes": ckpt.packed_bytes(),
-                "trit_kernels": n_trit, "tuned_kernels": tuned, "compile_seconds": round(compile_s, 2),
+                "trit_kernels": built["n_trit"], "tuned_kernels": built["tuned"],
+                "compile_seconds": round(built["compile_s"], 2),
             }
             (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def compile_shape_only(cfg: Qwen2Config, depth: int, target: tvm.target.Target, out_dir: Path,
+                       force: bool = False, stage: Stage = log.info) -> dict:
+    """An artifact without weights, for benchmarks at real model sizes: the library and a manifest whose
+    `param_shapes` say what to fill (TritModel(..., params=...)). depth 0: dense linears in the model
+    dtype (the same pipeline's dense baseline)."""
+    depths = [dict.fromkeys(LINEAR_NAMES, depth) for _ in range(cfg.num_hidden_layers)]
+    built = build_library(cfg, depths, target, tuning_logs=DEFAULT_LOGS, stage=stage)
+    with atomic_output_dir(out_dir, force) as tmp:
+        export_library(built["exe"], target, tmp / LIBRARY)
+        manifest = {
+            **_target_fields(target), "model_dtype": built["dtype"], "embedding_dtype": built["dtype"],
+            "weight_layout": built["layout"].name, "depth": depth, "config": asdict(cfg),
+            "params": [n for n, _ in built["named_params"]],
+            "param_shapes": [[int(s) for s in p.shape] for _, p in built["named_params"]],
+            "param_dtypes": [str(p.dtype) for _, p in built["named_params"]],
+            "trit_kernels": built["n_trit"], "tuned_kernels": built["tuned"],
+            "compile_seconds": round(built["compile_s"], 2),
+        }
+        (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest

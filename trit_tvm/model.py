@@ -85,14 +85,23 @@ class TritLinear(nn.Module):
                                                      self.bias is not None, self.layout))
 
 
+def make_linear(in_features: int, out_features: int, depth: int, bias: bool, dtype: str,
+                layout: WeightLayout) -> nn.Module:
+    """A TritLinear, or at depth 0 a dense nn.Linear in the model dtype (the dense baseline benchmarks
+    build with the same pipeline)."""
+    if depth == 0:
+        return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    return TritLinear(in_features, out_features, depth, bias, dtype, layout)
+
+
 class Qwen2Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str, layout: WeightLayout):
         h, d = cfg.hidden_size, cfg.head_dim
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.q_proj = TritLinear(h, self.hq * d, depths["q_proj"], True, dtype, layout)
-        self.k_proj = TritLinear(h, self.hkv * d, depths["k_proj"], True, dtype, layout)
-        self.v_proj = TritLinear(h, self.hkv * d, depths["v_proj"], True, dtype, layout)
-        self.o_proj = TritLinear(self.hq * d, h, depths["o_proj"], False, dtype, layout)
+        self.q_proj = make_linear(h, self.hq * d, depths["q_proj"], True, dtype, layout)
+        self.k_proj = make_linear(h, self.hkv * d, depths["k_proj"], True, dtype, layout)
+        self.v_proj = make_linear(h, self.hkv * d, depths["v_proj"], True, dtype, layout)
+        self.o_proj = make_linear(self.hq * d, h, depths["o_proj"], False, dtype, layout)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
@@ -105,9 +114,9 @@ class Qwen2Attention(nn.Module):
 class Qwen2MLP(nn.Module):
     def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str, layout: WeightLayout):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = TritLinear(h, i, depths["gate_proj"], False, dtype, layout)
-        self.up_proj = TritLinear(h, i, depths["up_proj"], False, dtype, layout)
-        self.down_proj = TritLinear(i, h, depths["down_proj"], False, dtype, layout)
+        self.gate_proj = make_linear(h, i, depths["gate_proj"], False, dtype, layout)
+        self.up_proj = make_linear(h, i, depths["up_proj"], False, dtype, layout)
+        self.down_proj = make_linear(i, h, depths["down_proj"], False, dtype, layout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -24,7 +24,8 @@ from tvm import te, tirx
 from codec.format import BLOCK, SCALE_DIGITS, unpack_matrix
 from codec.quantize import GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE
-from schedules.base import LAYOUT_ROWS_ATTR, TRIT_OP_ATTR
+from schedules import decode_for_target, layout_rows_for_target
+from schedules.base import DECODE_SIMD16, DECODE_INT32, LAYOUT_ROWS_ATTR, TRIT_OP_ATTR
 
 TRIT_OP_NAME = "decode_matmul"
 OP_PATTERN_OPAQUE = 8  # relax FuseOps leaves the call alone: it stays one kernel with its attributes
@@ -54,6 +55,35 @@ def _digit(byte: tirx.PrimExpr, pos) -> tirx.PrimExpr:
     return digit.astype("uint16")
 
 
+def _small_int_to_float(u: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float(u) for 0 ≤ u < 2^23 as an OR and a subtract (2^23 + u is exact): cheaper than the GPU's
+    integer-to-float conversion, which runs at a quarter of the FMA rate."""
+    bits = tirx.bitwise_or(u.astype("uint32"), tirx.const(0x4B000000, "uint32"))
+    return tirx.reinterpret("float32", bits) - tirx.const(8388608.0, "float32")
+
+
+def _digit32(byte: tirx.PrimExpr, pos) -> tirx.PrimExpr:
+    """_digit in 32-bit integers, with explicit masks instead of 16-bit wrap-around (GPUs: their integer
+    units are 32-bit, and TVM's CUDA code computes 16-bit products in C's int, which does not wrap)."""
+    t = tirx.shift_left(byte.astype("uint32"), tirx.const(8, "uint32"))
+    candidates = []
+    for p in range(TRITS_PER_BYTE):
+        if p:
+            t = tirx.bitwise_and(t * tirx.const(3, "uint32"), tirx.const(0xFFFF, "uint32"))
+        candidates.append(tirx.shift_right(t * tirx.const(3, "uint32"), tirx.const(16, "uint32")))
+    digit = candidates[-1]
+    for p in range(TRITS_PER_BYTE - 2, -1, -1):
+        digit = tirx.Select(pos == p, candidates[p], digit)
+    return digit
+
+
+def _base3_int32(planes, ndigits: int, byte, pos) -> tirx.PrimExpr:
+    total = _digit32(planes(0, byte), pos)
+    for j in range(1, ndigits):
+        total = total + _digit32(planes(j, byte), pos) * tirx.const(3 ** j, "uint32")
+    return total.astype("int32")
+
+
 def _base3(planes, ndigits: int, byte, pos) -> tirx.PrimExpr:
     """Σ_j digit_j · 3^j (< 81, kept in 16-bit lanes) of position `pos` in byte `byte` of the planes."""
     total = _digit(planes(0, byte), pos)
@@ -70,8 +100,11 @@ class WeightLayout:
     rows == R: R consecutive output rows interleaved innermost, codes [ceil(N/R), d, Kb, R] and scales
     [ceil(N/R), 3, Gb, R], so one SIMD load fetches the same byte of R rows (CPU kernels vectorize
     over rows). Same bytes as the checkpoint, only reordered (plus zero rows up to a multiple of R).
+    decode: the integer width kernels decode digits in (DECODE_SIMD16 on CPUs, DECODE_INT32 on GPUs);
+    the bytes in memory are the same either way.
     """
     rows: int = 0
+    decode: str = DECODE_SIMD16
 
     @property
     def name(self) -> str:
@@ -103,6 +136,11 @@ class WeightLayout:
 PLANES = WeightLayout(0)
 
 
+def layout_for_target(target) -> WeightLayout:
+    """The run-time layout and decode the target's schedule rules expect."""
+    return WeightLayout(layout_rows_for_target(target), decode_for_target(target))
+
+
 def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, codebook: te.Tensor,
                           bias: te.Tensor | None = None, *, n_out: int, layout: WeightLayout = PLANES,
                           out_dtype: str | None = None) -> te.Tensor:
@@ -118,12 +156,17 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     lead = list(x.shape[:-1])
     code_at, scale_at = layout.load(codes), layout.load(scales)
 
+    if layout.decode == DECODE_INT32:
+        base3, to_float = _base3_int32, _small_int_to_float
+    else:
+        base3, to_float = _base3, lambda v: v.astype("float32")
+
     def step_of(n, g):
-        idx = _base3(lambda i, b: scale_at(n, i, b), SCALE_DIGITS, g // TRITS_PER_BYTE, g % TRITS_PER_BYTE)
+        idx = base3(lambda i, b: scale_at(n, i, b), SCALE_DIGITS, g // TRITS_PER_BYTE, g % TRITS_PER_BYTE)
         return codebook[idx]
 
     def u(n, byte, pos):  # q + qmax, in [0, 3^d)
-        return _base3(lambda i, b: code_at(n, i, b), depth, byte, pos).astype("float32")
+        return to_float(base3(lambda i, b: code_at(n, i, b), depth, byte, pos))
 
     def x_at(i, k):
         return x[tuple(i[:-1]) + (k,)].astype("float32")
@@ -172,6 +215,20 @@ def trit_op_attrs(n_out: int, n_in: int, depth: int, has_bias: bool, layout: Wei
     """PrimFunc attributes: the tag schedule rules match, the static weight shape, layout, op pattern."""
     return {TRIT_OP_ATTR: TRIT_OP_NAME, "trit.n_out": n_out, "trit.n_in": n_in, "trit.depth": depth,
             "trit.bias": int(has_bias), LAYOUT_ROWS_ATTR: layout.rows, "op_pattern": OP_PATTERN_OPAQUE}
+
+
+def trit_decode_matmul_func(n_out: int, n_in: int, depth: int, layout: WeightLayout = PLANES, rows: int | None = None,
+                            bias: bool = False, dtype: str = "float32") -> tirx.PrimFunc:
+    """A standalone operator PrimFunc (x [rows, n_in], symbolic rows when None), tagged for the rules:
+    what tests and benchmarks build kernels from."""
+    x = te.placeholder((rows if rows else te.var("m"), n_in), dtype, "x")
+    codes = te.placeholder(layout.code_shape(n_out, depth, -(-n_in // TRITS_PER_BYTE)), "uint8", "codes")
+    scales = te.placeholder(layout.code_shape(n_out, SCALE_DIGITS, -(-(n_in // GROUP_SIZE) // TRITS_PER_BYTE)),
+                            "uint8", "scales")
+    codebook = te.placeholder((27,), "float32", "codebook")
+    args = [x, codes, scales, codebook] + ([te.placeholder((n_out,), dtype, "bias")] if bias else [])
+    y = trit_decode_matmul_te(*args, n_out=n_out, layout=layout)
+    return te.create_prim_func(args + [y]).with_attr(trit_op_attrs(n_out, n_in, depth, bias, layout))
 
 
 def reference_decode_matmul(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, codebook: np.ndarray,

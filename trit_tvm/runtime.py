@@ -8,13 +8,12 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import tvm
-from tvm import relax
 from tvm.runtime import ShapeTuple
+from tvm.runtime.vm import VirtualMachine
 
-from codec.errors import read_json
 from codec.safetensors_io import SafetensorsFile
 
-from .compile import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, LIBRARY, PARAMS
+from .artifact import LIBRARY, PARAMS, read_artifact_manifest
 from .errors import CompileError
 from .targets import host_arch
 
@@ -22,15 +21,17 @@ PAGE_SIZE = 16
 PREFILL_CHUNK = 256
 
 
-def read_artifact_manifest(artifact: Path) -> dict:
-    path = Path(artifact) / ARTIFACT_MANIFEST
-    if not path.exists():
-        raise CompileError(f"{artifact}: not a trit artifact (no {ARTIFACT_MANIFEST}; build one with trit-compile)")
-    manifest = read_json(path)
-    if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("format_version") != ARTIFACT_VERSION:
-        raise CompileError(f"{path}: unsupported artifact format {manifest.get('format')!r} "
-                           f"v{manifest.get('format_version')!r} (this tool reads {ARTIFACT_FORMAT} v{ARTIFACT_VERSION})")
-    return manifest
+def load_cuda_runtime() -> None:
+    """TVM's CUDA runtime library. `import tvm` loads it, except in a runtime-only install
+    (TVM_USE_RUNTIME_LIB=1, as on deployment machines), where device backends are skipped."""
+    if tvm.base._RUNTIME_ONLY and "tvm_runtime_cuda" not in tvm.base._LOADED_LIBS:
+        from tvm_ffi.libinfo import load_lib_ctypes
+        runtime_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        try:
+            tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+                package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
+        except (OSError, RuntimeError):
+            pass  # no CUDA here: the caller's device check says so
 
 
 def device_for(manifest: dict, artifact: Path) -> tvm.runtime.Device:
@@ -40,6 +41,7 @@ def device_for(manifest: dict, artifact: Path) -> tvm.runtime.Device:
         raise CompileError(f"{artifact}: built for {arch} ({manifest.get('target_kind')}), this machine is "
                            f"{host_arch()}; run it on such a device (trit-run --rpc) or rebuild with --target llvm")
     if manifest["device"] == "cuda":
+        load_cuda_runtime()
         dev = tvm.cuda(0)
         if not dev.exist:
             raise CompileError(f"{artifact}: built for CUDA, but no CUDA GPU is visible here; "
@@ -90,15 +92,18 @@ def _as_tvm_array(f: SafetensorsFile, name: str) -> np.ndarray:
 class TritModel:
     """A loaded artifact on its device (local, or remote when given an RPC session's device and module)."""
 
-    def __init__(self, artifact: str | Path, device: tvm.runtime.Device | None = None, lib=None):
+    def __init__(self, artifact: str | Path, device: tvm.runtime.Device | None = None, lib=None,
+                 params: list | None = None):
+        """params: tensors already on the device, in the manifest's order, instead of the artifact's
+        params.safetensors (benchmarks fill shape-only builds with random weights this way)."""
         self.path = Path(artifact)
         self.manifest = read_artifact_manifest(self.path)
         self.config = self.manifest["config"]
         self.device = device or device_for(self.manifest, self.path)
         if lib is None:
             lib = tvm.runtime.load_module(str(self.path / LIBRARY))
-        self.vm = relax.VirtualMachine(lib, self.device)
-        self.params = self._load_params()
+        self.vm = VirtualMachine(lib, self.device)
+        self.params = self._load_params() if params is None else params
         self._reshape = tvm.get_global_func("vm.builtin.reshape")
         self._add_seq = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
         self._begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
