@@ -52,19 +52,32 @@ def _tail_and_output_at(sch: s_tir.Schedule, b: dict, anchor, first) -> None:
             sch.set_scope(b[name], 0, "local")
 
 
+def _split_row_axis(sch: s_tir.Schedule, block, axis: int, rows: int) -> None:
+    """Index a per-thread buffer of a row tile by (row // rows, row % rows, ...): with a symbolic row
+    count, buffer compaction cannot bound a tile that the last rows may cut short (it would allocate
+    2^31 registers); split this way, the tile is `rows` long. The padding is never read."""
+    ndim = len(sch.get(block).writes[0].region)
+
+    def split(*idx):
+        return (*idx[:axis], idx[axis] // rows, idx[axis] % rows, *idx[axis + 1:])
+    sch.transform_layout(block, ("write", 0), tirx.IndexMap.from_func(split, ndim=ndim),
+                         assume_injective_transform=True)
+
+
 class TritGEMVCuda(ScheduleRule):
     """Decode (one row of x), split-K: a thread block is 32 rows (one warp wide) by `k_split` warps,
     each warp taking every k_split-th 80-weight block; the partial sums meet in a shared-memory
     reduction. More warps per row tile keep more loads in flight when `out` is small (2048 rows are
     only 64 tiles for 132 SMs)."""
 
-    def __init__(self, max_k_split: int = 16):
-        self.max_k_split = max_k_split
+    def __init__(self, max_k_split: int = 16, min_blocks: int = 4):
+        self.max_k_split, self.min_blocks = max_k_split, min_blocks
 
     def k_split(self, n_blocks: int) -> int:
-        """Warps per row tile: a power of two with at least two 80-weight blocks per warp."""
+        """Warps per row tile: a power of two ≤ max_k_split, doubled while n_blocks ≥ min_blocks·that
+        (at least min_blocks/2 80-weight blocks per warp)."""
         ks = 1
-        while ks * 2 <= self.max_k_split and ks * 4 <= n_blocks:
+        while ks * 2 <= self.max_k_split and ks * self.min_blocks <= n_blocks:
             ks *= 2
         return ks
 
@@ -135,4 +148,7 @@ class TritGEMMCuda(ScheduleRule):
                 sch.unroll(loop)
             sch.unroll(kp)
         _tail_and_output_at(sch, b, tx, first)
+        for name in ("trit_xsum", "trit_group_dot", "trit_matmul", "trit_matmul_tail"):
+            if name in b:
+                _split_row_axis(sch, b[name], len(batch), self.rows_per_thread)
         return sch

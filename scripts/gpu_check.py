@@ -28,6 +28,7 @@ SM90 = {"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "
 OP_SHAPES = [(131, 336), (37, 80), (7, 16), (2048, 2048), (96, 11008)]
 GEMV_SHAPES = [(2048, 2560, "qkv"), (2048, 2048, "o_proj"), (2048, 22016, "gate_up"), (11008, 2048, "down_proj")]
 DECODE_MODEL, PROMPT_TOKENS, NEW_TOKENS = "3B", 128, 32
+LM_HEAD_VOCAB = 151936
 
 
 # ---------------------------------------------------------------- prepare (compiler side)
@@ -67,10 +68,11 @@ def prepare(bundle: Path, skip_decode: bool = False) -> None:
     (bundle / "gemv").mkdir(exist_ok=True)
     for n_in, n_out, name in GEMV_SHAPES:
         for rule_name, rule in (("splitk", TritGEMVCuda()), ("onethread", TritGEMMCuda()),
-                                ("splitk4", TritGEMVCuda(4)), ("splitk32", TritGEMVCuda(32))):
+                                ("splitk4", TritGEMVCuda(4)), ("splitk32", TritGEMVCuda(32, 1))):
             func = trit_decode_matmul_func(n_out, n_in, 3, layout, rows=1, dtype="float16")
             _export(rule.apply(func, target, False).mod["main"], target, bundle / "gemv" / f"{name}_{rule_name}.so")
         _export(_dlight(dense_func(n_in, n_out, "float16"), target), target, bundle / "gemv" / f"{name}_dense.so")
+    _export(_dlight(_logits_func(), target), target, bundle / "gemv" / "lm_head.so")
     print("gemv: built", flush=True)
 
     _prepare_tiny(bundle / "tiny", target)
@@ -84,6 +86,17 @@ def prepare(bundle: Path, skip_decode: bool = False) -> None:
             t0 = time.perf_counter()
             compile_shape_only(cfg, depth, target, bundle / "decode" / name, force=True, stage=lambda _m: None)
             print(f"decode/{name}: built in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _logits_func():
+    """The decode step's output projection as the model emits it (Qwen2.5-3B: tied 151936 x 2048)."""
+    from tvm import te
+
+    from schedules.base import KERNEL_ATTR, LOGITS_KERNEL
+    from trit_tvm.model import logits_nt
+    x = te.placeholder((1, 1, 2048), "float16", "x")
+    w = te.placeholder((LM_HEAD_VOCAB, 2048), "float16", "w")
+    return te.create_prim_func([x, w, logits_nt(x, w)]).with_attr({KERNEL_ATTR: LOGITS_KERNEL})
 
 
 def _dlight(func, target):
@@ -222,11 +235,16 @@ def run_gemv(bundle: Path, dev, torch) -> dict:
                     "torch_fp16_us": round(t_torch * 1e6, 2), "x_torch_fp16": round(t_torch / t_trit, 2),
                     "x_splitk_vs_onethread": round(row["onethread_us"] / row["splitk_us"], 2)})
         rows.append(row)
+    lm = tvm.runtime.load_module(str(bundle / "gemv" / "lm_head.so"))
+    largs = [tvm.runtime.tensor(np.zeros(s, d), dev) for s, d in
+             (((1, 1, 2048), np.float16), ((LM_HEAD_VOCAB, 2048), np.float16), ((1, 1, LM_HEAD_VOCAB), np.float32))]
+    t_lm = lm.time_evaluator("main", dev, number=20, repeat=5)(*largs).min
     geo = lambda k: round(float(np.exp(np.mean([np.log(r[k]) for r in rows]))), 3)  # noqa: E731
     return {"bench": "gemv", "target": "cuda", "depth": 3, "weight_layout": "trit-rows32-v1",
             "copy_gbps_read_plus_write": round(copy, 1), "shapes": rows,
             "geomean_frac_copy": geo("frac_copy"), "geomean_x_tvm_dense_fp16": geo("x_tvm_dense_fp16"),
-            "geomean_x_torch_fp16": geo("x_torch_fp16"), "geomean_x_splitk_vs_onethread": geo("x_splitk_vs_onethread")}
+            "geomean_x_torch_fp16": geo("x_torch_fp16"), "geomean_x_splitk_vs_onethread": geo("x_splitk_vs_onethread"),
+            "lm_head_fp16_us": round(t_lm * 1e6, 1), "lm_head_gbps": round(LM_HEAD_VOCAB * 2048 * 2 / t_lm / 1e9, 1)}
 
 
 def _torch_seconds(torch, fn, number: int = 200, repeat: int = 10) -> float:

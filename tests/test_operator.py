@@ -120,6 +120,9 @@ def test_cuda_kernels_build_without_a_gpu():
     for *_, func in _cuda_kernels(target, 3, "float16"):
         src = tvm.compile(func, target=target).mod.imports[0].inspect_source()
         assert "__global__" in src
+        # per-thread arrays of constant, small size (a symbolic row count once made them 2^31 long)
+        sizes = [int(n) for n in re.findall(r"alignas\(\d+\) \w+ \w+\[(\d+)\];", src)]
+        assert sizes and max(sizes) <= 256, sizes
         built += 1
     assert built == 11
 

@@ -147,6 +147,13 @@ class Qwen2Model(nn.Module):
         return self.norm(x)
 
 
+def logits_nt(x: te.Tensor, w: te.Tensor) -> te.Tensor:
+    """float32 logits [b, s, vocab] = x [b, s, hidden] @ w[vocab, hidden]ᵀ, widened inside the kernel."""
+    k = te.reduce_axis((0, w.shape[1]), "k")
+    return te.compute(tuple(x.shape[:-1]) + (w.shape[0],), lambda b, s, v: te.sum(
+        x[b, s, k].astype("float32") * w[v, k].astype("float32"), axis=k), name="logits")
+
+
 class TritQwen2ForCausalLM(nn.Module):
     """The compiled model's interface: embed → prefill/decode with a paged KV cache → float32 logits."""
 
@@ -163,11 +170,6 @@ class TritQwen2ForCausalLM(nn.Module):
     def _logits(self, h: Tensor) -> Tensor:
         """h @ Wᵀ read straight from the [vocab, hidden] matrix (no transposed copy of it per call)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
-        def logits_nt(x: te.Tensor, w: te.Tensor) -> te.Tensor:
-            k = te.reduce_axis((0, w.shape[1]), "k")
-            return te.compute(tuple(x.shape[:-1]) + (w.shape[0],), lambda b, s, v: te.sum(
-                x[b, s, k].astype("float32") * w[v, k].astype("float32"), axis=k), name="logits")
         return op.tensor_expr_op(logits_nt, "lm_head", [h, weight], attrs={KERNEL_ATTR: LOGITS_KERNEL})
 
     def embed(self, input_ids: Tensor) -> Tensor:
