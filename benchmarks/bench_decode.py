@@ -5,6 +5,8 @@ same machine in the same run: prefill tok/s for a 128-token prompt and greedy de
 
 Prints one JSON line. The random model is saved in BF16, as Qwen2.5 checkpoints are; transformers runs
 it in FP32 and keeps only the last position's logits (logits_to_keep=1), as the compiled prefill does.
+On CUDA (Qwen2.5-3B shape against the same TVM pipeline with dense FP16 linears) the measurement is the
+`decode` step of scripts/gpu_check.py.
 """
 from __future__ import annotations
 
@@ -65,6 +67,9 @@ def main() -> None:
 
     torch.set_num_threads(machine()["cores"])
     target = parse_target(args.target)
+    if target.kind.name == "cuda":
+        raise SystemExit("bench_decode: for CUDA run scripts/gpu_check.py (its decode step: trit vs the same "
+                         "TVM pipeline with FP16 weights, Qwen2.5-3B shape)")
     prompt = np.random.default_rng(0).integers(0, 150000, size=args.prompt_tokens).tolist()
     with tempfile.TemporaryDirectory(prefix="trit-bench-") as tmp:
         tmp = Path(tmp)

@@ -4,6 +4,8 @@ in the same run: torch FP32 `x @ W.T`, and the same TVM pipeline (dlight) on den
     python benchmarks/bench_gemv.py [--target llvm] [--plot benchmarks/gemv_bandwidth.png]
 
 Prints one JSON line. Effective bandwidth = packed bytes read (codes + scales + codebook) / time.
+On CUDA the same shapes, with FP16 baselines (TVM dense through dlight, torch/cuBLAS) and the card's
+copy bandwidth, are the `gemv` step of scripts/gpu_check.py (built here, run with TVM's runtime there).
 """
 from __future__ import annotations
 
@@ -65,9 +67,12 @@ def main() -> None:
     args = ap.parse_args()
     target = parse_target(args.target)
     on_gpu = target.kind.name == "cuda"
-    dev = tvm.cuda(0) if on_gpu else tvm.cpu(0)
+    if on_gpu:
+        raise SystemExit("bench_gemv: for CUDA run scripts/gpu_check.py (its gemv step: FP16 baselines and "
+                         "the card's copy bandwidth)")
+    dev = tvm.cpu(0)
     layout = layout_for_target(target)
-    stream = None if on_gpu else streaming_read_gbps()
+    stream = streaming_read_gbps()
     rows = []
     for n_in, n_out, name in SHAPES_3B:
         packed = random_packed(n_out, n_in, args.depth)
@@ -89,17 +94,15 @@ def main() -> None:
                "packed_bytes": nbytes, "eff_gbps": round(nbytes / t_trit / 1e9, 2),
                "tvm_dense_fp32_us": round(t_dense * 1e6, 1), "x_tvm_dense_fp32": round(t_dense / t_trit, 2),
                "max_rel_err": err}
-        if not on_gpu:
-            t_torch = torch_seconds(n_in, n_out)
-            row.update({"torch_fp32_us": round(t_torch * 1e6, 1), "x_torch_fp32": round(t_torch / t_trit, 2),
-                        "frac_stream": round(nbytes / t_trit / 1e9 / stream, 3)})
+        t_torch = torch_seconds(n_in, n_out)
+        row.update({"torch_fp32_us": round(t_torch * 1e6, 1), "x_torch_fp32": round(t_torch / t_trit, 2),
+                    "frac_stream": round(nbytes / t_trit / 1e9 / stream, 3)})
         rows.append(row)
     geo = lambda key: round(float(np.exp(np.mean([np.log(r[key]) for r in rows]))), 2)  # noqa: E731
     result = {"bench": "gemv", "target": target.kind.name, "depth": args.depth, "weight_layout": layout.name,
-              **machine(), "stream_read_gbps": None if stream is None else round(stream, 1), "shapes": rows,
-              "geomean_x_tvm_dense_fp32": geo("x_tvm_dense_fp32")}
-    if not on_gpu:
-        result.update({"geomean_x_torch_fp32": geo("x_torch_fp32"), "geomean_frac_stream": geo("frac_stream")})
+              **machine(), "stream_read_gbps": round(stream, 1), "shapes": rows,
+              "geomean_x_tvm_dense_fp32": geo("x_tvm_dense_fp32"), "geomean_x_torch_fp32": geo("x_torch_fp32"),
+              "geomean_frac_stream": geo("frac_stream")}
     print(json.dumps(result))
     if args.plot:
         plot(result, args.plot)

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import tvm
 
-from .base import DECODE_SIMD16, DECODE_INT32, is_trit_decode_matmul
+from .base import DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, is_trit_decode_matmul
 from .cpu import DenseLogitsCPU, TritGEMMCPU, TritGEMVCPU
 from .cuda import TritGEMMCuda, TritGEMVCuda
 
-__all__ = ["DECODE_SIMD16", "DECODE_INT32", "DenseLogitsCPU", "TritGEMMCPU", "TritGEMMCuda", "TritGEMVCPU", "TritGEMVCuda", "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target",
+__all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "TritGEMMCPU", "TritGEMMCuda", "TritGEMVCPU", "TritGEMVCuda", "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target",
            "rules_for_target"]
 
-LAYOUT_ROWS = 32  # CPU: 32 rows x 16-bit lanes = one 512-bit register; CUDA: one warp reads 32 rows' bytes
+LAYOUT_ROWS = 32  # x86: 32 rows x 16-bit lanes = one AVX-512 register; CUDA: one warp reads 32 rows' bytes
+LAYOUT_ROWS_ARM = 8  # aarch64: 8 rows x 16-bit lanes = one 128-bit NEON register
 
 
 def rules_for_target(target: tvm.target.Target) -> list:
@@ -24,12 +25,14 @@ def rules_for_target(target: tvm.target.Target) -> list:
 
 
 def layout_rows_for_target(target: tvm.target.Target) -> int:
-    """Rows interleaved in the run-time weight layout the rules expect (0 = the checkpoint's planes)."""
-    del target  # every rule here reads the row-interleaved layout
-    return LAYOUT_ROWS
+    """Rows interleaved in the run-time weight layout the rules expect (0 = the checkpoint's planes):
+    one SIMD register of 16-bit lanes on CPUs, one warp on GPUs."""
+    triple = str(target.attrs.get("mtriple", "")) if target.kind.name == "llvm" else ""
+    return LAYOUT_ROWS_ARM if triple.startswith(("aarch64", "arm64")) else LAYOUT_ROWS
 
 
 def decode_for_target(target: tvm.target.Target) -> str:
-    """GPUs decode in 32-bit integers (no 16-bit integer SIMD to gain there; TVM's CUDA code also computes
-    16-bit products in C's int, without the wrap-around the CPU decode relies on)."""
-    return DECODE_INT32 if target.kind.name == "cuda" else DECODE_SIMD16
+    """GPUs decode in 32-bit integers with a shared-memory digit table (no 16-bit integer SIMD to gain there;
+    TVM's CUDA code also computes 16-bit products in C's int, without the wrap-around the CPU decode relies
+    on). DECODE_INT32 is the table-free alternative the GPU benchmark compares against."""
+    return DECODE_TABLE32 if target.kind.name == "cuda" else DECODE_SIMD16

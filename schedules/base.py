@@ -9,7 +9,8 @@ KERNEL_ATTR = "trit.kernel"  # other kernels the model emits with a rule of thei
 LOGITS_KERNEL = "logits_nt"  # rows interleaved in the weight layout (0: checkpoint planes)
 DECODE_SIMD16 = "simd16"  # CPUs: digits by multiply-and-shift in 16-bit SIMD lanes
 DECODE_INT32 = "int32"  # GPUs: the same multiply-and-shift digits in 32-bit integers
-BLOCK_NAMES = ("trit_decode", "trit_xsum", "trit_group_dot", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail",
+DECODE_TABLE32 = "table32"  # GPUs: 32-bit integers, a byte's 5 digits from a 256-entry table (shared memory)
+BLOCK_NAMES = ("trit_digit_table", "trit_decode", "trit_xsum", "trit_group_dot", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail",
                "trit_out")
 
 

@@ -40,6 +40,32 @@ def _group_dots_at(sch: s_tir.Schedule, b: dict, block_loop) -> None:
         sch.unroll(j)
 
 
+TABLE = "trit_digit_table"
+
+
+def _reads_whole_table(sch: s_tir.Schedule, block, read_index: int) -> None:
+    """Schedule.annotate_buffer_access, minus its Python check that the buffer has as many dimensions as
+    the block has iterators (the table is 1-D, its readers are not)."""
+    iters = [iv.var for iv in sch.get(block).iter_vars]
+    whole = tirx.IndexMap(iters, [tirx.const(0, "int32"), tirx.const(256, "int32")], None)
+    s_tir.schedule._ffi_api.ScheduleAnnotateBufferAccess(sch, block, read_index, 0, whole)  # 0: a read region
+
+
+def _digit_table_in_shared(sch: s_tir.Schedule, b: dict, block_loop, threads: int) -> None:
+    """The 256-entry digit table (DECODE_TABLE32) in shared memory, filled by each thread block's threads.
+    Its readers index it by loaded bytes, a region TVM cannot infer: they are annotated as reading it all."""
+    if TABLE not in b:
+        return
+    for block in trit_blocks(sch).values():  # the blocks still there (others were inlined)
+        for i, region in enumerate(sch.get(block).reads):
+            if region.source.name == TABLE:
+                _reads_whole_table(sch, block, i)
+    sch.compute_at(b[TABLE], block_loop, preserve_unit_loops=True)
+    sch.set_scope(b[TABLE], 0, "shared")
+    _, tx = sch.split(sch.get_loops(b[TABLE])[-1], factors=[None, threads])
+    sch.bind(tx, "threadIdx.x")
+
+
 def _tail_and_output_at(sch: s_tir.Schedule, b: dict, anchor, first) -> None:
     """The K-tail and the epilogue per thread, after `first` (the accumulation that owns the loops)."""
     for name in ("trit_matmul_tail", "trit_out"):
@@ -102,6 +128,7 @@ class TritGEMVCuda(ScheduleRule):
         sch.bind(ty, "threadIdx.y")
         _group_dots_at(sch, b, kr)
         sch.unroll(kp)
+        _digit_table_in_shared(sch, b, bx, WARP)
         _tail_and_output_at(sch, b, tx, b["trit_matmul"])
         return sch
 
@@ -147,6 +174,7 @@ class TritGEMMCuda(ScheduleRule):
             for loop in sch.get_loops(b["trit_decode"])[-2:]:
                 sch.unroll(loop)
             sch.unroll(kp)
+        _digit_table_in_shared(sch, b, bx, self.threads)
         _tail_and_output_at(sch, b, tx, first)
         for name in ("trit_xsum", "trit_group_dot", "trit_matmul", "trit_matmul_tail"):
             if name in b:

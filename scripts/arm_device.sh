@@ -20,9 +20,20 @@ WHEELS="apache-tvm==$TVM_VERSION apache-tvm-ffi==$FFI_VERSION numpy ml_dtypes ty
 
 run_python() {
   [ -f "$ROOT/ready" ] || { echo "arm_device: not prepared (run: $0 prepare)" >&2; exit 3; }
-  # runtime-only TVM: a deployed device needs no compiler, and qemu need not load 250 MB of it
-  TVM_USE_RUNTIME_LIB=1 PYTHONPATH="$SITE" PYTHONHOME="$SYSROOT/usr" PYTHONDONTWRITEBYTECODE=1 \
-    exec qemu-aarch64 -L "$SYSROOT" "$SYSROOT/usr/bin/python3.11" "$@"
+  exec "$ROOT/bin/python3"  "$@"
+}
+
+write_launcher() {
+  # The device's python3: qemu runs the arm64 interpreter with argv[0] set to this launcher, so the
+  # processes TVM starts from sys.executable (its RPC server's worker) are emulated too. Runtime-only
+  # TVM: a deployed device needs no compiler, and qemu need not load 250 MB of it.
+  mkdir -p "$ROOT/bin"
+  cat > "$ROOT/bin/python3" <<LAUNCHER
+#!/bin/sh
+export TVM_USE_RUNTIME_LIB=1 PYTHONPATH="$SITE" PYTHONHOME="$SYSROOT/usr" PYTHONDONTWRITEBYTECODE=1
+exec qemu-aarch64 -0 "\$0" -L "$SYSROOT" "$SYSROOT/usr/bin/python3.11" "\$@"
+LAUNCHER
+  chmod +x "$ROOT/bin/python3"
 }
 
 case "${1:-}" in
@@ -40,6 +51,7 @@ case "${1:-}" in
     python3 -m pip install -q --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
       --platform manylinux_2_27_aarch64 --platform manylinux_2_24_aarch64 --platform manylinux_2_17_aarch64 \
       --platform manylinux2014_aarch64 --python-version 3.11 --implementation cp --target "$SITE" $WHEELS
+    write_launcher
     touch "$ROOT/ready"
     echo "arm_device: ready in $ROOT"
     ;;

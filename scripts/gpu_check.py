@@ -42,34 +42,36 @@ def prepare(bundle: Path, skip_decode: bool = False) -> None:
     import tvm
 
     from benchmarks.bench_gemv import dense_func
-    from schedules import TritGEMMCuda, TritGEMVCuda
-    from trit_tvm.operator import layout_for_target, trit_decode_matmul_func
+    from schedules import DECODE_INT32, DECODE_TABLE32, TritGEMMCuda, TritGEMVCuda
+    from trit_tvm.operator import WeightLayout, layout_for_target, trit_decode_matmul_func
     target = tvm.target.Target(SM90)
     layout = layout_for_target(target)
+    other = WeightLayout(layout.rows, DECODE_INT32 if layout.decode == DECODE_TABLE32 else DECODE_TABLE32)
     bundle.mkdir(parents=True, exist_ok=True)
 
     cases = []
     (bundle / "ops").mkdir(exist_ok=True)
-    for depth in (2, 3):
-        for n_out, n_in in OP_SHAPES:
-            for rule, rows in (("gemv", 1), ("gemm", None)):
-                bias = n_out % 2 == 1
-                func = trit_decode_matmul_func(n_out, n_in, depth, layout, rows=rows, bias=bias)
-                sch = (TritGEMVCuda() if rule == "gemv" else TritGEMMCuda()).apply(func, target, False)
-                if sch is None:
-                    continue
-                name = f"{rule}_{n_out}x{n_in}_d{depth}.so"
-                _export(sch.mod["main"], target, bundle / "ops" / name)
-                cases.append({"lib": name, "rule": rule, "n_out": n_out, "n_in": n_in, "depth": depth,
-                              "bias": bias, "rows": [1] if rows else [1, 7, 33]})
+    for lay in (layout,):  # the other decode passed the same checks on an H100 (benchmarks/results)
+        for depth in (2, 3):
+            for n_out, n_in in OP_SHAPES:
+                for rule, rows in (("gemv", 1), ("gemm", None)):
+                    bias = n_out % 2 == 1
+                    func = trit_decode_matmul_func(n_out, n_in, depth, lay, rows=rows, bias=bias)
+                    sch = (TritGEMVCuda() if rule == "gemv" else TritGEMMCuda()).apply(func, target, False)
+                    if sch is None:
+                        continue
+                    name = f"{rule}_{lay.decode}_{n_out}x{n_in}_d{depth}.so"
+                    _export(sch.mod["main"], target, bundle / "ops" / name)
+                    cases.append({"lib": name, "rule": rule, "decode": lay.decode, "n_out": n_out, "n_in": n_in,
+                                  "depth": depth, "bias": bias, "rows": [1] if rows else [1, 7, 33]})
     (bundle / "ops" / "cases.json").write_text(json.dumps(cases))
+    (bundle / "meta.json").write_text(json.dumps({"default_decode": layout.decode, "other_decode": other.decode}))
     print(f"ops: {len(cases)} kernels", flush=True)
 
     (bundle / "gemv").mkdir(exist_ok=True)
     for n_in, n_out, name in GEMV_SHAPES:
-        for rule_name, rule in (("splitk", TritGEMVCuda()), ("onethread", TritGEMMCuda()),
-                                ("splitk4", TritGEMVCuda(4)), ("splitk32", TritGEMVCuda(32, 1))):
-            func = trit_decode_matmul_func(n_out, n_in, 3, layout, rows=1, dtype="float16")
+        for rule_name, rule, lay in gemv_variants(layout, other, TritGEMVCuda, TritGEMMCuda):
+            func = trit_decode_matmul_func(n_out, n_in, 3, lay, rows=1, dtype="float16")
             _export(rule.apply(func, target, False).mod["main"], target, bundle / "gemv" / f"{name}_{rule_name}.so")
         _export(_dlight(dense_func(n_in, n_out, "float16"), target), target, bundle / "gemv" / f"{name}_dense.so")
     _export(_dlight(_logits_func(), target), target, bundle / "gemv" / "lm_head.so")
@@ -86,6 +88,13 @@ def prepare(bundle: Path, skip_decode: bool = False) -> None:
             t0 = time.perf_counter()
             compile_shape_only(cfg, depth, target, bundle / "decode" / name, force=True, stage=lambda _m: None)
             print(f"decode/{name}: built in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def gemv_variants(layout, other, gemv, gemm) -> list:
+    """(name, rule, layout) the gemv step compares: the default split-K rule and decode, the other
+    decode, a wider split, and no split (the GEMM rule on one row)."""
+    return [("splitk", gemv(), layout), (f"splitk_{other.decode}", gemv(), other),
+            ("splitk32", gemv(32, 1), layout), ("onethread", gemm(), layout)]
 
 
 def _logits_func():
@@ -171,7 +180,8 @@ def run_ops(bundle: Path, dev) -> dict:
             lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
             err = float(np.abs(out.numpy() - ref).max() / np.abs(ref).max())
             worst = max(worst, err)
-            results.append({**{k: case[k] for k in ("rule", "n_out", "n_in", "depth")}, "rows": rows, "rel_err": err})
+            results.append({**{k: case[k] for k in ("rule", "decode", "n_out", "n_in", "depth")}, "rows": rows,
+                            "rel_err": err})
     return {"check": "ops", "kernels": len(results), "max_rel_err": worst, "pass": worst < 1e-4,
             "failed": [r for r in results if r["rel_err"] >= 1e-4]}
 
@@ -217,7 +227,8 @@ def run_gemv(bundle: Path, dev, torch) -> dict:
         targs = [tvm.runtime.tensor(a, dev) for a in (x, _rows32(packed["trit_codes"]),
                                                       _rows32(packed["trit_scales"]), packed["trit_codebook"])]
         row = {"shape": f"{n_in}->{n_out}", "name": name, "packed_bytes": nbytes}
-        for rule in ("splitk", "onethread", "splitk4", "splitk32"):
+        variants = sorted(p.stem[len(name) + 1:] for p in (bundle / "gemv").glob(f"{name}_*.so"))
+        for rule in [v for v in variants if v != "dense"]:
             lib = tvm.runtime.load_module(str(bundle / "gemv" / f"{name}_{rule}.so"))
             out = tvm.runtime.tensor(np.zeros((1, n_out), np.float16), dev)
             t = lib.time_evaluator("main", dev, number=200, repeat=10)(*targs, out).min
@@ -344,7 +355,8 @@ def run(bundle: Path, out_dir: Path, only: list[str]) -> int:
         major, minor = torch.cuda.get_device_capability(0)
         register_nvcc_jit(f"sm_{major}{minor}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    head = {"gpu": torch.cuda.get_device_name(0), "sms": dev.multi_processor_count, "date": time.strftime("%Y-%m-%d")}
+    head = {"gpu": torch.cuda.get_device_name(0), "sms": dev.multi_processor_count, "date": time.strftime("%Y-%m-%d"),
+            **json.loads((bundle / "meta.json").read_text())}
     steps = {"ops": lambda: run_ops(bundle, dev), "tiny": lambda: run_tiny(bundle),
              "gemv": lambda: run_gemv(bundle, dev, torch), "decode": lambda: run_decode(bundle, torch)}
     failed = 0

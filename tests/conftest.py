@@ -28,3 +28,21 @@ def tiny_hf_bf16(tmp_path_factory):
     from trit_tvm.demo import TinyQwen2Spec, build_tiny_qwen2
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_bf16"), TinyQwen2Spec(tie_embeddings=True, seed=5),
                             dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def trit_ckpt(tiny_hf, tmp_path_factory):
+    """tiny_hf quantized at depth 3 by trit-quantize."""
+    from codec.cli import quantize_main
+    out = tmp_path_factory.mktemp("cli") / "trit"
+    assert quantize_main([str(tiny_hf), str(out), "--depth", "3"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def llvm_artifact(trit_ckpt):
+    """trit_ckpt compiled by trit-compile for this CPU."""
+    from trit_tvm.cli import compile_main
+    out = trit_ckpt.parent / "art-llvm"
+    assert compile_main([str(trit_ckpt), "--target", "llvm", "-o", str(out)]) == 0
+    return out

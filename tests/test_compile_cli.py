@@ -8,22 +8,7 @@ import sys
 import pytest
 import tvm
 
-from codec.cli import quantize_main
 from trit_tvm.cli import compile_main, run_main
-
-
-@pytest.fixture(scope="module")
-def trit_ckpt(tiny_hf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "trit"
-    assert quantize_main([str(tiny_hf), str(out), "--depth", "3"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def llvm_artifact(trit_ckpt):
-    out = trit_ckpt.parent / "art-llvm"
-    assert compile_main([str(trit_ckpt), "--target", "llvm", "-o", str(out)]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import tvm
 
 from codec import pack_matrix, quantize_matrix
 from schedules import TritGEMMCPU, TritGEMMCuda, TritGEMVCPU, TritGEMVCuda
-from trit_tvm.operator import DECODE_INT32, PLANES, WeightLayout, reference_decode_matmul, trit_decode_matmul_func
+from trit_tvm.operator import DECODE_INT32, DECODE_TABLE32, PLANES, WeightLayout, reference_decode_matmul, trit_decode_matmul_func
 
 ROWS32 = WeightLayout(32)
-CUDA_LAYOUT = WeightLayout(32, DECODE_INT32)
+CUDA_LAYOUT = WeightLayout(32, DECODE_TABLE32)
 LLVM = tvm.target.Target({"kind": "llvm"})
 SHAPES = [(37, 16 * 5), (131, 16 * 21), (7, 16), (64, 16 * 7)]  # N prime or small; K = 16·odd; tails
 
@@ -51,11 +51,14 @@ def test_unscheduled_checkpoint_layout_matches_reference(depth, n_out, n_in, bia
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 @pytest.mark.parametrize("n_out,n_in", SHAPES)
-def test_gpu_int32_decode_matches_reference(depth, n_out, n_in):
-    """The GPUs' 32-bit decode (masked products, float by bit pattern), unscheduled on the CPU: same numbers."""
-    lib = tvm.compile(_prim_func(n_out, n_in, depth, True, CUDA_LAYOUT), target=LLVM)
+@pytest.mark.parametrize("decode", [DECODE_INT32, DECODE_TABLE32])
+def test_gpu_decodes_match_reference(depth, n_out, n_in, decode):
+    """The GPUs' 32-bit decodes (masked products or a digit table; float by bit pattern), unscheduled on
+    the CPU: the same numbers."""
+    layout = WeightLayout(32, decode)
+    lib = tvm.compile(_prim_func(n_out, n_in, depth, True, layout), target=LLVM)
     for rows in (1, 7):
-        _check(lib, tvm.cpu(), CUDA_LAYOUT, n_out, n_in, depth, rows, True)
+        _check(lib, tvm.cpu(), layout, n_out, n_in, depth, rows, True)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])

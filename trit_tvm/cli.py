@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -83,6 +84,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="run on a device's TVM RPC server (python -m "
+                   "tvm.exec.rpc_server there): the library is uploaded and loaded there")
+    p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to wait for the server (default 60)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -114,20 +118,26 @@ def _run(args: argparse.Namespace) -> int:
         ids = tokenizer.encode(args.prompt, add_special_tokens=False)
     else:
         ids = _parse_ids(args.prompt_ids)
-    model = TritModel(args.artifact)
+    runtime = None
+    if args.rpc:
+        from .remote import RemoteRuntime
+        runtime = RemoteRuntime(args.rpc, args.rpc_timeout)
     stop = () if tokenizer is None or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
-    gen = model.generate(ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop)
+    with runtime.errors() if runtime is not None else contextlib.nullcontext():
+        model = TritModel(args.artifact, runtime=runtime)
+        gen = model.generate(ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop)
+    where = model.manifest["device"] + (f" at {runtime.description}" if runtime is not None else "")
     text = tokenizer.decode(gen.tokens) if tokenizer is not None else None
     if args.json:
         out = {"tokens": gen.tokens, "prompt_tokens": gen.prompt_tokens, "prefill_tok_s": gen.prefill_tok_s,
-               "decode_tok_s": gen.decode_tok_s, "device": model.manifest["device"]}
+               "decode_tok_s": gen.decode_tok_s, "device": where}
         if text is not None:
             out["text"] = text
         print(json.dumps(out))
     else:
         print(text if text is not None else ",".join(map(str, gen.tokens)))
         print(f"prefill {gen.prompt_tokens} tokens: {gen.prefill_tok_s:.1f} tok/s; decode {gen.decode_steps} "
-              f"tokens: {gen.decode_tok_s:.1f} tok/s ({model.manifest['device']})", file=sys.stderr)
+              f"tokens: {gen.decode_tok_s:.1f} tok/s ({where})", file=sys.stderr)
     return 0
 
 

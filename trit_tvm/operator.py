@@ -16,6 +16,7 @@ The PrimFunc carries TRIT_OP_ATTR so schedule rules find it without guessing by 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ from codec.format import BLOCK, SCALE_DIGITS, unpack_matrix
 from codec.quantize import GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE
 from schedules import decode_for_target, layout_rows_for_target
-from schedules.base import DECODE_SIMD16, DECODE_INT32, LAYOUT_ROWS_ATTR, TRIT_OP_ATTR
+from schedules.base import DECODE_SIMD16, DECODE_INT32, DECODE_TABLE32, LAYOUT_ROWS_ATTR, TRIT_OP_ATTR
 
 TRIT_OP_NAME = "decode_matmul"
 OP_PATTERN_OPAQUE = 8  # relax FuseOps leaves the call alone: it stays one kernel with its attributes
@@ -55,11 +56,41 @@ def _digit(byte: tirx.PrimExpr, pos) -> tirx.PrimExpr:
     return digit.astype("uint16")
 
 
+def digit_table() -> te.Tensor:
+    """[256] uint32: the 5 digits of byte b at bits FIELD_BITS·p (DECODE_TABLE32).
+
+    Σ_{i<3} 3^i·table[byte_i] then holds the base-3 values of 3 digit planes (each < 27 < 2^6) for the byte's
+    5 weights in separate fields: one lookup per plane and byte instead of per-digit arithmetic.
+    """
+    def entry(b):
+        total = tirx.const(0, "uint32")
+        for p in range(TRITS_PER_BYTE):
+            total = total + tirx.shift_left(_digit32(b, p), tirx.const(FIELD_BITS * p, "uint32"))
+        return total
+    return te.compute((256,), entry, name="trit_digit_table")
+
+
+def _base3_table(table: te.Tensor, planes, ndigits: int, byte, pos) -> tirx.PrimExpr:
+    """Σ_j digit_j · 3^j of position `pos` read from the digit table, three planes per table sum."""
+    shift = tirx.const(pos * FIELD_BITS, "uint32") if isinstance(pos, int) else (pos * FIELD_BITS).astype("uint32")
+    total = None
+    for first in range(0, ndigits, 3):
+        fields = table[planes(first, byte)]
+        for j in range(first + 1, min(first + 3, ndigits)):
+            fields = fields + table[planes(j, byte)] * tirx.const(3 ** (j - first), "uint32")
+        value = tirx.bitwise_and(tirx.shift_right(fields, shift), tirx.const(FIELD_MASK, "uint32"))
+        total = value if total is None else total + value * tirx.const(3 ** first, "uint32")
+    return total.astype("int32")
+
+
 def _small_int_to_float(u: tirx.PrimExpr) -> tirx.PrimExpr:
     """float(u) for 0 ≤ u < 2^23 as an OR and a subtract (2^23 + u is exact): cheaper than the GPU's
     integer-to-float conversion, which runs at a quarter of the FMA rate."""
     bits = tirx.bitwise_or(u.astype("uint32"), tirx.const(0x4B000000, "uint32"))
     return tirx.reinterpret("float32", bits) - tirx.const(8388608.0, "float32")
+
+
+FIELD_BITS, FIELD_MASK = 6, 63  # one weight's 3-plane base-3 value (< 27) per field of a digit-table sum
 
 
 def _digit32(byte: tirx.PrimExpr, pos) -> tirx.PrimExpr:
@@ -71,6 +102,8 @@ def _digit32(byte: tirx.PrimExpr, pos) -> tirx.PrimExpr:
         if p:
             t = tirx.bitwise_and(t * tirx.const(3, "uint32"), tirx.const(0xFFFF, "uint32"))
         candidates.append(tirx.shift_right(t * tirx.const(3, "uint32"), tirx.const(16, "uint32")))
+    if isinstance(pos, int):
+        return candidates[pos]
     digit = candidates[-1]
     for p in range(TRITS_PER_BYTE - 2, -1, -1):
         digit = tirx.Select(pos == p, candidates[p], digit)
@@ -156,16 +189,20 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     lead = list(x.shape[:-1])
     code_at, scale_at = layout.load(codes), layout.load(scales)
 
-    if layout.decode == DECODE_INT32:
+    tail_base3 = None  # the K-tail's decode, when it differs from the blocks'
+    if layout.decode == DECODE_TABLE32:  # the tail (< 80 weights) reads no table: one owner per table copy
+        base3, tail_base3, to_float = functools.partial(_base3_table, digit_table()), _base3_int32, _small_int_to_float
+    elif layout.decode == DECODE_INT32:
         base3, to_float = _base3_int32, _small_int_to_float
     else:
         base3, to_float = _base3, lambda v: v.astype("float32")
+    tail_base3 = tail_base3 or base3
 
-    def step_of(n, g):
+    def step_of(n, g, base3=base3):
         idx = base3(lambda i, b: scale_at(n, i, b), SCALE_DIGITS, g // TRITS_PER_BYTE, g % TRITS_PER_BYTE)
         return codebook[idx]
 
-    def u(n, byte, pos):  # q + qmax, in [0, 3^d)
+    def u(n, byte, pos, base3=base3):  # q + qmax, in [0, 3^d)
         return to_float(base3(lambda i, b: code_at(n, i, b), depth, byte, pos))
 
     def x_at(i, k):
@@ -193,8 +230,9 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
             name="trit_matmul")
     if tail:
         base = n_blocks * GROUP_SIZE  # first tail byte; tail weights are in plain order
-        wt = te.compute((n_out, tail), lambda n, t: step_of(n, n_blocks * TRITS_PER_BYTE + t // GROUP_SIZE)
-                        * (u(n, base + t // TRITS_PER_BYTE, t % TRITS_PER_BYTE) - float(qmax)), name="trit_decode_tail")
+        wt = te.compute((n_out, tail), lambda n, t: step_of(n, n_blocks * TRITS_PER_BYTE + t // GROUP_SIZE, tail_base3)
+                        * (u(n, base + t // TRITS_PER_BYTE, t % TRITS_PER_BYTE, tail_base3) - float(qmax)),
+                        name="trit_decode_tail")
         kt = te.reduce_axis((0, tail), "kt")
         prev = acc
 

@@ -89,25 +89,51 @@ def _as_tvm_array(f: SafetensorsFile, name: str) -> np.ndarray:
     return arr.view(ml_dtypes.bfloat16) if f.tensors[name].dtype == "BF16" else arr
 
 
-class TritModel:
-    """A loaded artifact on its device (local, or remote when given an RPC session's device and module)."""
+class LocalRuntime:
+    """Where TritModel's calls go: TVM's runtime in this process. trit_tvm.remote.RemoteRuntime sends the
+    same calls to a device over TVM RPC."""
 
-    def __init__(self, artifact: str | Path, device: tvm.runtime.Device | None = None, lib=None,
-                 params: list | None = None):
+    description = "local"
+
+    def function(self, name: str):
+        return tvm.get_global_func(name)
+
+    def shape(self, *dims: int):
+        return ShapeTuple(list(dims))
+
+    def array(self, items: list):
+        return list(items)
+
+    def unpack(self, value, n: int) -> tuple:
+        return tuple(value)
+
+    def load_library(self, path: Path, arch: str | None = None):
+        return tvm.runtime.load_module(str(path))
+
+    def device(self, manifest: dict, artifact: Path) -> tvm.runtime.Device:
+        return device_for(manifest, artifact)
+
+
+class TritModel:
+    """A loaded artifact on its device: this machine's, or a remote one (runtime=RemoteRuntime(...))."""
+
+    def __init__(self, artifact: str | Path, params: list | None = None, runtime=None):
         """params: tensors already on the device, in the manifest's order, instead of the artifact's
         params.safetensors (benchmarks fill shape-only builds with random weights this way)."""
         self.path = Path(artifact)
         self.manifest = read_artifact_manifest(self.path)
         self.config = self.manifest["config"]
-        self.device = device or device_for(self.manifest, self.path)
-        if lib is None:
-            lib = tvm.runtime.load_module(str(self.path / LIBRARY))
-        self.vm = VirtualMachine(lib, self.device)
+        self.runtime = runtime or LocalRuntime()
+        self.device = self.runtime.device(self.manifest, self.path)
+        self.vm = VirtualMachine(self.runtime.load_library(self.path / LIBRARY, self.manifest.get("arch")),
+                                 self.device)
         self.params = self._load_params() if params is None else params
-        self._reshape = tvm.get_global_func("vm.builtin.reshape")
-        self._add_seq = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
-        self._begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
-        self._end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+        self._param_arg = self.runtime.array(self.params)
+        fn = self.runtime.function
+        self._reshape = fn("vm.builtin.reshape")
+        self._add_seq = fn("vm.builtin.kv_state_add_sequence")
+        self._begin = fn("vm.builtin.kv_state_begin_forward")
+        self._end = fn("vm.builtin.kv_state_end_forward")
         self.max_seq_len = min(int(self.config["max_position_embeddings"]), 4096)
 
     def _load_params(self) -> list:
@@ -123,18 +149,19 @@ class TritModel:
         return sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in self.params)
 
     def _new_cache(self):
-        kv = self.vm["create_tir_paged_kv_cache"](ShapeTuple([1]), ShapeTuple([self.max_seq_len]),
-                                                  ShapeTuple([PREFILL_CHUNK]), ShapeTuple([PAGE_SIZE]))
+        shape = self.runtime.shape
+        kv = self.vm["create_tir_paged_kv_cache"](shape(1), shape(self.max_seq_len), shape(PREFILL_CHUNK),
+                                                  shape(PAGE_SIZE))
         self._add_seq(kv, 0)
         return kv
 
     def _embed(self, ids: np.ndarray):
-        h = self.vm["embed"](tvm.runtime.tensor(ids.astype(np.int32), self.device), self.params)
-        return self._reshape(h, ShapeTuple([1, h.shape[0], h.shape[1]]))
+        h = self.vm["embed"](tvm.runtime.tensor(ids.astype(np.int32), self.device), self._param_arg)
+        return self._reshape(h, self.runtime.shape(1, h.shape[0], h.shape[1]))
 
     def _forward(self, kv, fn: str, ids: np.ndarray) -> np.ndarray:
-        self._begin(kv, ShapeTuple([0]), ShapeTuple([len(ids)]))
-        logits, kv = self.vm[fn](self._embed(ids), kv, self.params)
+        self._begin(kv, self.runtime.shape(0), self.runtime.shape(len(ids)))
+        logits, kv = self.runtime.unpack(self.vm[fn](self._embed(ids), kv, self._param_arg), 2)
         self._end(kv)
         return logits.numpy().reshape(-1)
 
