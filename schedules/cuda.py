@@ -2,8 +2,9 @@
 
 In that layout byte b of 32 consecutive rows is 32 consecutive bytes, so a warp whose 32 lanes are 32
 rows reads each packed byte position with one coalesced 32-byte transaction. Both rules decode each
-byte once for its 5 digit positions in registers (positions unrolled, so the digit arithmetic is
-constant multiplies and shifts) and multiply each group's dot product by its step once.
+byte once for its 5 digit positions in registers (positions unrolled), from a digit table each thread
+block keeps in shared memory (DECODE_TABLE32) or with 32-bit multiplies and shifts (DECODE_INT32), and
+multiply each group's dot product by its step once.
 """
 from __future__ import annotations
 
