@@ -147,6 +147,9 @@ class TritGEMMCPU(ScheduleRule):
         sch.vectorize(sch.get_loops(b["trit_out"])[-1])
         for name in ("trit_decode", "trit_step", "trit_group_dot"):
             sch.set_scope(b[name], 0, "local")
+        # the tile with its rows innermost: every read of it is one contiguous vector (rows first, it was
+        # a 32-element gather per multiply-add, 5x slower)
+        sch.transform_layout(b["trit_decode"], ("write", 0), lambda n, blk, pos, j: (blk, pos, j, n))
         sch.parallel(nb)  # per-panel tiles are then allocated inside the parallel loop
         return sch
 
