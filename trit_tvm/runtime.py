@@ -108,6 +108,7 @@ class LocalRuntime:
         return tuple(value)
 
     def load_library(self, path: Path, arch: str | None = None):
+        del arch  # checked against this machine by device_for; RemoteRuntime names it in its load error
         return tvm.runtime.load_module(str(path))
 
     def device(self, manifest: dict, artifact: Path) -> tvm.runtime.Device:
