@@ -38,10 +38,10 @@ LAUNCHER
 
 case "${1:-}" in
   prepare)
-    if [ -f "$ROOT/ready" ]; then echo "arm_device: ready in $ROOT"; exit 0; fi
     if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-g++ >/dev/null; then
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user g++-aarch64-linux-gnu
     fi
+    if [ -f "$ROOT/ready" ]; then echo "arm_device: ready in $ROOT"; exit 0; fi
     if ! dpkg --print-foreign-architectures | grep -qx arm64; then
       dpkg --add-architecture arm64 && apt-get update -qq
     fi
