@@ -76,3 +76,12 @@ def packed_bits(n_out: int, n_in: int, depth: int) -> int:
 def bits_per_weight(n_out: int, n_in: int, depth: int) -> float:
     """Packed bits / weight, counting codes, scale indices and the codebook."""
     return packed_bits(n_out, n_in, depth) / (n_out * n_in)
+
+
+def interleave_rows(packed: np.ndarray, rows: int) -> np.ndarray:
+    """[N, planes, bytes] -> [ceil(N/rows), planes, bytes, rows]: `rows` consecutive output rows innermost
+    (the kernels' run-time layout: the same bytes, zero rows up to a multiple of `rows`)."""
+    pad = -packed.shape[0] % rows
+    if pad:
+        packed = np.concatenate([packed, np.zeros((pad,) + packed.shape[1:], packed.dtype)])
+    return np.ascontiguousarray(np.moveaxis(packed.reshape((-1, rows) + packed.shape[1:]), 1, -1))

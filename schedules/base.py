@@ -43,3 +43,10 @@ def trit_blocks(sch: s_tir.Schedule) -> dict[str, s_tir.schedule.SBlockRV]:
         except (ValueError, RuntimeError, s_tir.ScheduleError):
             continue
     return found
+
+
+def split_loops(sch: s_tir.Schedule, block) -> tuple[list, list]:
+    """A block's loops as (spatial, reduction) lists."""
+    pairs = list(zip(sch.get_loops(block), sch.get(block).iter_vars))
+    return ([lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.DataPar],
+            [lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.CommReduce])

@@ -10,23 +10,16 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .base import KERNEL_ATTR, LOGITS_KERNEL, is_trit_decode_matmul, layout_rows, row_count, trit_blocks
+from .base import KERNEL_ATTR, LOGITS_KERNEL, is_trit_decode_matmul, layout_rows, row_count, split_loops, trit_blocks
 
 
 def _applies(func, target: Target) -> bool:
     return target.kind.name == "llvm" and is_trit_decode_matmul(func) and layout_rows(func) > 0
 
 
-def _split_loops(sch: s_tir.Schedule, block):
-    """A block's loops as (spatial, reduction) lists."""
-    pairs = list(zip(sch.get_loops(block), sch.get(block).iter_vars))
-    return ([lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.DataPar],
-            [lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.CommReduce])
-
-
 def _rows_and_panels(sch: s_tir.Schedule, block, lanes: int):
     """(lead..., n, red...) of an accumulation block -> (x-rows loop, row-panel loop, lane loop, red...)."""
-    spatial, reduce = _split_loops(sch, block)
+    spatial, reduce = split_loops(sch, block)
     *lead, n = spatial
     m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     nb, r = sch.split(n, factors=[None, lanes])
@@ -165,7 +158,7 @@ class DenseLogitsCPU(ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         block = sch.get_sblock("logits")
-        _, (k,) = _split_loops(sch, block)
+        _, (k,) = split_loops(sch, block)
         ko, ki = sch.split(k, factors=[None, self.lanes])
         rf = sch.rfactor(ki, 0)
         *rf_spatial, red, lane = sch.get_loops(rf)  # the loops keep their order: (lead..., vocab, ko, ki)

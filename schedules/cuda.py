@@ -13,19 +13,13 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .base import is_trit_decode_matmul, layout_rows, row_count, trit_blocks
+from .base import is_trit_decode_matmul, layout_rows, row_count, split_loops, trit_blocks
 
 WARP = 32
 
 
 def _applies(func, target: Target) -> bool:
     return target.kind.name == "cuda" and is_trit_decode_matmul(func) and layout_rows(func) > 0
-
-
-def _split_loops(sch: s_tir.Schedule, block):
-    pairs = list(zip(sch.get_loops(block), sch.get(block).iter_vars))
-    return ([lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.DataPar],
-            [lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.CommReduce])
 
 
 def _group_dots_at(sch: s_tir.Schedule, b: dict, block_loop) -> None:
@@ -118,7 +112,7 @@ class TritGEMVCuda(ScheduleRule):
         for name in ("trit_decode", "trit_step", "trit_decode_tail"):
             if name in b:
                 sch.compute_inline(b[name])
-        spatial, (kb, kp) = _split_loops(sch, b["trit_matmul"])
+        spatial, (kb, kp) = split_loops(sch, b["trit_matmul"])
         n_blocks = int(sch.get(kb).extent)
         bx, tx = sch.split(sch.fuse(*spatial), factors=[None, WARP])
         # interleaved: warp w takes blocks w, w + ks, ... so the warps of a tile read neighbouring bytes
@@ -154,7 +148,7 @@ class TritGEMMCuda(ScheduleRule):
             if name in b:
                 sch.compute_inline(b[name])
         first = b.get("trit_matmul", b.get("trit_matmul_tail"))
-        spatial, reduce = _split_loops(sch, first)
+        spatial, reduce = split_loops(sch, first)
         *batch, m, n = spatial
         if batch:  # kept apart from m: a fused (batch, seq) index would leave the register tiles' size symbolic
             sch.bind(sch.fuse(*batch) if len(batch) > 1 else batch[0], "blockIdx.z")

@@ -155,11 +155,9 @@ def _packed(n_out: int, n_in: int, depth: int, seed: int) -> dict:
 
 
 def _rows32(a: np.ndarray) -> np.ndarray:
-    """The kernels' layout (trit_tvm.operator.WeightLayout(32).repack), restated without TVM's compiler."""
-    pad = -a.shape[0] % 32
-    if pad:
-        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
-    return np.ascontiguousarray(np.moveaxis(a.reshape((-1, 32) + a.shape[1:]), 1, -1))
+    """The CUDA kernels' layout (WeightLayout(32).repack) from codec, which needs no TVM compiler."""
+    from codec.format import interleave_rows
+    return interleave_rows(a, 32)
 
 
 def run_ops(bundle: Path, dev) -> dict:

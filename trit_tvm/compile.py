@@ -208,7 +208,7 @@ def compile_shape_only(cfg: Qwen2Config, depth: int, target: tvm.target.Target, 
     `param_shapes` say what to fill (TritModel(..., params=...)). depth 0: dense linears in the model
     dtype (the same pipeline's dense baseline)."""
     depths = [dict.fromkeys(LINEAR_NAMES, depth) for _ in range(cfg.num_hidden_layers)]
-    built = build_library(cfg, depths, target, tuning_logs=DEFAULT_LOGS, stage=stage)
+    built = build_library(cfg, depths, target, stage=stage)
     with atomic_output_dir(out_dir, force) as tmp:
         export_library(built["exe"], target, tmp / LIBRARY)
         manifest = {

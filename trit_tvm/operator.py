@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import te, tirx
 
-from codec.format import BLOCK, SCALE_DIGITS, unpack_matrix
+from codec.format import BLOCK, SCALE_DIGITS, interleave_rows, unpack_matrix
 from codec.quantize import GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE
 from schedules import decode_for_target, layout_rows_for_target
@@ -32,28 +32,31 @@ TRIT_OP_NAME = "decode_matmul"
 OP_PATTERN_OPAQUE = 8  # relax FuseOps leaves the call alone: it stays one kernel with its attributes
 
 
-def _digit(byte: tirx.PrimExpr, pos) -> tirx.PrimExpr:
+def _digit(byte: tirx.PrimExpr, pos, wide: bool = False) -> tirx.PrimExpr:
     """Digit `pos` of a packed byte in 16-bit lanes, two SIMD operations per digit.
 
     With T_0 = byte·256 and T_p = 3^p·T_0 mod 2^16 (= ((byte·3^p) mod 256)·256), the digit is
     ((byte·3^p) mod 256)·3 >> 8 = high half of 3·T_p: one wrapping 16-bit multiply to step to the next
     position, one high-half multiply per digit. The five positions share the chain once the position
     loop is unrolled (a Select chain the simplifier folds).
+    wide: the same in 32-bit integers, with an explicit mask for the wrap-around (GPUs: their integer
+    units are 32-bit, and TVM's CUDA code computes 16-bit products in C's int, which does not wrap).
     """
-    three = tirx.const(3, "uint16")
-    t = tirx.shift_left(byte.astype("uint16"), tirx.const(8, "uint16"))
+    lane = "uint32" if wide else "uint16"
+    t = tirx.shift_left(byte.astype(lane), tirx.const(8, lane))
     candidates = []
     for p in range(TRITS_PER_BYTE):
         if p:
-            t = t * three
-        candidates.append(tirx.shift_right(t.astype("uint32") * tirx.const(3, "uint32"), tirx.const(16, "uint32")))
+            t = tirx.bitwise_and(t * tirx.const(3, lane), tirx.const(0xFFFF, lane)) if wide else t * tirx.const(3, lane)
+        candidates.append(tirx.shift_right((t if wide else t.astype("uint32")) * tirx.const(3, "uint32"),
+                                           tirx.const(16, "uint32")))
     if isinstance(pos, int):
         digit = candidates[pos]
     else:
         digit = candidates[-1]
         for p in range(TRITS_PER_BYTE - 2, -1, -1):
             digit = tirx.Select(pos == p, candidates[p], digit)
-    return digit.astype("uint16")
+    return digit if wide else digit.astype("uint16")
 
 
 def digit_table() -> te.Tensor:
@@ -65,7 +68,7 @@ def digit_table() -> te.Tensor:
     def entry(b):
         total = tirx.const(0, "uint32")
         for p in range(TRITS_PER_BYTE):
-            total = total + tirx.shift_left(_digit32(b, p), tirx.const(FIELD_BITS * p, "uint32"))
+            total = total + tirx.shift_left(_digit(b, p, wide=True), tirx.const(FIELD_BITS * p, "uint32"))
         return total
     return te.compute((256,), entry, name="trit_digit_table")
 
@@ -93,36 +96,16 @@ def _small_int_to_float(u: tirx.PrimExpr) -> tirx.PrimExpr:
 FIELD_BITS, FIELD_MASK = 6, 63  # one weight's 3-plane base-3 value (< 27) per field of a digit-table sum
 
 
-def _digit32(byte: tirx.PrimExpr, pos) -> tirx.PrimExpr:
-    """_digit in 32-bit integers, with explicit masks instead of 16-bit wrap-around (GPUs: their integer
-    units are 32-bit, and TVM's CUDA code computes 16-bit products in C's int, which does not wrap)."""
-    t = tirx.shift_left(byte.astype("uint32"), tirx.const(8, "uint32"))
-    candidates = []
-    for p in range(TRITS_PER_BYTE):
-        if p:
-            t = tirx.bitwise_and(t * tirx.const(3, "uint32"), tirx.const(0xFFFF, "uint32"))
-        candidates.append(tirx.shift_right(t * tirx.const(3, "uint32"), tirx.const(16, "uint32")))
-    if isinstance(pos, int):
-        return candidates[pos]
-    digit = candidates[-1]
-    for p in range(TRITS_PER_BYTE - 2, -1, -1):
-        digit = tirx.Select(pos == p, candidates[p], digit)
-    return digit
-
-
-def _base3_int32(planes, ndigits: int, byte, pos) -> tirx.PrimExpr:
-    total = _digit32(planes(0, byte), pos)
+def _base3(planes, ndigits: int, byte, pos, wide: bool = False) -> tirx.PrimExpr:
+    """Σ_j digit_j · 3^j (< 81, kept in 16-bit lanes, or 32-bit when wide) of position `pos` in byte
+    `byte` of the planes."""
+    total = _digit(planes(0, byte), pos, wide)
     for j in range(1, ndigits):
-        total = total + _digit32(planes(j, byte), pos) * tirx.const(3 ** j, "uint32")
+        total = total + _digit(planes(j, byte), pos, wide) * tirx.const(3 ** j, "uint32" if wide else "uint16")
     return total.astype("int32")
 
 
-def _base3(planes, ndigits: int, byte, pos) -> tirx.PrimExpr:
-    """Σ_j digit_j · 3^j (< 81, kept in 16-bit lanes) of position `pos` in byte `byte` of the planes."""
-    total = _digit(planes(0, byte), pos)
-    for j in range(1, ndigits):
-        total = total + _digit(planes(j, byte), pos) * tirx.const(3 ** j, "uint16")
-    return total.astype("int32")
+_base3_int32 = functools.partial(_base3, wide=True)
 
 
 @dataclass(frozen=True)
@@ -156,14 +139,7 @@ class WeightLayout:
 
     def repack(self, packed: np.ndarray) -> np.ndarray:
         """Checkpoint array [N, planes, bytes] -> this layout (numpy, at compile time)."""
-        if self.rows == 0:
-            return np.ascontiguousarray(packed)
-        n_out = packed.shape[0]
-        pad = -n_out % self.rows
-        if pad:
-            packed = np.concatenate([packed, np.zeros((pad,) + packed.shape[1:], packed.dtype)])
-        grouped = packed.reshape((-1, self.rows) + packed.shape[1:])
-        return np.ascontiguousarray(np.moveaxis(grouped, 1, -1))
+        return np.ascontiguousarray(packed) if self.rows == 0 else interleave_rows(packed, self.rows)
 
 
 PLANES = WeightLayout(0)
