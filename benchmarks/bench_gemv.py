@@ -21,7 +21,9 @@ from trit_tvm.operator import WeightLayout, layout_for_target, reference_decode_
 from trit_tvm.pipeline import schedule_pass
 from trit_tvm.targets import parse_target
 
-SHAPES_3B = [(2048, 2560, "qkv"), (2048, 2048, "o_proj"), (2048, 22016, "gate_up"), (11008, 2048, "down_proj")]
+# (in, out, name, stacked matrices): q/k/v and gate/up are one operator each in the compiled model
+SHAPES_3B = [(2048, 2560, "qkv", (2048, 256, 256)), (2048, 2048, "o_proj", ()), (2048, 22016, "gate_up", (11008, 11008)),
+             (11008, 2048, "down_proj", ())]
 
 
 def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
@@ -32,8 +34,8 @@ def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
     return tvm.compile(mod, target=target)
 
 
-def trit_kernel(n_in: int, n_out: int, depth: int, layout: WeightLayout, target):
-    return build(trit_decode_matmul_func(n_out, n_in, depth, layout, rows=1), target)
+def trit_kernel(n_in: int, n_out: int, depth: int, layout: WeightLayout, target, parts: tuple[int, ...] = ()):
+    return build(trit_decode_matmul_func(n_out, n_in, depth, layout, rows=1, parts=parts), target)
 
 
 def dense_func(n_in: int, n_out: int, dtype: str = "float32") -> tvm.tirx.PrimFunc:
@@ -74,16 +76,16 @@ def main() -> None:
     layout = layout_for_target(target)
     stream = streaming_read_gbps()
     rows = []
-    for n_in, n_out, name in SHAPES_3B:
-        packed = random_packed(n_out, n_in, args.depth)
+    for n_in, n_out, name, parts in SHAPES_3B:
+        packed = random_packed(n_out, n_in, args.depth, parts=parts)
         x = np.random.default_rng(1).standard_normal((1, n_in)).astype(np.float32)
-        lib = trit_kernel(n_in, n_out, args.depth, layout, target)
+        lib = trit_kernel(n_in, n_out, args.depth, layout, target, parts)
         out = tvm.runtime.tensor(np.zeros((1, n_out), np.float32), dev)
         targs = [tvm.runtime.tensor(a, dev) for a in
                  (x, layout.repack(packed["trit_codes"]), layout.repack(packed["trit_scales"]),
                   packed["trit_codebook"])] + [out]
         t_trit = tvm_seconds(lib, dev, targs)
-        ref = reference_decode_matmul(x, packed["trit_codes"], packed["trit_scales"], packed["trit_codebook"])
+        ref = reference_decode_matmul(x, packed["trit_codes"], packed["trit_scales"], packed["trit_codebook"], parts=parts)
         err = float(np.abs(out.numpy() - ref).max() / np.abs(ref).max())
         nbytes = sum(a.nbytes for a in packed.values())
         dlib = dense_kernel(n_in, n_out, target)

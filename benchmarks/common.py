@@ -54,7 +54,11 @@ def tvm_seconds(lib, dev, args, repeat: int = 7, number: int = 10) -> float:
     return lib.mod.time_evaluator("main", dev, number=number, repeat=repeat)(*args).min
 
 
-def random_packed(n_out: int, n_in: int, depth: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_packed(n_out: int, n_in: int, depth: int, seed: int = 0, parts: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+    """Packed arrays of a random matrix; with parts, of len(parts) matrices stacked along rows (each with its
+    own codebook, as trit-compile stacks q/k/v and gate/up)."""
     from codec import pack_matrix, quantize_matrix
-    w = np.random.default_rng(seed).standard_normal((n_out, n_in)).astype(np.float32) * 0.02
-    return pack_matrix(quantize_matrix(w, depth))
+    rng = np.random.default_rng(seed)
+    packs = [pack_matrix(quantize_matrix(rng.standard_normal((n, n_in)).astype(np.float32) * 0.02, depth))
+             for n in (parts or (n_out,))]
+    return {key: np.concatenate([p[key] for p in packs]) for key in packs[0]}

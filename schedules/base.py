@@ -10,7 +10,8 @@ LOGITS_KERNEL = "logits_nt"  # rows interleaved in the weight layout (0: checkpo
 DECODE_SIMD16 = "simd16"  # CPUs: digits by multiply-and-shift in 16-bit SIMD lanes
 DECODE_INT32 = "int32"  # GPUs: the same multiply-and-shift digits in 32-bit integers
 DECODE_TABLE32 = "table32"  # GPUs: 32-bit integers, a byte's 5 digits from a 256-entry table (shared memory)
-BLOCK_NAMES = ("trit_digit_table", "trit_decode", "trit_xsum", "trit_group_dot", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail",
+PREFILL_ROW_TILE = 8  # CPU prefill GEMM: rows of x per inner loop (the operator pads x's rows to a multiple)
+BLOCK_NAMES = ("trit_digit_table", "trit_x_padded", "trit_decode", "trit_xsum", "trit_group_dot", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail",
                "trit_out")
 
 
@@ -50,3 +51,15 @@ def split_loops(sch: s_tir.Schedule, block) -> tuple[list, list]:
     pairs = list(zip(sch.get_loops(block), sch.get(block).iter_vars))
     return ([lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.DataPar],
             [lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.CommReduce])
+
+
+def split_row_axis(sch: s_tir.Schedule, block, axis: int, rows: int) -> None:
+    """Index a per-thread buffer of a row tile by (row // rows, row % rows, ...): with a symbolic row
+    count, buffer compaction cannot bound a tile that the last rows may cut short (it would allocate
+    2^31 registers); split this way, the tile is `rows` long. The padding is never read."""
+    ndim = len(sch.get(block).writes[0].region)
+
+    def split(*idx):
+        return (*idx[:axis], idx[axis] // rows, idx[axis] % rows, *idx[axis + 1:])
+    sch.transform_layout(block, ("write", 0), tirx.IndexMap.from_func(split, ndim=ndim),
+                         assume_injective_transform=True)

@@ -10,7 +10,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .base import KERNEL_ATTR, LOGITS_KERNEL, is_trit_decode_matmul, layout_rows, row_count, split_loops, trit_blocks
+from .base import KERNEL_ATTR, LOGITS_KERNEL, PREFILL_ROW_TILE, is_trit_decode_matmul, layout_rows, row_count, split_loops, \
+    trit_blocks
 
 
 def _applies(func, target: Target) -> bool:
@@ -102,32 +103,36 @@ class TritGEMVCPU(ScheduleRule):
 
 
 class TritGEMMCPU(ScheduleRule):
-    """Prefill (many rows of x): per row panel and block of 80 weights, the block is decoded once into
-    a small float tile (5 x 16 x R, L1-resident) that every row of x then reads."""
+    """Prefill (many rows of x, the dequantized-tile form): per row panel, its weights are decoded once to
+    step·q in a float tile (K x R, rows innermost, cache-resident), then a plain GEMM runs over it:
+    PREFILL_ROW_TILE rows of x at a time with their accumulators in registers over all of K, so each tile
+    vector loaded feeds that many multiply-adds (2x the grouped form's 5 group accumulators per row)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
         if not _applies(func, target) or row_count(func) == 1:
             return None
         sch = s_tir.Schedule(func)
         b = trit_blocks(sch)
+        if "trit_group_dot" in b:  # the grouped form: not this rule's (GPUs, single rows)
+            return None
         lanes = layout_rows(func)
         if "trit_decode_tail" in b:
             sch.compute_inline(b["trit_decode_tail"])
         if "trit_matmul" not in b:
             return TritGEMVCPU._tail_only(sch, b, lanes)
         mm = b["trit_matmul"]
-        m, nb, r, (kb, kp) = _rows_and_panels(sch, mm, lanes)
-        sch.reorder(nb, kb, m, kp, r)
+        m, nb, r, (kb, kp, kj) = _rows_and_panels(sch, mm, lanes)
+        mo, mi = sch.split(m, factors=[None, PREFILL_ROW_TILE])
+        sch.reorder(nb, mo, kb, kp, kj, mi, r)
         sch.vectorize(r)
-        sch.compute_at(b["trit_group_dot"], m, preserve_unit_loops=True)
-        *_, pos, lane, kj = sch.get_loops(b["trit_group_dot"])
-        sch.reorder(kj, pos, lane)
-        sch.unroll(pos)
-        sch.vectorize(lane)
+        sch.unroll(mi)
+        acc = sch.cache_write(mm, 0, "local")  # PREFILL_ROW_TILE x R accumulators, in registers over all of K
+        sch.reverse_compute_at(acc, mo, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(acc)[-1])
         for name in ("trit_decode", "trit_step"):
-            sch.compute_at(b[name], kb, preserve_unit_loops=True)
+            sch.compute_at(b[name], nb, preserve_unit_loops=True)
         *_, lane, _, pos, j = sch.get_loops(b["trit_decode"])
-        sch.reorder(j, pos, lane)
+        sch.reorder(pos, j, lane)
         sch.unroll(pos)
         sch.vectorize(lane)
         sch.vectorize(sch.get_loops(b["trit_step"])[-1])
@@ -138,12 +143,12 @@ class TritGEMMCPU(ScheduleRule):
             sch.vectorize(lane)
         sch.reverse_compute_at(b["trit_out"], nb, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(b["trit_out"])[-1])
-        for name in ("trit_decode", "trit_step", "trit_group_dot"):
-            sch.set_scope(b[name], 0, "local")
+        sch.set_scope(b["trit_step"], 0, "local")
         # the tile with its rows innermost: every read of it is one contiguous vector (rows first, it was
         # a 32-element gather per multiply-add, 5x slower)
         sch.transform_layout(b["trit_decode"], ("write", 0), lambda n, blk, pos, j: (blk, pos, j, n))
         sch.parallel(nb)  # per-panel tiles are then allocated inside the parallel loop
+        sch.decompose_reduction(mm, kb)  # zero the accumulators before K, not under an if inside it
         return sch
 
 

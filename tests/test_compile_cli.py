@@ -18,24 +18,35 @@ def cuda_artifact(trit_ckpt):
     return out
 
 
-def test_one_trit_call_per_quantized_linear(trit_ckpt):
-    from trit_tvm.compile import _layer_depths
-    from trit_tvm.model import Qwen2Config, TritQwen2ForCausalLM
-    from codec import load_trit_checkpoint
+def _trit_calls(cfg, depths) -> dict[str, list[str]]:
+    """{function: the parameter prefix of each trit_decode_matmul call} of the exported model."""
+    from trit_tvm.model import TritQwen2ForCausalLM
     from trit_tvm.operator import WeightLayout
-    ckpt = load_trit_checkpoint(trit_ckpt)
-    cfg = Qwen2Config.from_hf(ckpt.config)
-    model = TritQwen2ForCausalLM(cfg, _layer_depths(ckpt, cfg), "float32", tvm.target.Target({"kind": "llvm"}),
-                                 WeightLayout(32))
+    model = TritQwen2ForCausalLM(cfg, depths, "float32", tvm.target.Target({"kind": "llvm"}), WeightLayout(32))
     mod, _ = model.export_tvm(spec=model.get_default_spec())
-    for fn in ("prefill", "decode"):
-        text = mod[fn].script()
-        calls = re.findall(r"R\.call_tir\(trit_decode_matmul\d*, \(\w+, (\w+)_trit_codes", text)
-        assert len(calls) == 7 * cfg.num_hidden_layers, fn
-        assert len(set(calls)) == len(calls)  # each quantized linear exactly once
     tagged = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs
               and f.attrs.get("trit.op") == "decode_matmul"]
     assert tagged
+    return {fn: re.findall(r"R\.call_tir\(trit_decode_matmul\d*, \(\w+, (\w+)_trit_codes", mod[fn].script())
+            for fn in ("prefill", "decode")}
+
+
+def test_one_trit_call_per_quantized_linear_qkv_and_gate_up_stacked(trit_ckpt):
+    from trit_tvm.compile import _layer_depths
+    from trit_tvm.model import Qwen2Config
+    from codec import load_trit_checkpoint
+    ckpt = load_trit_checkpoint(trit_ckpt)
+    cfg = Qwen2Config.from_hf(ckpt.config)
+    depths = _layer_depths(ckpt, cfg)
+    for fn, calls in _trit_calls(cfg, depths).items():
+        assert [c.split("_", 3)[-1] for c in calls[:4]] == ["self_attn_qkv_proj", "self_attn_o_proj",
+                                                             "mlp_gate_up_proj", "mlp_down_proj"], fn
+        assert len(calls) == 4 * cfg.num_hidden_layers and len(set(calls)) == len(calls), fn
+    # a layer whose q has another depth than k and v keeps three calls for them (stacked planes need one depth)
+    mixed = [dict(d, q_proj=2) if i == 0 else d for i, d in enumerate(depths)]
+    calls = _trit_calls(cfg, mixed)["decode"]
+    assert [c.split("_", 3)[-1] for c in calls[:6]] == ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj",
+                                                        "self_attn_o_proj", "mlp_gate_up_proj", "mlp_down_proj"]
 
 
 def test_run_json_and_text(llvm_artifact, capsys):

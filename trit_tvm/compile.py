@@ -30,7 +30,7 @@ from codec.safetensors_io import ShardWriter, from_float, to_float32
 
 from .artifact import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, LIBRARY, PARAMS
 from .errors import CompileError
-from .model import Qwen2Config, TritQwen2ForCausalLM, checkpoint_tensor_name
+from .model import Qwen2Config, TritQwen2ForCausalLM, checkpoint_tensor_names
 from .operator import WeightLayout, layout_for_target
 from .pipeline import trit_pipeline
 from .targets import target_arch, target_device_kind, target_to_json
@@ -86,22 +86,28 @@ def embed_dtype_for(ckpt: TritCheckpoint, target: tvm.target.Target) -> str:
 
 def _param_array(ckpt: TritCheckpoint, param: str, shape: tuple[int, ...], dtype: str, embed_dtype: str,
                  layout: WeightLayout) -> tuple[np.ndarray, str]:
-    """The checkpoint tensor behind one exported parameter, in the layout and dtype the VM expects."""
-    name, suffix = checkpoint_tensor_name(param)
+    """The checkpoint tensor(s) behind one exported parameter (several stacked along rows for qkv_proj and
+    gate_up_proj), in the layout and dtype the VM expects."""
+    names, suffix = checkpoint_tensor_names(param)
     if suffix is not None:
-        arr = np.asarray(ckpt.packed(name)[suffix])
+        arr = np.concatenate([np.asarray(ckpt.packed(name)[suffix]) for name in names])
         if arr.dtype == np.uint8:
             arr, st = layout.repack(arr), "U8"
         else:
             st = "F32"
     else:
-        if name not in ckpt.manifest["kept"]:
-            raise CompileError(f"{ckpt.path}: tensor '{name}' is missing (needed by the {param} parameter)")
-        stored, st_dtype = ckpt.kept(name)
-        st = DTYPE_NAMES[embed_dtype if name in EMBEDDING_TENSORS else dtype]
-        arr = stored if st == st_dtype else from_float(to_float32(stored, st_dtype), st)
+        missing = [name for name in names if name not in ckpt.manifest["kept"]]
+        if missing:
+            raise CompileError(f"{ckpt.path}: tensor '{missing[0]}' is missing (needed by the {param} parameter)")
+        st = DTYPE_NAMES[embed_dtype if names[0] in EMBEDDING_TENSORS else dtype]
+        parts = []
+        for name in names:
+            stored, st_dtype = ckpt.kept(name)
+            parts.append(stored if st == st_dtype else from_float(to_float32(stored, st_dtype), st))
+        arr = np.concatenate(parts) if len(parts) > 1 else parts[0]
     if tuple(arr.shape) != tuple(shape):
-        raise CompileError(f"{ckpt.path}: tensor '{name}' has shape {list(arr.shape)}, the model config needs "
+        what = names[0] if len(names) == 1 else " + ".join(names)
+        raise CompileError(f"{ckpt.path}: tensor '{what}' has shape {list(arr.shape)}, the model config needs "
                            f"{list(shape)} for {param}")
     return arr, st
 
@@ -183,7 +189,7 @@ def compile_model(model_dir: Path, target: tvm.target.Target, out_dir: Path, dep
             for param, p in named_params:
                 arr, st = _param_array(ckpt, param, tuple(int(s) for s in p.shape), dtype, embed_dtype, layout)
                 writer.add(param, arr, st)
-                resident["trit" if checkpoint_tensor_name(param)[1] else "kept"] += arr.nbytes
+                resident["trit" if checkpoint_tensor_names(param)[1] else "kept"] += arr.nbytes
             writer.close()
             copy_side_files(ckpt.path, tmp)
             manifest = {

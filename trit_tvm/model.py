@@ -1,8 +1,9 @@
 """Qwen2 / Qwen2.5 (Qwen2ForCausalLM) in tvm.relax.frontend.nn, every quantized linear a TritLinear.
 
 Methods exported: embed, prefill (last-position logits), decode, create_tir_paged_kv_cache. Attention,
-RoPE and the KV cache are TVM's TIRPagedKVCache. Parameter names map 1:1 to trit checkpoint tensors
-(see `checkpoint_tensor_name`).
+RoPE and the KV cache are TVM's TIRPagedKVCache. q/k/v and gate/up are stacked into one operator each
+(qkv_proj, gate_up_proj) when their depths agree; parameter names map to the trit checkpoint tensors
+they are made of (see `checkpoint_tensor_names`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from .operator import WeightLayout, trit_decode_matmul_te, trit_op_attrs
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 TRIT_PARAM_SUFFIXES = (CODES, SCALES, CODEBOOK)
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+STACKED = {"qkv_proj": QKV, "gate_up_proj": GATE_UP}  # stacked parameter -> checkpoint linears, in row order
 
 
 @dataclass(frozen=True)
@@ -64,48 +68,65 @@ class Qwen2Config:
 
 
 class TritLinear(nn.Module):
-    """A linear layer stored as packed trits; forward is one trit_decode_matmul call."""
+    """A linear layer stored as packed trits; forward is one trit_decode_matmul call.
 
-    def __init__(self, in_features: int, out_features: int, depth: int, bias: bool, dtype: str,
+    parts: output sizes of several matrices with the same input stacked into one (q/k/v, gate/up): one
+    kernel reads x once and launches once for all of them; each keeps its own codebook."""
+
+    def __init__(self, in_features: int, parts: tuple[int, ...], depth: int, bias: bool, dtype: str,
                  layout: WeightLayout):
-        self.in_features, self.out_features, self.depth, self.layout = in_features, out_features, depth, layout
-        shapes = packed_shapes(out_features, in_features, depth)
-        self.trit_codes = nn.Parameter(layout.code_shape(out_features, *shapes[CODES][1:]), "uint8")
-        self.trit_scales = nn.Parameter(layout.code_shape(out_features, *shapes[SCALES][1:]), "uint8")
-        self.trit_codebook = nn.Parameter(shapes[CODEBOOK], "float32")
-        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+        self.in_features, self.out_features = in_features, sum(parts)
+        self.parts, self.depth, self.layout = tuple(parts), depth, layout
+        shapes = packed_shapes(self.out_features, in_features, depth)
+        self.trit_codes = nn.Parameter(layout.code_shape(self.out_features, *shapes[CODES][1:]), "uint8")
+        self.trit_scales = nn.Parameter(layout.code_shape(self.out_features, *shapes[SCALES][1:]), "uint8")
+        self.trit_codebook = nn.Parameter((shapes[CODEBOOK][0] * len(parts),), "float32")
+        self.bias = nn.Parameter((self.out_features,), dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         args = [x, self.trit_codes, self.trit_scales, self.trit_codebook]
         if self.bias is not None:
             args.append(self.bias)
-        te_func = functools.partial(trit_decode_matmul_te, n_out=self.out_features, layout=self.layout)
+        te_func = functools.partial(trit_decode_matmul_te, n_out=self.out_features, layout=self.layout,
+                                    parts=self.parts if len(self.parts) > 1 else ())
         return op.tensor_expr_op(te_func, "trit_decode_matmul", args,
                                  attrs=trit_op_attrs(self.out_features, self.in_features, self.depth,
                                                      self.bias is not None, self.layout))
 
 
-def make_linear(in_features: int, out_features: int, depth: int, bias: bool, dtype: str,
+def make_linear(in_features: int, parts: tuple[int, ...], depth: int, bias: bool, dtype: str,
                 layout: WeightLayout) -> nn.Module:
     """A TritLinear, or at depth 0 a dense nn.Linear in the model dtype (the dense baseline benchmarks
-    build with the same pipeline)."""
+    build with the same pipeline; stacked the same way)."""
     if depth == 0:
-        return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
-    return TritLinear(in_features, out_features, depth, bias, dtype, layout)
+        return nn.Linear(in_features, sum(parts), bias=bias, dtype=dtype)
+    return TritLinear(in_features, parts, depth, bias, dtype, layout)
+
+
+def _stackable(depths: dict[str, int], names: tuple[str, ...]) -> bool:
+    """Matrices with the same input stack into one operator when they share a depth (the packed planes)."""
+    return len({depths[n] for n in names}) == 1
 
 
 class Qwen2Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str, layout: WeightLayout):
         h, d = cfg.hidden_size, cfg.head_dim
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.q_proj = make_linear(h, self.hq * d, depths["q_proj"], True, dtype, layout)
-        self.k_proj = make_linear(h, self.hkv * d, depths["k_proj"], True, dtype, layout)
-        self.v_proj = make_linear(h, self.hkv * d, depths["v_proj"], True, dtype, layout)
-        self.o_proj = make_linear(self.hq * d, h, depths["o_proj"], False, dtype, layout)
+        sizes = {"q_proj": self.hq * d, "k_proj": self.hkv * d, "v_proj": self.hkv * d}
+        if _stackable(depths, QKV):
+            self.qkv_proj = make_linear(h, tuple(sizes[n] for n in QKV), depths["q_proj"], True, dtype, layout)
+        else:
+            self.qkv_proj = None
+            self.q_proj, self.k_proj, self.v_proj = (make_linear(h, (sizes[n],), depths[n], True, dtype, layout)
+                                                     for n in QKV)
+        self.o_proj = make_linear(self.hq * d, (h,), depths["o_proj"], False, dtype, layout)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
-        qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+        else:
+            qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         qkv = op.reshape(qkv, (b, s, self.hq + 2 * self.hkv, self.d))
         out = kv.attention_with_fused_qkv(layer_id, qkv, self.hq, sm_scale=self.d ** -0.5)
         return self.o_proj(op.reshape(out, (b, s, self.hq * self.d)))
@@ -114,12 +135,19 @@ class Qwen2Attention(nn.Module):
 class Qwen2MLP(nn.Module):
     def __init__(self, cfg: Qwen2Config, depths: dict[str, int], dtype: str, layout: WeightLayout):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = make_linear(h, i, depths["gate_proj"], False, dtype, layout)
-        self.up_proj = make_linear(h, i, depths["up_proj"], False, dtype, layout)
-        self.down_proj = make_linear(i, h, depths["down_proj"], False, dtype, layout)
+        if _stackable(depths, GATE_UP):
+            self.gate_up_proj = make_linear(h, (i, i), depths["gate_proj"], False, dtype, layout)
+        else:
+            self.gate_up_proj = None
+            self.gate_proj, self.up_proj = (make_linear(h, (i,), depths[n], False, dtype, layout) for n in GATE_UP)
+        self.down_proj = make_linear(i, (h,), depths["down_proj"], False, dtype, layout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(op.silu(gate) * up)
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -213,9 +241,12 @@ class TritQwen2ForCausalLM(nn.Module):
         }, self)
 
 
-def checkpoint_tensor_name(param: str) -> tuple[str, str | None]:
-    """Exported parameter name -> (checkpoint tensor name, packed suffix or None for kept tensors)."""
+def checkpoint_tensor_names(param: str) -> tuple[list[str], str | None]:
+    """Exported parameter name -> (checkpoint tensors stacked along rows in it, packed suffix or None for
+    kept tensors). `...self_attn.qkv_proj.trit_codes` -> the q/k/v_proj weights' trit_codes, in order."""
     head, _, last = param.rpartition(".")
+    parent, _, linear = head.rpartition(".")
+    sources = [f"{parent}.{name}" for name in STACKED[linear]] if linear in STACKED else [head]
     if last in TRIT_PARAM_SUFFIXES:
-        return f"{head}.weight", last
-    return param, None
+        return [f"{src}.weight" for src in sources], last
+    return [f"{src}.{last}" for src in sources], None

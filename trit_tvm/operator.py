@@ -6,10 +6,12 @@ r < 5 groups is packed in plain order (weight 80B+t: byte 16B + t/5, position t%
     digit(byte, p) = ((byte · 3^p) & 255) · 3 >> 8                (multiply and shift, no division)
     q              = Σ_i digit_i · 3^i − qmax
     step[n, g]     = codebook[Σ_i digit(scales[n, i, g/5], g%5) · 3^i]
-The TE below states decode (trit_decode: u = q + qmax; trit_decode_tail: step·q), per-group dot
-products (trit_group_dot, corrected by qmax·Σx from trit_xsum), group steps (trit_step) and the accumulation (trit_matmul, then trit_matmul_tail which
-adds the tail's sum) as blocks of one PrimFunc;
-schedules/ inline the decode into the reduction loop (GEMV) or compute it tile by tile in registers (GEMM),
+The TE below states the computation as blocks of one PrimFunc, in one of two forms (`_dequantized_tiles`):
+  grouped:     trit_decode (u = q + qmax), per-group dot products (trit_group_dot, corrected by qmax·Σx
+               from trit_xsum), group steps (trit_step) and their accumulation (trit_matmul)
+  dequantized: trit_step, trit_decode (step·q) and a plain dot product over it (trit_matmul)
+then the K tail (trit_decode_tail: step·q; trit_matmul_tail adds its sum) and trit_out.
+schedules/ inline the decode into the reduction loop (GEMV) or compute it tile by tile (GEMM),
 so no full-size float copy of Ŵ ever exists.
 The PrimFunc carries TRIT_OP_ATTR so schedule rules find it without guessing by name.
 `reference_decode_matmul` is the numpy statement of the same math, used by the tests.
@@ -23,10 +25,10 @@ import numpy as np
 from tvm import te, tirx
 
 from codec.format import BLOCK, SCALE_DIGITS, interleave_rows, unpack_matrix
-from codec.quantize import GROUP_SIZE, qmax_of
+from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE
 from schedules import decode_for_target, layout_rows_for_target
-from schedules.base import DECODE_SIMD16, DECODE_INT32, DECODE_TABLE32, LAYOUT_ROWS_ATTR, TRIT_OP_ATTR
+from schedules.base import DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, LAYOUT_ROWS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
 
 TRIT_OP_NAME = "decode_matmul"
 OP_PATTERN_OPAQUE = 8  # relax FuseOps leaves the call alone: it stays one kernel with its attributes
@@ -150,12 +152,31 @@ def layout_for_target(target) -> WeightLayout:
     return WeightLayout(layout_rows_for_target(target), decode_for_target(target))
 
 
+def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:
+    """The form of the computation (docstring at the top of the module).
+
+    Grouped (decode, and GPUs): per group Σ x·u, times the step once per 16 weights; the least arithmetic
+    per weight, for kernels that use each weight once. Dequantized tiles (CPU prefill, many rows): each
+    weight decoded to step·q once per tile and then reused by every row of x, a plain GEMM inner loop
+    (5 group accumulators per row, as in the grouped form, do not fit the registers).
+    """
+    single_row = all(isinstance(d, (int, tirx.IntImm)) and int(d) == 1 for d in lead)
+    return layout.decode == DECODE_SIMD16 and not single_row
+
+
+def stacked_row_starts(parts: tuple[int, ...]) -> list[int]:
+    """First row of every stacked matrix after the first (q/k/v or gate/up fused into one operator)."""
+    return list(np.cumsum(parts[:-1]).astype(int)) if len(parts) > 1 else []
+
+
 def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, codebook: te.Tensor,
                           bias: te.Tensor | None = None, *, n_out: int, layout: WeightLayout = PLANES,
-                          out_dtype: str | None = None) -> te.Tensor:
+                          parts: tuple[int, ...] = (), out_dtype: str | None = None) -> te.Tensor:
     """TE compute of the operator; x is [..., K], the result [..., n_out].
 
     y = Σ_groups step · (Σ_{16 weights} x·q): the step multiplies a group's dot product once.
+    parts: row counts of matrices stacked into this one (fused q/k/v, gate/up), each with its own
+    codebook: `codebook` is their 27-entry codebooks concatenated, row n reads the one of its matrix.
     """
     depth = int(codes.shape[1])
     n_in = int(x.shape[-1])
@@ -176,6 +197,8 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
 
     def step_of(n, g, base3=base3):
         idx = base3(lambda i, b: scale_at(n, i, b), SCALE_DIGITS, g // TRITS_PER_BYTE, g % TRITS_PER_BYTE)
+        for start in stacked_row_starts(parts):
+            idx = idx + tirx.Select(n >= start, tirx.const(CODEBOOK_SIZE, "int32"), tirx.const(0, "int32"))
         return codebook[idx]
 
     def u(n, byte, pos, base3=base3):  # q + qmax, in [0, 3^d)
@@ -186,24 +209,35 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
 
     acc = None
     if n_blocks:
-        w = te.compute((n_out, n_blocks, TRITS_PER_BYTE, GROUP_SIZE),
-                       lambda n, b, p, j: u(n, b * GROUP_SIZE + j, p), name="trit_decode")
-        kj = te.reduce_axis((0, GROUP_SIZE), "kj")
-        ks = te.reduce_axis((0, GROUP_SIZE), "ks")
-        # Σ x·q = Σ x·u − qmax·Σ x: the group sums of x are shared by every row
-        xsum = te.compute(lead + [n_blocks, TRITS_PER_BYTE], lambda *i: te.sum(
-            x_at(i[:-1], i[-2] * BLOCK + i[-1] * GROUP_SIZE + ks), axis=ks), name="trit_xsum")
-        # output rows innermost, so a tile of rows is contiguous for SIMD lanes
-        dot = te.compute(lead + [n_blocks, TRITS_PER_BYTE, n_out], lambda *i: te.sum(
-            x_at(i[:-2], i[-3] * BLOCK + i[-2] * GROUP_SIZE + kj) * w[i[-1], i[-3], i[-2], kj], axis=kj),
-            name="trit_group_dot")
         step = te.compute((n_blocks, TRITS_PER_BYTE, n_out), lambda b, p, n: step_of(n, b * TRITS_PER_BYTE + p),
                           name="trit_step")
         kb = te.reduce_axis((0, n_blocks), "kb")
         kp = te.reduce_axis((0, TRITS_PER_BYTE), "kp")
-        acc = te.compute(lead + [n_out], lambda *i: te.sum(step[kb, kp, i[-1]] * (
-            dot[tuple(i[:-1]) + (kb, kp, i[-1])] - float(qmax) * xsum[tuple(i[:-1]) + (kb, kp)]), axis=[kb, kp]),
-            name="trit_matmul")
+        kj = te.reduce_axis((0, GROUP_SIZE), "kj")
+        if _dequantized_tiles(layout, lead):
+            w = te.compute((n_out, n_blocks, TRITS_PER_BYTE, GROUP_SIZE), lambda n, b, p, j: step[b, p, n] * (
+                u(n, b * GROUP_SIZE + j, p) - float(qmax)), name="trit_decode")
+            # rows padded with zeros to a multiple of the GEMM's row tile: its inner loop needs no bounds check
+            padded = lead[:-1] + [(lead[-1] + PREFILL_ROW_TILE - 1) // PREFILL_ROW_TILE * PREFILL_ROW_TILE]
+            xp = te.compute(padded + [n_in], lambda *i: tirx.if_then_else(
+                i[-2] < lead[-1], x[i].astype("float32"), tirx.const(0.0, "float32")), name="trit_x_padded")
+            acc = te.compute(padded + [n_out], lambda *i: te.sum(
+                xp[tuple(i[:-1]) + (kb * BLOCK + kp * GROUP_SIZE + kj,)] * w[i[-1], kb, kp, kj],
+                axis=[kb, kp, kj]), name="trit_matmul")
+        else:
+            w = te.compute((n_out, n_blocks, TRITS_PER_BYTE, GROUP_SIZE),
+                           lambda n, b, p, j: u(n, b * GROUP_SIZE + j, p), name="trit_decode")
+            ks = te.reduce_axis((0, GROUP_SIZE), "ks")
+            # Σ x·q = Σ x·u − qmax·Σ x: the group sums of x are shared by every row
+            xsum = te.compute(lead + [n_blocks, TRITS_PER_BYTE], lambda *i: te.sum(
+                x_at(i[:-1], i[-2] * BLOCK + i[-1] * GROUP_SIZE + ks), axis=ks), name="trit_xsum")
+            # output rows innermost, so a tile of rows is contiguous for SIMD lanes
+            dot = te.compute(lead + [n_blocks, TRITS_PER_BYTE, n_out], lambda *i: te.sum(
+                x_at(i[:-2], i[-3] * BLOCK + i[-2] * GROUP_SIZE + kj) * w[i[-1], i[-3], i[-2], kj], axis=kj),
+                name="trit_group_dot")
+            acc = te.compute(lead + [n_out], lambda *i: te.sum(step[kb, kp, i[-1]] * (
+                dot[tuple(i[:-1]) + (kb, kp, i[-1])] - float(qmax) * xsum[tuple(i[:-1]) + (kb, kp)]),
+                axis=[kb, kp]), name="trit_matmul")
     if tail:
         base = n_blocks * GROUP_SIZE  # first tail byte; tail weights are in plain order
         wt = te.compute((n_out, tail), lambda n, t: step_of(n, n_blocks * TRITS_PER_BYTE + t // GROUP_SIZE, tail_base3)
@@ -222,7 +256,7 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     def finish(*i):
         y = acc[i] if bias is None else acc[i] + bias[i[-1]].astype("float32")
         return y.astype(out_dtype)
-    return te.compute(acc.shape, finish, name="trit_out")
+    return te.compute(lead + [n_out], finish, name="trit_out")
 
 
 def trit_op_attrs(n_out: int, n_in: int, depth: int, has_bias: bool, layout: WeightLayout = PLANES) -> dict:
@@ -232,22 +266,26 @@ def trit_op_attrs(n_out: int, n_in: int, depth: int, has_bias: bool, layout: Wei
 
 
 def trit_decode_matmul_func(n_out: int, n_in: int, depth: int, layout: WeightLayout = PLANES, rows: int | None = None,
-                            bias: bool = False, dtype: str = "float32") -> tirx.PrimFunc:
+                            bias: bool = False, dtype: str = "float32", parts: tuple[int, ...] = ()) -> tirx.PrimFunc:
     """A standalone operator PrimFunc (x [rows, n_in], symbolic rows when None), tagged for the rules:
-    what tests and benchmarks build kernels from."""
+    what tests and benchmarks build kernels from. parts: stacked matrices (see trit_decode_matmul_te)."""
     x = te.placeholder((rows if rows else te.var("m"), n_in), dtype, "x")
     codes = te.placeholder(layout.code_shape(n_out, depth, -(-n_in // TRITS_PER_BYTE)), "uint8", "codes")
     scales = te.placeholder(layout.code_shape(n_out, SCALE_DIGITS, -(-(n_in // GROUP_SIZE) // TRITS_PER_BYTE)),
                             "uint8", "scales")
-    codebook = te.placeholder((27,), "float32", "codebook")
+    codebook = te.placeholder((CODEBOOK_SIZE * max(len(parts), 1),), "float32", "codebook")
     args = [x, codes, scales, codebook] + ([te.placeholder((n_out,), dtype, "bias")] if bias else [])
-    y = trit_decode_matmul_te(*args, n_out=n_out, layout=layout)
+    y = trit_decode_matmul_te(*args, n_out=n_out, layout=layout, parts=parts)
     return te.create_prim_func(args + [y]).with_attr(trit_op_attrs(n_out, n_in, depth, bias, layout))
 
 
 def reference_decode_matmul(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, codebook: np.ndarray,
-                            bias: np.ndarray | None = None) -> np.ndarray:
-    """numpy: x @ Ŵᵀ (+ bias) in float64, Ŵ unpacked by the codec (the operator's specification)."""
-    qm = unpack_matrix({"trit_codes": codes, "trit_scales": scales, "trit_codebook": codebook}, x.shape[-1])
-    y = x.astype(np.float64) @ qm.dequantize(np.float64).T
+                            bias: np.ndarray | None = None, parts: tuple[int, ...] = ()) -> np.ndarray:
+    """numpy: x @ Ŵᵀ (+ bias) in float64, Ŵ unpacked by the codec (the operator's specification);
+    with parts, the stacked matrices are unpacked one by one, each with its own codebook."""
+    starts = [0, *stacked_row_starts(parts), codes.shape[0]]
+    w = np.concatenate([unpack_matrix({"trit_codes": codes[a:b], "trit_scales": scales[a:b],
+                                       "trit_codebook": codebook[CODEBOOK_SIZE * i:CODEBOOK_SIZE * (i + 1)]},
+                                      x.shape[-1]).dequantize(np.float64) for i, (a, b) in enumerate(zip(starts, starts[1:]))])
+    y = x.astype(np.float64) @ w.T
     return y if bias is None else y + bias.astype(np.float64)
