@@ -9,10 +9,11 @@ import tvm
 
 from .base import DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, is_trit_decode_matmul
 from .cpu import DenseLogitsCPU, TritGEMMCPU, TritGEMVCPU
+from .cpu_attention import PagedPrefillAttentionCPU
 from .cpu_rows import ElementwiseCPU, RowReductionCPU
 from .cuda import TritGEMMCuda, TritGEMVCuda
 
-__all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "RowReductionCPU", "TritGEMMCPU", "TritGEMMCuda", "TritGEMVCPU", "TritGEMVCuda", "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target",
+__all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "PagedPrefillAttentionCPU", "RowReductionCPU", "TritGEMMCPU", "TritGEMMCuda", "TritGEMVCPU", "TritGEMVCuda", "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target",
            "rules_for_target"]
 
 LAYOUT_ROWS = 32  # x86: 32 rows x 16-bit lanes = one AVX-512 register; CUDA: one warp reads 32 rows' bytes
@@ -22,7 +23,8 @@ LAYOUT_ROWS_ARM = 8  # aarch64: 8 rows x 16-bit lanes = one 128-bit NEON registe
 def rules_for_target(target: tvm.target.Target) -> list:
     if target.kind.name == "cuda":
         return [TritGEMVCuda(), TritGEMMCuda()]
-    return [TritGEMVCPU(), TritGEMMCPU(), DenseLogitsCPU(), RowReductionCPU(), ElementwiseCPU()]
+    return [TritGEMVCPU(), TritGEMMCPU(), DenseLogitsCPU(), RowReductionCPU(), ElementwiseCPU(),
+            PagedPrefillAttentionCPU()]
 
 
 def layout_rows_for_target(target: tvm.target.Target) -> int:

@@ -73,3 +73,14 @@ def test_elementwise_kernel_is_vectorized_and_exact(rows):
     rng = np.random.default_rng(rows)
     x, gate = (rng.standard_normal((1, rows, HIDDEN)).astype(np.float32) for _ in range(2))
     np.testing.assert_allclose(_run(sch, {"x": x, "gate": gate}), gate / (1 + np.exp(-gate)) * x, rtol=1e-5, atol=1e-6)
+
+
+def test_paged_prefill_attention_runs_its_heads_over_the_cores():
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu
+    from schedules import PagedPrefillAttentionCPU
+    func = _attention_prefill_cpu(2, 6, 16, "float32", False, {})
+    sch = PagedPrefillAttentionCPU().apply(func, LLVM, False)
+    assert sch is not None
+    assert sch.get(sch.get_loops(sch.get_sblock("attn"))[0]).kind == ForKind.PARALLEL
+    tvm.compile(sch.mod, target=LLVM)
+    assert PagedPrefillAttentionCPU().apply(_kernel(_SiluMul(), ["x", "gate"], 4), LLVM, False) is None

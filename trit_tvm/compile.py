@@ -28,6 +28,7 @@ from codec.checkpoint import DTYPE_NAMES, FORMAT_VERSION, TritCheckpoint, atomic
 from codec.errors import read_json
 from codec.safetensors_io import ShardWriter, from_float, to_float32
 
+from .attention_cpu import use_cpu_prefill_attention
 from .artifact import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, LIBRARY, PARAMS
 from .errors import CompileError
 from .model import Qwen2Config, TritQwen2ForCausalLM, checkpoint_tensor_names
@@ -133,6 +134,8 @@ def export_model(cfg: Qwen2Config, layer_depths: list[dict[str, int]], target: t
     layout = layout_for_target(target)
     model = TritQwen2ForCausalLM(cfg, layer_depths, dtype, target, layout, embed_dtype)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    if target_device_kind(target) == "cpu":
+        mod = use_cpu_prefill_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, dtype)
     return mod, named_params, layout, dtype
 
 

@@ -149,10 +149,12 @@ class TritModel:
     def resident_weight_bytes(self) -> int:
         return sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in self.params)
 
-    def _new_cache(self):
+    def _new_cache(self, tokens: int):
+        """A KV cache for one sequence of up to `tokens` tokens. Sized per request, not to the model's
+        context: TVM's CPU prefill attention scans the cache's whole capacity for every query and head."""
         shape = self.runtime.shape
-        kv = self.vm["create_tir_paged_kv_cache"](shape(1), shape(self.max_seq_len), shape(PREFILL_CHUNK),
-                                                  shape(PAGE_SIZE))
+        capacity = min(self.max_seq_len, -(-tokens // PAGE_SIZE) * PAGE_SIZE)
+        kv = self.vm["create_tir_paged_kv_cache"](shape(1), shape(capacity), shape(PREFILL_CHUNK), shape(PAGE_SIZE))
         self._add_seq(kv, 0)
         return kv
 
@@ -182,11 +184,11 @@ class TritModel:
 
     def prefill_logits(self, ids: list[int]) -> np.ndarray:
         """Last-position logits (float32 [vocab]) after a fresh prefill of ids."""
-        return self._prefill(self._new_cache(), self._check_prompt(ids))
+        return self._prefill(self._new_cache(len(ids)), self._check_prompt(ids))
 
     def decode_logits(self, prompt: list[int], continuation: list[int]) -> list[np.ndarray]:
         """Logits after prefilling prompt, then after each decode step feeding one token of continuation."""
-        kv = self._new_cache()
+        kv = self._new_cache(len(prompt) + len(continuation))
         out = [self._prefill(kv, self._check_prompt(prompt))]
         out += [self._forward(kv, "decode", np.array([t])) for t in continuation]
         return out
@@ -198,7 +200,7 @@ class TritModel:
             raise CompileError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the "
                                f"context length {self.max_seq_len}")
         rng = np.random.default_rng(seed)
-        kv = self._new_cache()
+        kv = self._new_cache(len(prompt) + max_new_tokens)
         t0 = time.perf_counter()
         logits = self._prefill(kv, prompt)
         t1 = time.perf_counter()

@@ -1,0 +1,57 @@
+"""trit-tvm's CPU ragged prefill attention against numpy: GQA, two sequences in one batch, causal with
+more keys than queries (a later prefill chunk) and not causal, and a rotary_mode it does not handle."""
+import math
+
+import numpy as np
+import pytest
+import tvm
+
+from trit_tvm.attention_cpu import ragged_prefill_attention
+
+H_Q, H_KV, D = 6, 2, 24
+
+
+def _attention(q, k, v, causal, sm_scale):
+    """numpy: (output, log2-domain lse) of one sequence, as the KV cache's kernels define them."""
+    s = np.einsum("qhd,khd->hqk", q, np.repeat(k, H_Q // H_KV, axis=1)) * sm_scale * math.log2(math.e)
+    nq, nk = q.shape[0], k.shape[0]
+    if causal:
+        s = np.where(np.arange(nk)[None, None, :] < nk - nq + np.arange(nq)[None, :, None] + 1, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.exp2(s - m)
+    out = np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), np.repeat(v, H_Q // H_KV, axis=1))
+    return out, (m[..., 0] + np.log2(p.sum(-1))).T
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    func = ragged_prefill_attention(H_KV, H_Q, D, "float32").with_attr("global_symbol", "main")
+    return tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+def test_matches_numpy(kernel, causal):
+    rng = np.random.default_rng(causal)
+    q_lens, kv_lens = [5, 19], [5, 23]  # the second sequence already has 4 tokens in the cache
+    q = rng.standard_normal((sum(q_lens), H_Q, D)).astype(np.float32)
+    k, v = (rng.standard_normal((sum(kv_lens), H_KV, D)).astype(np.float32) for _ in range(2))
+    q_indptr, kv_indptr = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (q_lens, kv_lens))
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros_like(q), dev)
+    lse = tvm.runtime.tensor(np.zeros((sum(q_lens), H_Q), np.float32), dev)
+    args = [q, q_indptr, k, v, kv_indptr, np.zeros(sum(q_lens), np.int32), np.zeros(2, np.int32)]
+    sm_scale = D ** -0.5
+    kernel(*[tvm.runtime.tensor(a, dev) for a in args], out, lse, causal, 0, 1.0, 1e4, sm_scale)
+    for b in range(2):
+        qs, ks = slice(q_indptr[b], q_indptr[b + 1]), slice(kv_indptr[b], kv_indptr[b + 1])
+        ref_out, ref_lse = _attention(q[qs], k[ks], v[ks], causal, sm_scale)
+        np.testing.assert_allclose(out.numpy()[qs], ref_out, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lse.numpy()[qs], ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_inline_rope(kernel):
+    dev = tvm.cpu()
+    z = lambda *s, dt=np.float32: tvm.runtime.tensor(np.zeros(s, dt), dev)  # noqa: E731
+    with pytest.raises(Exception, match="RoPE applied before the KV cache"):
+        kernel(z(2, H_Q, D), z(2, dt=np.int32), z(2, H_KV, D), z(2, H_KV, D), z(2, dt=np.int32),
+               z(2, dt=np.int32), z(1, dt=np.int32), z(2, H_Q, D), z(2, H_Q), 1, 1, 1.0, 1e4, 1.0)
