@@ -52,14 +52,3 @@ def split_loops(sch: s_tir.Schedule, block) -> tuple[list, list]:
     return ([lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.DataPar],
             [lp for lp, iv in pairs if iv.iter_type == tirx.IterVar.CommReduce])
 
-
-def split_row_axis(sch: s_tir.Schedule, block, axis: int, rows: int) -> None:
-    """Index a per-thread buffer of a row tile by (row // rows, row % rows, ...): with a symbolic row
-    count, buffer compaction cannot bound a tile that the last rows may cut short (it would allocate
-    2^31 registers); split this way, the tile is `rows` long. The padding is never read."""
-    ndim = len(sch.get(block).writes[0].region)
-
-    def split(*idx):
-        return (*idx[:axis], idx[axis] // rows, idx[axis] % rows, *idx[axis + 1:])
-    sch.transform_layout(block, ("write", 0), tirx.IndexMap.from_func(split, ndim=ndim),
-                         assume_injective_transform=True)

@@ -102,6 +102,15 @@ class TritGEMVCPU(ScheduleRule):
         return sch
 
 
+def _pad_rows_over_cores(sch: s_tir.Schedule, block) -> None:
+    """The zero-padded copy of x (before the row panels, which all read it): rows over the cores."""
+    *rows, k = sch.get_loops(block)
+    sch.parallel(sch.fuse(*rows) if len(rows) > 1 else rows[0])
+    extent = sch.get(k).extent
+    if isinstance(extent, tirx.IntImm) and int(extent) % 16 == 0:
+        sch.vectorize(sch.split(k, factors=[None, 16])[1])
+
+
 class TritGEMMCPU(ScheduleRule):
     """Prefill (many rows of x, the dequantized-tile form): per row panel, its weights are decoded once to
     step·q in a float tile (K x R, rows innermost, cache-resident), then a plain GEMM runs over it:
@@ -144,6 +153,7 @@ class TritGEMMCPU(ScheduleRule):
         sch.reverse_compute_at(b["trit_out"], nb, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(b["trit_out"])[-1])
         sch.set_scope(b["trit_step"], 0, "local")
+        _pad_rows_over_cores(sch, b["trit_x_padded"])
         # the tile with its rows innermost: every read of it is one contiguous vector (rows first, it was
         # a 32-element gather per multiply-add, 5x slower)
         sch.transform_layout(b["trit_decode"], ("write", 0), lambda n, blk, pos, j: (blk, pos, j, n))

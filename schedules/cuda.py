@@ -13,7 +13,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .base import is_trit_decode_matmul, layout_rows, row_count, split_loops, split_row_axis, trit_blocks
+from .base import is_trit_decode_matmul, layout_rows, row_count, split_loops, trit_blocks
 
 WARP = 32
 
@@ -71,6 +71,18 @@ def _tail_and_output_at(sch: s_tir.Schedule, b: dict, anchor, first) -> None:
     for name in ("trit_matmul", "trit_matmul_tail"):
         if name in b:
             sch.set_scope(b[name], 0, "local")
+
+
+def _split_row_axis(sch: s_tir.Schedule, block, axis: int, rows: int) -> None:
+    """Index a per-thread buffer of a row tile by (row // rows, row % rows, ...): with a symbolic row
+    count, buffer compaction cannot bound a tile that the last rows may cut short (it would allocate
+    2^31 registers); split this way, the tile is `rows` long. The padding is never read."""
+    ndim = len(sch.get(block).writes[0].region)
+
+    def split(*idx):
+        return (*idx[:axis], idx[axis] // rows, idx[axis] % rows, *idx[axis + 1:])
+    sch.transform_layout(block, ("write", 0), tirx.IndexMap.from_func(split, ndim=ndim),
+                         assume_injective_transform=True)
 
 
 class TritGEMVCuda(ScheduleRule):
@@ -161,5 +173,5 @@ class TritGEMMCuda(ScheduleRule):
         _tail_and_output_at(sch, b, tx, first)
         for name in ("trit_xsum", "trit_group_dot", "trit_matmul", "trit_matmul_tail"):
             if name in b:
-                split_row_axis(sch, b[name], len(batch), self.rows_per_thread)
+                _split_row_axis(sch, b[name], len(batch), self.rows_per_thread)
         return sch

@@ -64,6 +64,29 @@ def test_tune_over_rpc_then_compile_applies_records(tiny_hf, tmp_path, rpc_track
     assert tuned and json.loads((tmp_path / "hand" / "manifest.json").read_text())["tuned_kernels"] == []
     prompt = [5, 17, 42, 99, 3, 250, 7]
     assert TritModel(tmp_path / "tuned").generate(prompt, 24).tokens == TritModel(tmp_path / "hand").generate(prompt, 24).tokens
+    _records_that_do_not_win_are_dropped(trit, logs, tmp_path)
+
+
+def _records_that_do_not_win_are_dropped(trit, logs, tmp_path):
+    """keep_records_that_win (what a local trit-tune ends with) on the records above: with no margin to
+    beat every record stays; with an unbeatable one every record goes and trit-compile uses the hand rules."""
+    from codec import load_trit_checkpoint
+    from trit_tvm.compile import _layer_depths, export_model
+    from trit_tvm.model import Qwen2Config
+    from trit_tvm.targets import parse_target
+    from trit_tvm.tuning import decode_gemv_kernels, fused_module, keep_records_that_win
+    ckpt = load_trit_checkpoint(trit)
+    cfg = Qwen2Config.from_hf(ckpt.config)
+    target = parse_target("llvm")
+    kernels = decode_gemv_kernels(fused_module(export_model(cfg, _layer_depths(ckpt, cfg), target)[0]))
+    (work_dir,) = [p.parent for p in logs.glob("*/database_tuning_record.json")]
+    rows = keep_records_that_win(kernels, work_dir, target, margin=0.0)
+    assert rows and all(r["kept"] and r["hand_s"] > 0 and r["tuned_s"] > 0 for r in rows)
+    rows = keep_records_that_win(kernels, work_dir, target, margin=float("inf"))
+    assert not any(r["kept"] for r in rows)
+    assert (work_dir / "database_tuning_record.json").read_text().strip() == ""
+    assert compile_main([str(trit), "-o", str(tmp_path / "dropped"), "--tuning-logs", str(logs)]) == 0
+    assert json.loads((tmp_path / "dropped" / "manifest.json").read_text())["tuned_kernels"] == []
 
 
 def test_bad_rpc_tracker_is_a_clear_error(tmp_path, capsys):

@@ -179,7 +179,8 @@ def resolve_model_config(args: argparse.Namespace):
 def _tune(args: argparse.Namespace) -> int:
     from .compile import LINEAR_NAMES, export_model
     from .targets import parse_target
-    from .tuning import DEFAULT_LOGS, decode_gemv_kernels, fused_module, logs_dir, make_runner, tune_kernels
+    from .tuning import DEFAULT_LOGS, decode_gemv_kernels, fused_module, keep_records_that_win, logs_dir, \
+        make_runner, tune_kernels
 
     target = parse_target(args.target)
     cfg, depth = resolve_model_config(args)
@@ -190,6 +191,13 @@ def _tune(args: argparse.Namespace) -> int:
     log.info("tuning %d decode kernels x %d trials for %s into %s", len(kernels), args.trials, target.kind.name, out)
     t0 = time.perf_counter()
     tune_kernels(kernels, target, out, args.trials, make_runner(args.rpc_tracker, args.rpc_key))
+    if args.rpc_tracker:
+        log.info("records measured on the tracker's servers are kept as they are (not re-timed here)")
+    else:
+        for row in keep_records_that_win(kernels, out, target):
+            verdict = "kept" if row["kept"] else "dropped: the hand rule schedules it"
+            ratio = "no record" if row["tuned_s"] is None else f"{row['hand_s'] / row['tuned_s']:.3f}x the hand rule"
+            log.info("%s %s: %s, %s", row["name"], row["kernel"], ratio, verdict)
     log.info("done in %.0f s; trit-compile --target %s applies the records", time.perf_counter() - t0, args.target)
     return 0
 

@@ -4,12 +4,18 @@ The search space is the hand rule (schedules.TritGEMVCPU) with its two tunable k
 parallel task and the unroll depth of the block loop. Measurements run locally or, with an RPC tracker,
 on every server registered under a key (TVM's own distributed runners). trit-compile applies matching
 records (relax MetaScheduleApplyDatabase) before the hand rules, which schedule everything else.
+A local tuning run then times each kernel's best record against the hand rule in one process and drops
+the records that do not win (`keep_records_that_win`): a random search of a few trials on a noisy machine
+can pick a schedule slower than the hand rule, and trit-compile applies records by default.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
@@ -22,6 +28,7 @@ from .targets import target_key
 
 DEFAULT_LOGS = Path(__file__).resolve().parent.parent / "tuning_logs"
 BUILD_TIMEOUT_S = 300
+KEEP_MARGIN = 1.03  # a record stays only if the hand rule takes at least 3% longer
 
 
 def logs_dir(root: Path, target: tvm.target.Target) -> Path:
@@ -72,6 +79,73 @@ def tune_kernels(kernels: dict[str, tvm.tirx.PrimFunc], target: tvm.target.Targe
         # builds run in fresh worker processes that import TVM first: give them time on a busy 2-core box
         builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S), runner=runner or make_runner(None, None),
         cost_model="random", strategy="replay-trace", seed=0)
+
+
+def time_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target, number: int = 20, repeat: int = 7) -> float:
+    """Best-of seconds of one scheduled kernel on this machine's CPU, on random inputs of its shapes."""
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    dev = tvm.cpu(0)
+    rng = np.random.default_rng(0)
+    args = []
+    for info in ms.arg_info.ArgInfo.from_prim_func(func):
+        shape, dtype = [int(s) for s in info.shape], info.dtype
+        data = rng.integers(0, 243, size=shape).astype(dtype) if "int" in dtype else rng.standard_normal(shape).astype(dtype)
+        args.append(tvm.runtime.tensor(data, dev))
+    lib.mod["main"](*args)  # warm-up: thread pool start, first touch of the buffers
+    return lib.mod.time_evaluator("main", dev, number=number, repeat=repeat)(*args).min
+
+
+def _workload(func: tvm.tirx.PrimFunc) -> tvm.IRModule:
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})  # as MetaSchedule keys it
+
+
+def compare_with_hand_rule(kernels: dict[str, tvm.tirx.PrimFunc], work_dir: Path,
+                           target: tvm.target.Target) -> list[dict]:
+    """Per kernel: the hand rule's and the best record's time measured here, one after the other
+    (tuned_s None where the database has no record for it)."""
+    db = ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=False)
+    rows = []
+    for name, func in kernels.items():
+        tuned = db.query_schedule(_workload(func), target, workload_name="main")
+        hand = TritGEMVCPU().schedule(tvm.s_tir.Schedule(func), tunable=False)
+        with target:
+            t_hand = time_kernel(hand.mod["main"], target)
+            t_tuned = None if tuned is None else time_kernel(tuned.mod["main"], target)
+        rows.append({"name": name, "kernel": f"{int(func.attrs['trit.n_in'])}->{int(func.attrs['trit.n_out'])}",
+                     "hand_s": t_hand, "tuned_s": t_tuned,
+                     "decisions": None if tuned is None else str(tuned.trace.decisions)})
+    return rows
+
+
+def keep_records_that_win(kernels: dict[str, tvm.tirx.PrimFunc], work_dir: Path, target: tvm.target.Target,
+                          margin: float = KEEP_MARGIN) -> list[dict]:
+    """compare_with_hand_rule, then remove from the database every record of a kernel whose best record is
+    not `margin` times faster than the hand rule (trit-compile then uses the hand rule for it). Rows gain
+    `kept`."""
+    rows = compare_with_hand_rule(kernels, work_dir, target)
+    dropped = []
+    for row in rows:
+        row["kept"] = bool(row["tuned_s"] is not None and row["hand_s"] >= margin * row["tuned_s"])
+        if row["tuned_s"] is not None and not row["kept"]:
+            dropped.append(_workload(kernels[row["name"]]))
+    if dropped:
+        _rewrite_database(work_dir, dropped)
+    return rows
+
+
+def _rewrite_database(work_dir: Path, dropped: list[tvm.IRModule]) -> None:
+    """The JSON database in work_dir without the records of the `dropped` workloads (both files written
+    aside, then renamed into place; nothing reads the database while trit-tune runs)."""
+    db = ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=False)
+    kept = [r for r in db.get_all_tuning_records()
+            if not any(tvm_ffi.structural_equal(r.workload.mod, mod) for mod in dropped)]
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix=".rewrite-") as tmp:
+        fresh = ms.database.JSONDatabase(work_dir=tmp)
+        for r in kept:
+            fresh.commit_tuning_record(ms.database.TuningRecord(
+                r.trace, fresh.commit_workload(r.workload.mod), r.run_secs, r.target, r.args_info))
+        for name in ("database_workload.json", "database_tuning_record.json"):
+            (Path(tmp) / name).replace(Path(work_dir) / name)
 
 
 def apply_records_pass(work_dir: Path | None, applied: list[str]) -> tvm.transform.Pass:
