@@ -85,3 +85,25 @@ def interleave_rows(packed: np.ndarray, rows: int) -> np.ndarray:
     if pad:
         packed = np.concatenate([packed, np.zeros((pad,) + packed.shape[1:], packed.dtype)])
     return np.ascontiguousarray(np.moveaxis(packed.reshape((-1, rows) + packed.shape[1:]), 1, -1))
+
+
+WORD_DIGITS_BASE9 = TRITS_PER_BYTE  # 5 base-9 digits (two trit planes) per 16-bit word: 9^5 = 59049 <= 2^16
+
+
+def pair_planes(packed: np.ndarray) -> np.ndarray:
+    """[..., planes, bytes] packed planes -> the same shape, each pair of planes (0,1), (2,3), .. re-encoded
+    as one 16-bit word per byte position (low byte in the first plane, high byte in the second); an odd
+    last plane is kept. The word holds the 5 positions' base-9 digits d_2k + 3·d_2k+1, most significant
+    first, as ceil(V·2^16/9^5): digit p = (9·T_p) >> 16 with T_0 = word, T_p+1 = 9·T_p mod 2^16 (the
+    TQ1_0 multiply-and-shift trick in base 9; exact for all 9^5 values). Same bytes count; a CPU kernel
+    then decodes two planes with one multiply chain instead of two."""
+    packed = np.asarray(packed, np.uint8)
+    out = packed.copy()
+    digits = [unpack_trits(packed[..., i, :], packed.shape[-1] * TRITS_PER_BYTE) for i in range(packed.shape[-2])]
+    pow9 = 9 ** np.arange(WORD_DIGITS_BASE9 - 1, -1, -1, dtype=np.int64)
+    for i in range(0, packed.shape[-2] - 1, 2):
+        v9 = digits[i].astype(np.int64) + 3 * digits[i + 1].astype(np.int64)
+        value = v9.reshape(v9.shape[:-1] + (-1, WORD_DIGITS_BASE9)) @ pow9
+        word = -(-(value << 16) // 9 ** WORD_DIGITS_BASE9)
+        out[..., i, :], out[..., i + 1, :] = word & 255, word >> 8
+    return out

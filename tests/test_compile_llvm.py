@@ -76,7 +76,7 @@ def test_resident_weights_are_the_packed_checkpoint(built):
     packed = m["packed_checkpoint_bytes"]
     # the same bytes reordered for the kernels; rows are padded to a multiple of 32 (the tiny model's
     # intermediate size 176 pads to 192; every Qwen2.5 dimension is a multiple of 32, so there it is equal)
-    assert m["weight_layout"] == "trit-rows32-v1"
+    assert m["weight_layout"] == "trit-rows32-pairs-v1"
     assert packed <= m["resident_trit_bytes"] <= packed * 1.10
     assert model.resident_weight_bytes == m["resident_trit_bytes"] + m["resident_kept_bytes"]
     # nothing float-sized for the quantized matrices: kept = embeddings (+ lm_head) + norms + biases only

@@ -182,10 +182,32 @@ def test_cuda_matches_numpy_reference():
 
 @pytest.mark.parametrize("n_out", [32, 37, 96])
 def test_row_interleaved_layout_is_a_reordering(n_out):
+    """The GPUs' run-time layout: the checkpoint's bytes, rows interleaved."""
     packed = np.random.default_rng(n_out).integers(0, 256, size=(n_out, 3, 41), dtype=np.uint8)
-    rt = ROWS32.repack(packed)
+    rt = CUDA_LAYOUT.repack(packed)
     assert rt.shape == (-(-n_out // 32), 3, 41, 32)
-    load = ROWS32.load(rt)
+    load = CUDA_LAYOUT.load(rt)
     back = np.array([[[load(n, i, b) for b in range(41)] for i in range(3)] for n in range(n_out)])
     np.testing.assert_array_equal(back, packed)
     assert rt.nbytes == packed.nbytes + (-n_out % 32) * 3 * 41  # only zero padding rows added
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3, 4])
+def test_paired_planes_decode_to_the_checkpoint_digits(planes):
+    """The CPUs' run-time layout: planes 2k, 2k+1 as a base-9 word per byte position, decoded by the
+    kernels' multiply chain (numpy here) to d_2k + 3·d_2k+1; the same bytes count, rows interleaved."""
+    from codec.trits import pack_trits, unpack_trits
+    digits = np.random.default_rng(planes).integers(0, 3, size=(45, planes, 205)).astype(np.uint8)
+    packed = pack_trits(digits)
+    rt = ROWS32.repack(packed)
+    assert ROWS32.paired and ROWS32.name == "trit-rows32-pairs-v1"
+    assert rt.shape == (2, planes, 41, 32) and rt.nbytes == packed.nbytes + 19 * planes * 41
+    back = np.moveaxis(rt, -1, 1).reshape(64, planes, 41)[:45].astype(np.uint32)
+    for i in range(0, planes - 1, 2):
+        t, got = back[:, i] | back[:, i + 1] << 8, []
+        for _ in range(5):
+            got.append((t * 9) >> 16)
+            t = (t * 9) & 0xFFFF
+        np.testing.assert_array_equal(np.stack(got, -1).reshape(45, -1)[:, :205], digits[:, i] + 3 * digits[:, i + 1])
+    if planes % 2:
+        np.testing.assert_array_equal(unpack_trits(back[:, -1].astype(np.uint8), 205), digits[:, -1])

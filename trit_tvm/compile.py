@@ -2,8 +2,9 @@
 
 Artifact dir:
   model.so            the compiled Relax VM library for the target (host code + device code)
-  params.safetensors  parameters in the order the VM expects: the packed trits reordered into the
-                      kernels' layout (same bytes, 32 rows interleaved), kept tensors in the target's
+  params.safetensors  parameters in the order the VM expects: the packed trits in the kernels' layout
+                      (docs/FORMAT.md: 32 rows interleaved; on CPUs digit planes paired into base-9
+                      words; the same bytes count), kept tensors in the target's
                       model dtype
   manifest.json       target, weight layout, formats, model config, input hash, byte counts
   tokenizer files     copied from the source when present

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import te, tirx
 
-from codec.format import BLOCK, SCALE_DIGITS, interleave_rows, unpack_matrix
+from codec.format import BLOCK, SCALE_DIGITS, interleave_rows, pair_planes, unpack_matrix
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE
 from schedules import decode_for_target, layout_rows_for_target
@@ -45,12 +45,18 @@ def _digit(byte: tirx.PrimExpr, pos, wide: bool = False) -> tirx.PrimExpr:
     units are 32-bit, and TVM's CUDA code computes 16-bit products in C's int, which does not wrap).
     """
     lane = "uint32" if wide else "uint16"
-    t = tirx.shift_left(byte.astype(lane), tirx.const(8, lane))
+    return _chain_digit(tirx.shift_left(byte.astype(lane), tirx.const(8, lane)), pos, 3, wide)
+
+
+def _chain_digit(t: tirx.PrimExpr, pos, base: int, wide: bool = False) -> tirx.PrimExpr:
+    """Digit `pos` (most significant first) of a fixed-point word T_0 = t in 16 bits: the high half of
+    base·T_p, with T_p+1 = base·T_p mod 2^16 (bytes: base 3, T_0 = byte·256; paired planes: base 9)."""
+    lane = "uint32" if wide else "uint16"
     candidates = []
     for p in range(TRITS_PER_BYTE):
         if p:
-            t = tirx.bitwise_and(t * tirx.const(3, lane), tirx.const(0xFFFF, lane)) if wide else t * tirx.const(3, lane)
-        candidates.append(tirx.shift_right((t if wide else t.astype("uint32")) * tirx.const(3, "uint32"),
+            t = tirx.bitwise_and(t * tirx.const(base, lane), tirx.const(0xFFFF, lane)) if wide else t * tirx.const(base, lane)
+        candidates.append(tirx.shift_right((t if wide else t.astype("uint32")) * tirx.const(base, "uint32"),
                                            tirx.const(16, "uint32")))
     if isinstance(pos, int):
         digit = candidates[pos]
@@ -110,6 +116,22 @@ def _base3(planes, ndigits: int, byte, pos, wide: bool = False) -> tirx.PrimExpr
 _base3_int32 = functools.partial(_base3, wide=True)
 
 
+def _base3_paired(planes, ndigits: int, byte, pos) -> tirx.PrimExpr:
+    """_base3 on paired planes (codec.format.pair_planes): planes 2k and 2k+1 are the low and high byte of
+    a 16-bit word whose base-9 digit is d_2k + 3·d_2k+1, so one multiply chain decodes two planes."""
+    total = None
+    for i in range(0, ndigits, 2):
+        if i + 1 < ndigits:
+            word = tirx.bitwise_or(planes(i, byte).astype("uint16"),
+                                   tirx.shift_left(planes(i + 1, byte).astype("uint16"), tirx.const(8, "uint16")))
+            term = _chain_digit(word, pos, 9).astype("uint16")
+        else:
+            term = _digit(planes(i, byte), pos)
+        term = term * tirx.const(3 ** i, "uint16") if i else term
+        total = term if total is None else total + term
+    return total.astype("int32")
+
+
 @dataclass(frozen=True)
 class WeightLayout:
     """How the packed planes sit in memory at run time.
@@ -125,8 +147,15 @@ class WeightLayout:
     decode: str = DECODE_SIMD16
 
     @property
+    def paired(self) -> bool:
+        """CPU kernels' layout: digit planes re-encoded in pairs as base-9 16-bit words (same bytes count)."""
+        return self.rows > 0 and self.decode == DECODE_SIMD16
+
+    @property
     def name(self) -> str:
-        return "trit-planes-v1" if self.rows == 0 else f"trit-rows{self.rows}-v1"
+        if self.rows == 0:
+            return "trit-planes-v1"
+        return f"trit-rows{self.rows}-pairs-v1" if self.paired else f"trit-rows{self.rows}-v1"
 
     def code_shape(self, n_out: int, planes: int, nbytes: int) -> tuple[int, ...]:
         if self.rows == 0:
@@ -141,7 +170,9 @@ class WeightLayout:
 
     def repack(self, packed: np.ndarray) -> np.ndarray:
         """Checkpoint array [N, planes, bytes] -> this layout (numpy, at compile time)."""
-        return np.ascontiguousarray(packed) if self.rows == 0 else interleave_rows(packed, self.rows)
+        if self.rows == 0:
+            return np.ascontiguousarray(packed)
+        return interleave_rows(pair_planes(packed) if self.paired else packed, self.rows)
 
 
 PLANES = WeightLayout(0)
@@ -191,6 +222,8 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
         base3, tail_base3, to_float = functools.partial(_base3_table, digit_table()), _base3_int32, _small_int_to_float
     elif layout.decode == DECODE_INT32:
         base3, to_float = _base3_int32, _small_int_to_float
+    elif layout.paired:
+        base3, to_float = _base3_paired, lambda v: v.astype("float32")
     else:
         base3, to_float = _base3, lambda v: v.astype("float32")
     tail_base3 = tail_base3 or base3
