@@ -139,9 +139,9 @@ class WeightLayout:
     rows == 0: the checkpoint's own arrays, codes [N, d, Kb] and scales [N, 3, Gb] ("planes").
     rows == R: R consecutive output rows interleaved innermost, codes [ceil(N/R), d, Kb, R] and scales
     [ceil(N/R), 3, Gb, R], so one SIMD load fetches the same byte of R rows (CPU kernels vectorize
-    over rows). Same bytes as the checkpoint, only reordered (plus zero rows up to a multiple of R).
-    decode: the integer width kernels decode digits in (DECODE_SIMD16 on CPUs, DECODE_INT32 on GPUs);
-    the bytes in memory are the same either way.
+    over rows). The checkpoint's bytes reordered (plus zero rows up to a multiple of R); with
+    DECODE_SIMD16 (CPUs) the digit planes are also paired (`paired`, docs/FORMAT.md): the same bytes count.
+    decode: how kernels decode digits (DECODE_SIMD16 on CPUs; DECODE_INT32 / DECODE_TABLE32 on GPUs).
     """
     rows: int = 0
     decode: str = DECODE_SIMD16
