@@ -46,6 +46,20 @@ def trit_blocks(sch: s_tir.Schedule) -> dict[str, s_tir.schedule.SBlockRV]:
     return found
 
 
+def static_extent(sch: s_tir.Schedule, loop) -> int | None:
+    """A loop's extent when it is a constant."""
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def vectorize_lanes(sch: s_tir.Schedule, loop, lanes: int = 16) -> None:
+    """Split `lanes` iterations off a loop and vectorize them, when its extent is a known multiple
+    of `lanes` (16 float32 lanes: one AVX-512 register; LLVM splits them for narrower SIMD)."""
+    extent = static_extent(sch, loop)
+    if extent is not None and extent % lanes == 0:
+        sch.vectorize(sch.split(loop, factors=[None, lanes])[1])
+
+
 def split_loops(sch: s_tir.Schedule, block) -> tuple[list, list]:
     """A block's loops as (spatial, reduction) lists."""
     pairs = list(zip(sch.get_loops(block), sch.get(block).iter_vars))

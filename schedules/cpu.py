@@ -11,7 +11,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from .base import KERNEL_ATTR, LOGITS_KERNEL, PREFILL_ROW_TILE, is_trit_decode_matmul, layout_rows, row_count, split_loops, \
-    trit_blocks
+    trit_blocks, vectorize_lanes
 
 
 def _applies(func, target: Target) -> bool:
@@ -22,7 +22,7 @@ def _rows_and_panels(sch: s_tir.Schedule, block, lanes: int):
     """(lead..., n, red...) of an accumulation block -> (x-rows loop, row-panel loop, lane loop, red...)."""
     spatial, reduce = split_loops(sch, block)
     *lead, n = spatial
-    m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    m = sch.fuse(*lead)
     nb, r = sch.split(n, factors=[None, lanes])
     return m, nb, r, reduce
 
@@ -105,10 +105,8 @@ class TritGEMVCPU(ScheduleRule):
 def _pad_rows_over_cores(sch: s_tir.Schedule, block) -> None:
     """The zero-padded copy of x (before the row panels, which all read it): rows over the cores."""
     *rows, k = sch.get_loops(block)
-    sch.parallel(sch.fuse(*rows) if len(rows) > 1 else rows[0])
-    extent = sch.get(k).extent
-    if isinstance(extent, tirx.IntImm) and int(extent) % 16 == 0:
-        sch.vectorize(sch.split(k, factors=[None, 16])[1])
+    sch.parallel(sch.fuse(*rows))
+    vectorize_lanes(sch, k)
 
 
 class TritGEMMCPU(ScheduleRule):

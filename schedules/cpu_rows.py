@@ -3,8 +3,7 @@
 On a single row (decode), dlight.cpu.Reduction parallelizes RMSNorm over the hidden axis (its analysis
 drops the unit row axes; the norm weight's cast block then leads with the hidden axis), so every output
 element recomputes the row's sum of squares: n² work, 0.4 ms per norm at hidden 896, a third of a decode
-step of Qwen2.5-0.5B. Kernels with
-no reduction and no rule are left as scalar loops on one core.
+step of Qwen2.5-0.5B. Kernels with no reduction and no rule are left as scalar loops on one core.
 """
 from __future__ import annotations
 
@@ -15,9 +14,8 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .base import is_trit_decode_matmul
+from .base import is_trit_decode_matmul, static_extent, vectorize_lanes
 
-LANES = 16  # float32 lanes of an AVX-512 register; LLVM splits them for narrower SIMD
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this an elementwise kernel is cheaper on one core than a fork-join
 
 
@@ -30,17 +28,6 @@ def _regular(func, target: Target) -> bool:
 
 def _is_reduction(sch: s_tir.Schedule, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
-
-
-def _static_extent(loop_extent) -> int | None:
-    return int(loop_extent) if isinstance(loop_extent, tirx.IntImm) else None
-
-
-def _vectorize_innermost(sch: s_tir.Schedule, loop) -> None:
-    """Split off LANES iterations and vectorize them, when the extent is a known multiple of LANES."""
-    extent = _static_extent(sch.get(loop).extent)
-    if extent is not None and extent % LANES == 0:
-        sch.vectorize(sch.split(loop, factors=[None, LANES])[1])
 
 
 class RowReductionCPU(ScheduleRule):
@@ -69,11 +56,11 @@ class RowReductionCPU(ScheduleRule):
         loops = sch.get_loops(out)
         if len(loops) != len(out_iters):
             return None
-        row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-        _vectorize_innermost(sch, loops[-1])
+        row = sch.fuse(*loops[:-1])
+        vectorize_lanes(sch, loops[-1])
         for block in reversed(reductions):
             sch.compute_at(block, row, preserve_unit_loops=True)
-        if _static_extent(sch.get(row).extent) != 1:
+        if static_extent(sch, row) != 1:
             sch.parallel(row)
         return sch
 
@@ -97,8 +84,8 @@ class ElementwiseCPU(ScheduleRule):
         loops = sch.get_loops(out)
         if not loops:
             return None
-        extents = [_static_extent(sch.get(lp).extent) for lp in loops]
-        _vectorize_innermost(sch, loops[-1])
+        extents = [static_extent(sch, lp) for lp in loops]
+        vectorize_lanes(sch, loops[-1])
         if len(loops) > 1 and (None in extents or math.prod(extents) >= PARALLEL_MIN_ELEMENTS):
-            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+            sch.parallel(sch.fuse(*loops[:-1]))
         return sch

@@ -151,7 +151,7 @@ class TritGEMMCuda(ScheduleRule):
         spatial, reduce = split_loops(sch, first)
         *batch, m, n = spatial
         if batch:  # kept apart from m: a fused (batch, seq) index would leave the register tiles' size symbolic
-            sch.bind(sch.fuse(*batch) if len(batch) > 1 else batch[0], "blockIdx.z")
+            sch.bind(sch.fuse(*batch), "blockIdx.z")
         by, mi = sch.split(m, factors=[None, self.rows_per_thread])
         bx, tx = sch.split(n, factors=[None, self.threads])
         sch.reorder(by, bx, tx, *reduce, mi)

@@ -88,7 +88,7 @@ class TritLinear(nn.Module):
         if self.bias is not None:
             args.append(self.bias)
         te_func = functools.partial(trit_decode_matmul_te, n_out=self.out_features, layout=self.layout,
-                                    parts=self.parts if len(self.parts) > 1 else ())
+                                    parts=self.parts)
         return op.tensor_expr_op(te_func, "trit_decode_matmul", args,
                                  attrs=trit_op_attrs(self.out_features, self.in_features, self.depth,
                                                      self.bias is not None, self.layout))

@@ -19,6 +19,7 @@ The PrimFunc carries TRIT_OP_ATTR so schedule rules find it without guessing by 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,7 +198,7 @@ def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:
 
 def stacked_row_starts(parts: tuple[int, ...]) -> list[int]:
     """First row of every stacked matrix after the first (q/k/v or gate/up fused into one operator)."""
-    return list(np.cumsum(parts[:-1]).astype(int)) if len(parts) > 1 else []
+    return list(itertools.accumulate(parts[:-1]))
 
 
 def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, codebook: te.Tensor,
