@@ -12,6 +12,8 @@ so q = Σ_i digit_i·3^i - qmax.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .errors import CodecError
@@ -87,23 +89,71 @@ def interleave_rows(packed: np.ndarray, rows: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(packed.reshape((-1, rows) + packed.shape[1:]), 1, -1))
 
 
-WORD_DIGITS_BASE9 = TRITS_PER_BYTE  # 5 base-9 digits (two trit planes) per 16-bit word: 9^5 = 59049 <= 2^16
+WORD_BITS = 16
 
 
-def pair_planes(packed: np.ndarray) -> np.ndarray:
-    """[..., planes, bytes] packed planes -> the same shape, each pair of planes (0,1), (2,3), .. re-encoded
-    as one 16-bit word per byte position (low byte in the first plane, high byte in the second); an odd
-    last plane is kept. The word holds the 5 positions' base-9 digits d_2k + 3·d_2k+1, most significant
-    first, as ceil(V·2^16/9^5): digit p = (9·T_p) >> 16 with T_0 = word, T_p+1 = 9·T_p mod 2^16 (the
-    TQ1_0 multiply-and-shift trick in base 9; exact for all 9^5 values). Same bytes count; a CPU kernel
-    then decodes two planes with one multiply chain instead of two."""
-    packed = np.asarray(packed, np.uint8)
-    out = packed.copy()
-    digits = [unpack_trits(packed[..., i, :], packed.shape[-1] * TRITS_PER_BYTE) for i in range(packed.shape[-2])]
-    pow9 = 9 ** np.arange(WORD_DIGITS_BASE9 - 1, -1, -1, dtype=np.int64)
-    for i in range(0, packed.shape[-2] - 1, 2):
-        v9 = digits[i].astype(np.int64) + 3 * digits[i + 1].astype(np.int64)
-        value = v9.reshape(v9.shape[:-1] + (-1, WORD_DIGITS_BASE9)) @ pow9
-        word = -(-(value << 16) // 9 ** WORD_DIGITS_BASE9)
-        out[..., i, :], out[..., i + 1, :] = word & 255, word >> 8
-    return out
+def chain_digits(words: np.ndarray, base: int, ndigits: int) -> np.ndarray:
+    """The kernels' word decode in numpy: digit p (most significant first) of a 16-bit word is
+    (base·T_p) >> 16, with T_0 = word and T_p+1 = base·T_p mod 2^16; digits on a new last axis."""
+    t, digits = np.asarray(words, np.uint32), []
+    for _ in range(ndigits):
+        digits.append((t * base) >> WORD_BITS)
+        t = (t * base) & 0xFFFF
+    return np.stack(digits, -1)
+
+
+def values_to_words(values: np.ndarray, base: int, ndigits: int) -> np.ndarray:
+    """Base-`base` digits along the last axis (length a multiple of ndigits), ndigits per 16-bit word,
+    most significant first, as ceil(V·2^16/base^ndigits) (llama.cpp's TQ1_0 fixed point, in base 3^d)."""
+    v = np.asarray(values, np.int64)
+    pows = base ** np.arange(ndigits - 1, -1, -1, dtype=np.int64)
+    value = v.reshape(v.shape[:-1] + (-1, ndigits)) @ pows
+    return (-(-(value << WORD_BITS) // base ** ndigits)).astype(np.uint16)
+
+
+@functools.lru_cache(maxsize=None)
+def word_digits(base: int) -> int:
+    """Most base-`base` digits a 16-bit word holds such that chain_digits gives every value back exactly
+    (checked exhaustively: at most 2^16 values)."""
+    best = 1
+    while base ** (best + 1) <= 1 << WORD_BITS:
+        m = best + 1
+        values = np.arange(base ** m, dtype=np.int64)
+        digits = (values[:, None] // base ** np.arange(m - 1, -1, -1, dtype=np.int64)) % base
+        if not np.array_equal(chain_digits(values_to_words(digits.reshape(-1), base, m), base, m), digits):
+            break
+        best = m
+    return best
+
+
+def word_block(depth: int) -> tuple[int, int]:
+    """(digits per word m, weights per block 16·m) of the word layout at this depth."""
+    m = word_digits(3 ** depth)
+    return m, m * GROUP_SIZE
+
+
+def code_words(packed_codes: np.ndarray, n_in: int) -> np.ndarray:
+    """[N, d, ceil(K/5)] checkpoint codes -> [N, Kw] uint16: each weight's u = q + qmax (base 3^d, all d
+    planes at once), m per word (word_block). In a block of 16·m weights word j holds weights j, 16+j, ..,
+    16(m-1)+j, so digit p of the block's 16 words is group p; a tail of < 16·m weights in plain order
+    (word 16·B + t//m, digit t%m; zero digits pad the last word). CPU kernels decode one weight with one
+    multiply-high (and a multiply to step), instead of one multiply chain per digit plane."""
+    n_out, depth = packed_codes.shape[:2]
+    m, block = word_block(depth)
+    u = from_digits(_block_order(unpack_trits(packed_codes, n_in), inverse=True))
+    main = n_in - n_in % block
+    head = np.swapaxes(u[:, :main].reshape(n_out, -1, m, GROUP_SIZE), -1, -2).reshape(n_out, main)
+    tail = u[:, main:]
+    if tail.shape[1] % m:
+        tail = np.concatenate([tail, np.zeros((n_out, -tail.shape[1] % m), tail.dtype)], axis=1)
+    return values_to_words(np.concatenate([head, tail], axis=1), 3 ** depth, m)
+
+
+def scale_words(packed_scales: np.ndarray, n_groups: int) -> np.ndarray:
+    """[N, 3, ceil(G/5)] checkpoint scales -> [N, ceil(G/3)] uint16: 3 codebook indices (base 27) per
+    word, group g in word g//3, digit g%3."""
+    idx = from_digits(unpack_trits(packed_scales, n_groups))
+    m = word_digits(CODEBOOK_SIZE)
+    if n_groups % m:
+        idx = np.concatenate([idx, np.zeros(idx.shape[:-1] + (-n_groups % m,), idx.dtype)], axis=-1)
+    return values_to_words(idx, CODEBOOK_SIZE, m)

@@ -1,8 +1,8 @@
 """CPU (llvm: x86 and ARM) rules for trit_decode_matmul on the row-interleaved weight layout.
 
-Both vectorize over the R interleaved rows (one SIMD load = the same packed byte of R rows), decode the
-digit planes in 16-bit lanes, multiply each group's dot product by its step once, and spread row
-panels over the cores.
+Both vectorize over the R interleaved rows (one SIMD load = the same 16-bit word of R rows), decode each
+weight with a multiply-high in 16-bit lanes, multiply each group's dot product by its step once, and
+spread row panels over the cores.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def _finish_tail_and_output(sch: s_tir.Schedule, b: dict, anchor) -> None:
 
 
 class TritGEMVCPU(ScheduleRule):
-    """Decode (one row of x): per row panel and block of 80 weights, the 5 group dot products are
-    accumulated together so each packed byte is loaded and decoded once for its 5 digit positions."""
+    """Decode (one row of x): per row panel and block (m groups sharing their 16-bit words), the m group
+    dot products are accumulated together so each word is loaded once for its m digit positions."""
 
     # knobs MetaSchedule may tune (trit_tvm/tuning.py); the hand rule uses the first of each
     PANELS_PER_TASK = (1, 2, 4, 8)
@@ -86,6 +86,8 @@ class TritGEMVCPU(ScheduleRule):
             per_task = sch.sample_categorical(list(self.PANELS_PER_TASK), [1.0 / len(self.PANELS_PER_TASK)] * 4)
             nb, _ = sch.split(nb, factors=[None, per_task])
         sch.parallel(nb)  # per-panel tiles are then allocated inside the parallel loop
+        # zero the group accumulators before their 16 weights, not under an if inside that loop
+        sch.decompose_reduction(b["trit_group_dot"], sch.get_loops(b["trit_group_dot"])[-3])
         return sch
 
     @staticmethod

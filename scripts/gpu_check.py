@@ -155,7 +155,8 @@ def _packed(n_out: int, n_in: int, depth: int, seed: int) -> dict:
 
 
 def _rows32(a: np.ndarray) -> np.ndarray:
-    """The CUDA kernels' layout (WeightLayout(32).repack) from codec, which needs no TVM compiler."""
+    """The CUDA kernels' layout (WeightLayout(32, DECODE_TABLE32).repack_codes) from codec, which needs no
+    TVM compiler."""
     from codec.format import interleave_rows
     return interleave_rows(a, 32)
 

@@ -87,7 +87,7 @@ def test_cross_compiles_an_aarch64_library(trit_ckpt, tmp_path, target):
     import json
     manifest = json.loads((out / "manifest.json").read_text())
     # NEON-wide row tiles (8 x 16-bit lanes), not x86's AVX-512 ones
-    assert manifest["arch"] == "aarch64" and manifest["weight_layout"] == "trit-rows8-pairs-v1"
+    assert manifest["arch"] == "aarch64" and manifest["weight_layout"] == "trit-rows8-words-v1"
 
 
 def test_llvm_artifact_over_loopback_rpc_matches_local(llvm_artifact, x86_server):

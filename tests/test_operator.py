@@ -34,7 +34,7 @@ def _inputs(n_out, n_in, depth, rows, bias, seed):
 def _check(lib, dev, layout, n_out, n_in, depth, rows, bias, atol_scale=1e-5):
     arrays = _inputs(n_out, n_in, depth, rows, bias, seed=depth * 100 + rows + n_out)
     ref = reference_decode_matmul(*arrays)
-    arrays[1], arrays[2] = layout.repack(arrays[1]), layout.repack(arrays[2])
+    arrays[1], arrays[2] = layout.repack_codes(arrays[1], n_in), layout.repack_scales(arrays[2], n_in)
     out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), dev)
     lib(*[tvm.runtime.tensor(a, dev) for a in arrays], out)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=atol_scale * np.abs(ref).max())
@@ -98,7 +98,7 @@ def test_stacked_matrices_read_their_own_codebooks(parts, layout, rules):
         x, codes, scales, codebook = _stacked_inputs(parts, n_in, 3, rows, seed=len(parts) + rows)
         ref = reference_decode_matmul(x, codes, scales, codebook, parts=parts)
         out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), tvm.cpu())
-        lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, layout.repack(codes), layout.repack(scales), codebook)], out)
+        lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, layout.repack_codes(codes, n_in), layout.repack_scales(scales, n_in), codebook)], out)
         np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
@@ -126,9 +126,9 @@ def test_no_decoded_weight_matrix_is_materialized(rule, rows):
     f = _prim_func(2048, 2048, 3, True, ROWS32, rows=rows)
     assert f.attrs["trit.op"] == "decode_matmul" and int(f.attrs["trit.depth"]) == 3
     allocs = _compacted_allocations(rule.apply(f, LLVM, False))
-    # decode and multiply-accumulate in one function: the GEMV decodes one 80-weight block of 32 rows
-    # (5·16·32 floats) at a time, the GEMM one 32-row panel (K·32 floats); never a decoded [N, K] buffer
-    tile = 5 * 16 * 32 if rows == 1 else 2048 * 32
+    # decode and multiply-accumulate in one function: the GEMV decodes one block of 32 rows (d=3: 3
+    # groups, 3·16·32 floats) at a time, the GEMM one 32-row panel (K·32 floats); never a decoded [N, K] buffer
+    tile = 3 * 16 * 32 if rows == 1 else 2048 * 32
     assert allocs and all(n <= tile for n, _ in allocs if n > 2048)  # (larger than a row of x or y)
 
 
@@ -184,7 +184,7 @@ def test_cuda_matches_numpy_reference():
 def test_row_interleaved_layout_is_a_reordering(n_out):
     """The GPUs' run-time layout: the checkpoint's bytes, rows interleaved."""
     packed = np.random.default_rng(n_out).integers(0, 256, size=(n_out, 3, 41), dtype=np.uint8)
-    rt = CUDA_LAYOUT.repack(packed)
+    rt = CUDA_LAYOUT.repack_codes(packed, 205)
     assert rt.shape == (-(-n_out // 32), 3, 41, 32)
     load = CUDA_LAYOUT.load(rt)
     back = np.array([[[load(n, i, b) for b in range(41)] for i in range(3)] for n in range(n_out)])
@@ -192,22 +192,34 @@ def test_row_interleaved_layout_is_a_reordering(n_out):
     assert rt.nbytes == packed.nbytes + (-n_out % 32) * 3 * 41  # only zero padding rows added
 
 
-@pytest.mark.parametrize("planes", [1, 2, 3, 4])
-def test_paired_planes_decode_to_the_checkpoint_digits(planes):
-    """The CPUs' run-time layout: planes 2k, 2k+1 as a base-9 word per byte position, decoded by the
-    kernels' multiply chain (numpy here) to d_2k + 3·d_2k+1; the same bytes count, rows interleaved."""
-    from codec.trits import pack_trits, unpack_trits
-    digits = np.random.default_rng(planes).integers(0, 3, size=(45, planes, 205)).astype(np.uint8)
-    packed = pack_trits(digits)
-    rt = ROWS32.repack(packed)
-    assert ROWS32.paired and ROWS32.name == "trit-rows32-pairs-v1"
-    assert rt.shape == (2, planes, 41, 32) and rt.nbytes == packed.nbytes + 19 * planes * 41
-    back = np.moveaxis(rt, -1, 1).reshape(64, planes, 41)[:45].astype(np.uint32)
-    for i in range(0, planes - 1, 2):
-        t, got = back[:, i] | back[:, i + 1] << 8, []
-        for _ in range(5):
-            got.append((t * 9) >> 16)
-            t = (t * 9) & 0xFFFF
-        np.testing.assert_array_equal(np.stack(got, -1).reshape(45, -1)[:, :205], digits[:, i] + 3 * digits[:, i + 1])
-    if planes % 2:
-        np.testing.assert_array_equal(unpack_trits(back[:, -1].astype(np.uint8), 205), digits[:, -1])
+@pytest.mark.parametrize("depth,digits_per_word", [(1, 10), (2, 5), (3, 3), (4, 2)])
+@pytest.mark.parametrize("n_in", [16 * 13, 16 * 30])
+def test_word_layout_decodes_to_the_checkpoint_weights(depth, digits_per_word, n_in):
+    """The CPUs' run-time layout: every weight's u = q + qmax as a base-3^d digit of a 16-bit word, m per
+    word, decoded by the kernels' multiply chain (numpy here): block j of m groups, word j of a block holds
+    weight j of each group; the K tail in plain order; three scale indices per word; rows interleaved."""
+    from codec.format import chain_digits, unpack_matrix
+    rng = np.random.default_rng(depth)
+    packed = pack_matrix(quantize_matrix(rng.standard_normal((45, n_in)).astype(np.float32), depth))
+    qm = unpack_matrix(packed, n_in)
+    codes, scales = ROWS32.repack_codes(packed["trit_codes"], n_in), ROWS32.repack_scales(packed["trit_scales"], n_in)
+    assert ROWS32.words and ROWS32.name == "trit-rows32-words-v1" and codes.dtype == scales.dtype == np.uint16
+    assert codes.shape == ROWS32.code_shape(45, n_in, depth) and scales.shape == ROWS32.scale_shape(45, n_in)
+    m, block = digits_per_word, 16 * digits_per_word
+    words = np.moveaxis(codes, -1, 1).reshape(64, -1)[:45]
+    u = chain_digits(words, 3 ** depth, m).astype(np.int64)  # [45, words, m]
+    main = n_in - n_in % block
+    head = u[:, :main // m].reshape(45, -1, 16, m).swapaxes(-1, -2).reshape(45, main)
+    tail = u[:, main // m:].reshape(45, -1)[:, :n_in - main]
+    np.testing.assert_array_equal(np.concatenate([head, tail], 1) - (3 ** depth - 1) // 2, qm.codes)
+    idx = chain_digits(np.moveaxis(scales, -1, 1).reshape(64, -1)[:45], 27, 3).reshape(45, -1)[:, :n_in // 16]
+    np.testing.assert_array_equal(idx, qm.scale_idx)
+    checkpoint_bits = 8 * (packed["trit_codes"].nbytes + packed["trit_scales"].nbytes) / 45
+    assert 2 * (words.shape[1] + scales.shape[1]) * 8 <= checkpoint_bits * (1.12 if depth == 3 else 1.26)
+
+
+def test_word_digits_are_the_most_a_16_bit_word_decodes_exactly():
+    """word_digits checks every value; one digit more would not fit 16 bits (3^(d·(m+1)) > 2^16)."""
+    from codec.format import word_digits
+    for depth, m in ((1, 10), (2, 5), (3, 3), (4, 2)):
+        assert word_digits(3 ** depth) == m and 3 ** (depth * (m + 1)) > 1 << 16

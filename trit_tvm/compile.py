@@ -27,7 +27,8 @@ from codec.checkpoint import MANIFEST as TRIT_MANIFEST
 from codec.checkpoint import DTYPE_NAMES, FORMAT_VERSION, TritCheckpoint, atomic_output_dir, copy_side_files, \
     load_trit_checkpoint, write_trit_checkpoint
 from codec.errors import read_json
-from codec.safetensors_io import ShardWriter, from_float, to_float32
+from codec.format import CODES, SCALES
+from codec.safetensors_io import ShardWriter, dtype_name, from_float, to_float32
 
 from .attention_cpu import use_cpu_prefill_attention
 from .artifact import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, LIBRARY, PARAMS
@@ -93,10 +94,12 @@ def _param_array(ckpt: TritCheckpoint, param: str, shape: tuple[int, ...], dtype
     names, suffix = checkpoint_tensor_names(param)
     if suffix is not None:
         arr = np.concatenate([np.asarray(ckpt.packed(name)[suffix]) for name in names])
-        if arr.dtype == np.uint8:
-            arr, st = layout.repack(arr), "U8"
-        else:
-            st = "F32"
+        n_in = int(ckpt.manifest["quantized"][names[0]]["shape"][1])
+        if suffix == CODES:
+            arr = layout.repack_codes(arr, n_in)
+        elif suffix == SCALES:
+            arr = layout.repack_scales(arr, n_in)
+        st = dtype_name(arr)
     else:
         missing = [name for name in names if name not in ckpt.manifest["kept"]]
         if missing:

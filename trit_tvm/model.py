@@ -15,7 +15,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from codec.format import CODEBOOK, CODES, SCALES, packed_shapes
+from codec.format import CODEBOOK, CODES, SCALES
+from codec.quantize import CODEBOOK_SIZE
 from schedules.base import KERNEL_ATTR, LOGITS_KERNEL
 
 from .errors import CompileError
@@ -77,18 +78,17 @@ class TritLinear(nn.Module):
                  layout: WeightLayout):
         self.in_features, self.out_features = in_features, sum(parts)
         self.parts, self.depth, self.layout = tuple(parts), depth, layout
-        shapes = packed_shapes(self.out_features, in_features, depth)
-        self.trit_codes = nn.Parameter(layout.code_shape(self.out_features, *shapes[CODES][1:]), "uint8")
-        self.trit_scales = nn.Parameter(layout.code_shape(self.out_features, *shapes[SCALES][1:]), "uint8")
-        self.trit_codebook = nn.Parameter((shapes[CODEBOOK][0] * len(parts),), "float32")
+        self.trit_codes = nn.Parameter(layout.code_shape(self.out_features, in_features, depth), layout.unit_dtype)
+        self.trit_scales = nn.Parameter(layout.scale_shape(self.out_features, in_features), layout.unit_dtype)
+        self.trit_codebook = nn.Parameter((CODEBOOK_SIZE * len(parts),), "float32")
         self.bias = nn.Parameter((self.out_features,), dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         args = [x, self.trit_codes, self.trit_scales, self.trit_codebook]
         if self.bias is not None:
             args.append(self.bias)
-        te_func = functools.partial(trit_decode_matmul_te, n_out=self.out_features, layout=self.layout,
-                                    parts=self.parts)
+        te_func = functools.partial(trit_decode_matmul_te, n_out=self.out_features, depth=self.depth,
+                                    layout=self.layout, parts=self.parts)
         return op.tensor_expr_op(te_func, "trit_decode_matmul", args,
                                  attrs=trit_op_attrs(self.out_features, self.in_features, self.depth,
                                                      self.bias is not None, self.layout))

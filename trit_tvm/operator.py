@@ -6,6 +6,8 @@ r < 5 groups is packed in plain order (weight 80B+t: byte 16B + t/5, position t%
     digit(byte, p) = ((byte · 3^p) & 255) · 3 >> 8                (multiply and shift, no division)
     q              = Σ_i digit_i · 3^i − qmax
     step[n, g]     = codebook[Σ_i digit(scales[n, i, g/5], g%5) · 3^i]
+CPU kernels read the words layout instead (WeightLayout.words): u = q + qmax of every weight as one
+base-3^d digit of a 16-bit word, m per word, blocks of m groups: digit(word, p) = (3^d · T_p) >> 16.
 The TE below states the computation as blocks of one PrimFunc, in one of two forms (`_dequantized_tiles`):
   grouped:     trit_decode (u = q + qmax), per-group dot products (trit_group_dot, corrected by qmax·Σx
                from trit_xsum), group steps (trit_step) and their accumulation (trit_matmul)
@@ -25,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import te, tirx
 
-from codec.format import BLOCK, SCALE_DIGITS, interleave_rows, pair_planes, unpack_matrix
+from codec.format import BLOCK, SCALE_DIGITS, code_words, interleave_rows, scale_words, unpack_matrix, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
-from codec.trits import TRITS_PER_BYTE
+from codec.trits import TRITS_PER_BYTE, packed_len
 from schedules import decode_for_target, layout_rows_for_target
 from schedules.base import DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, LAYOUT_ROWS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
 
@@ -49,12 +51,13 @@ def _digit(byte: tirx.PrimExpr, pos, wide: bool = False) -> tirx.PrimExpr:
     return _chain_digit(tirx.shift_left(byte.astype(lane), tirx.const(8, lane)), pos, 3, wide)
 
 
-def _chain_digit(t: tirx.PrimExpr, pos, base: int, wide: bool = False) -> tirx.PrimExpr:
+def _chain_digit(t: tirx.PrimExpr, pos, base: int, wide: bool = False, ndigits: int = TRITS_PER_BYTE) -> tirx.PrimExpr:
     """Digit `pos` (most significant first) of a fixed-point word T_0 = t in 16 bits: the high half of
-    base·T_p, with T_p+1 = base·T_p mod 2^16 (bytes: base 3, T_0 = byte·256; paired planes: base 9)."""
+    base·T_p, with T_p+1 = base·T_p mod 2^16 (bytes: base 3, T_0 = byte·256; words: base 3^d, T_0 = word;
+    codec.format.chain_digits is the same in numpy)."""
     lane = "uint32" if wide else "uint16"
     candidates = []
-    for p in range(TRITS_PER_BYTE):
+    for p in range(ndigits):
         if p:
             t = tirx.bitwise_and(t * tirx.const(base, lane), tirx.const(0xFFFF, lane)) if wide else t * tirx.const(base, lane)
         candidates.append(tirx.shift_right((t if wide else t.astype("uint32")) * tirx.const(base, "uint32"),
@@ -63,7 +66,7 @@ def _chain_digit(t: tirx.PrimExpr, pos, base: int, wide: bool = False) -> tirx.P
         digit = candidates[pos]
     else:
         digit = candidates[-1]
-        for p in range(TRITS_PER_BYTE - 2, -1, -1):
+        for p in range(ndigits - 2, -1, -1):
             digit = tirx.Select(pos == p, candidates[p], digit)
     return digit if wide else digit.astype("uint16")
 
@@ -117,63 +120,68 @@ def _base3(planes, ndigits: int, byte, pos, wide: bool = False) -> tirx.PrimExpr
 _base3_int32 = functools.partial(_base3, wide=True)
 
 
-def _base3_paired(planes, ndigits: int, byte, pos) -> tirx.PrimExpr:
-    """_base3 on paired planes (codec.format.pair_planes): planes 2k and 2k+1 are the low and high byte of
-    a 16-bit word whose base-9 digit is d_2k + 3·d_2k+1, so one multiply chain decodes two planes."""
-    total = None
-    for i in range(0, ndigits, 2):
-        if i + 1 < ndigits:
-            word = tirx.bitwise_or(planes(i, byte).astype("uint16"),
-                                   tirx.shift_left(planes(i + 1, byte).astype("uint16"), tirx.const(8, "uint16")))
-            term = _chain_digit(word, pos, 9).astype("uint16")
-        else:
-            term = _digit(planes(i, byte), pos)
-        term = term * tirx.const(3 ** i, "uint16") if i else term
-        total = term if total is None else total + term
-    return total.astype("int32")
-
-
 @dataclass(frozen=True)
 class WeightLayout:
-    """How the packed planes sit in memory at run time.
+    """How the packed weights sit in memory at run time.
 
     rows == 0: the checkpoint's own arrays, codes [N, d, Kb] and scales [N, 3, Gb] ("planes").
-    rows == R: R consecutive output rows interleaved innermost, codes [ceil(N/R), d, Kb, R] and scales
-    [ceil(N/R), 3, Gb, R], so one SIMD load fetches the same byte of R rows (CPU kernels vectorize
-    over rows). The checkpoint's bytes reordered (plus zero rows up to a multiple of R); with
-    DECODE_SIMD16 (CPUs) the digit planes are also paired (`paired`, docs/FORMAT.md): the same bytes count.
+    rows == R: R consecutive output rows interleaved innermost, so one SIMD load fetches the same unit of
+    R rows (CPU kernels vectorize over rows). With DECODE_SIMD16 (CPUs) the units are 16-bit words
+    (`words`, docs/FORMAT.md): codes [ceil(N/R), Kw, R] hold each weight's q + qmax in base 3^d, m per
+    word (codec.format.code_words), scales [ceil(N/R), ceil(G/3), R] three codebook indices per word.
+    Otherwise (GPUs) the checkpoint's bytes reordered, codes [ceil(N/R), d, Kb, R] and scales
+    [ceil(N/R), 3, Gb, R]. Zero rows pad N to a multiple of R.
     decode: how kernels decode digits (DECODE_SIMD16 on CPUs; DECODE_INT32 / DECODE_TABLE32 on GPUs).
     """
     rows: int = 0
     decode: str = DECODE_SIMD16
 
     @property
-    def paired(self) -> bool:
-        """CPU kernels' layout: digit planes re-encoded in pairs as base-9 16-bit words (same bytes count)."""
+    def words(self) -> bool:
+        """CPU kernels' layout: 16-bit words of whole weights (base 3^d), not digit planes."""
         return self.rows > 0 and self.decode == DECODE_SIMD16
 
     @property
     def name(self) -> str:
         if self.rows == 0:
             return "trit-planes-v1"
-        return f"trit-rows{self.rows}-pairs-v1" if self.paired else f"trit-rows{self.rows}-v1"
+        return f"trit-rows{self.rows}-words-v1" if self.words else f"trit-rows{self.rows}-v1"
 
-    def code_shape(self, n_out: int, planes: int, nbytes: int) -> tuple[int, ...]:
-        if self.rows == 0:
-            return (n_out, planes, nbytes)
-        return (-(-n_out // self.rows), planes, nbytes, self.rows)
+    @property
+    def unit_dtype(self) -> str:
+        return "uint16" if self.words else "uint8"
+
+    def _rows_outer(self, n_out: int, inner: tuple[int, ...]) -> tuple[int, ...]:
+        return (n_out,) + inner if self.rows == 0 else (-(-n_out // self.rows),) + inner + (self.rows,)
+
+    def code_shape(self, n_out: int, n_in: int, depth: int) -> tuple[int, ...]:
+        if self.words:
+            m, block = word_block(depth)
+            return self._rows_outer(n_out, (n_in // block * GROUP_SIZE + -(-(n_in % block) // m),))
+        return self._rows_outer(n_out, (depth, packed_len(n_in)))
+
+    def scale_shape(self, n_out: int, n_in: int) -> tuple[int, ...]:
+        groups = n_in // GROUP_SIZE
+        if self.words:
+            return self._rows_outer(n_out, (-(-groups // word_digits(CODEBOOK_SIZE)),))
+        return self._rows_outer(n_out, (SCALE_DIGITS, packed_len(groups)))
 
     def load(self, buf: te.Tensor):
-        """Accessor (row, plane, byte) -> element of a codes or scales buffer in this layout."""
+        """Accessor (row, *unit index) -> element of a codes or scales buffer in this layout."""
         if self.rows == 0:
-            return lambda n, i, b: buf[n, i, b]
-        return lambda n, i, b: buf[n // self.rows, i, b, n % self.rows]
+            return lambda n, *i: buf[(n,) + i]
+        return lambda n, *i: buf[(n // self.rows,) + i + (n % self.rows,)]
 
-    def repack(self, packed: np.ndarray) -> np.ndarray:
-        """Checkpoint array [N, planes, bytes] -> this layout (numpy, at compile time)."""
-        if self.rows == 0:
-            return np.ascontiguousarray(packed)
-        return interleave_rows(pair_planes(packed) if self.paired else packed, self.rows)
+    def repack_codes(self, packed: np.ndarray, n_in: int) -> np.ndarray:
+        """Checkpoint codes [N, d, Kb] -> this layout (numpy, at compile time)."""
+        return self._interleave(code_words(packed, n_in) if self.words else packed)
+
+    def repack_scales(self, packed: np.ndarray, n_in: int) -> np.ndarray:
+        """Checkpoint scales [N, 3, Gb] -> this layout."""
+        return self._interleave(scale_words(packed, n_in // GROUP_SIZE) if self.words else packed)
+
+    def _interleave(self, arr: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(arr) if self.rows == 0 else interleave_rows(arr, self.rows)
 
 
 PLANES = WeightLayout(0)
@@ -201,87 +209,108 @@ def stacked_row_starts(parts: tuple[int, ...]) -> list[int]:
     return list(itertools.accumulate(parts[:-1]))
 
 
+def _word_digit(word: tirx.PrimExpr, pos, base: int, ndigits: int) -> tirx.PrimExpr:
+    """Digit `pos` of a 16-bit word of the words layout (codec.format.values_to_words), as int32."""
+    return _chain_digit(word, pos, base, ndigits=ndigits).astype("int32")
+
+
 def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, codebook: te.Tensor,
-                          bias: te.Tensor | None = None, *, n_out: int, layout: WeightLayout = PLANES,
+                          bias: te.Tensor | None = None, *, n_out: int, depth: int, layout: WeightLayout = PLANES,
                           parts: tuple[int, ...] = (), out_dtype: str | None = None) -> te.Tensor:
     """TE compute of the operator; x is [..., K], the result [..., n_out].
 
     y = Σ_groups step · (Σ_{16 weights} x·q): the step multiplies a group's dot product once.
     parts: row counts of matrices stacked into this one (fused q/k/v, gate/up), each with its own
     codebook: `codebook` is their 27-entry codebooks concatenated, row n reads the one of its matrix.
+    A block is `positions` groups whose weights share their packed units (bytes of the digit planes: 5
+    groups; 16-bit words: m groups); unit j of a block holds weight j of each of its groups.
     """
-    depth = int(codes.shape[1])
     n_in = int(x.shape[-1])
     qmax = qmax_of(depth)
-    n_blocks, tail = n_in // BLOCK, n_in % BLOCK
+    positions, block = word_block(depth) if layout.words else (TRITS_PER_BYTE, BLOCK)
+    n_blocks, tail = n_in // block, n_in % block
     out_dtype = out_dtype or x.dtype
     lead = list(x.shape[:-1])
     code_at, scale_at = layout.load(codes), layout.load(scales)
+    to_float = lambda v: v.astype("float32")  # noqa: E731
 
-    tail_base3 = None  # the K-tail's decode, when it differs from the blocks'
-    if layout.decode == DECODE_TABLE32:  # the tail (< 80 weights) reads no table: one owner per table copy
-        base3, tail_base3, to_float = functools.partial(_base3_table, digit_table()), _base3_int32, _small_int_to_float
-    elif layout.decode == DECODE_INT32:
-        base3, to_float = _base3_int32, _small_int_to_float
-    elif layout.paired:
-        base3, to_float = _base3_paired, lambda v: v.astype("float32")
+    if layout.words:
+        scale_m = word_digits(CODEBOOK_SIZE)
+
+        def code_value(n, unit, pos, _tail=False):  # u = q + qmax, in [0, 3^d)
+            return _word_digit(code_at(n, unit), pos, 3 ** depth, positions)
+
+        def scale_index(n, g, _tail=False):
+            return _word_digit(scale_at(n, g // scale_m), g % scale_m, CODEBOOK_SIZE, scale_m)
     else:
-        base3, to_float = _base3, lambda v: v.astype("float32")
-    tail_base3 = tail_base3 or base3
+        tail_base3 = None  # the K-tail's decode, when it differs from the blocks'
+        if layout.decode == DECODE_TABLE32:  # the tail (< 80 weights) reads no table: one owner per table copy
+            base3, tail_base3, to_float = functools.partial(_base3_table, digit_table()), _base3_int32, _small_int_to_float
+        elif layout.decode == DECODE_INT32:
+            base3, to_float = _base3_int32, _small_int_to_float
+        else:
+            base3 = _base3
 
-    def step_of(n, g, base3=base3):
-        idx = base3(lambda i, b: scale_at(n, i, b), SCALE_DIGITS, g // TRITS_PER_BYTE, g % TRITS_PER_BYTE)
+        def code_value(n, unit, pos, tail=False):
+            return (tail_base3 if tail and tail_base3 else base3)(lambda i, b: code_at(n, i, b), depth, unit, pos)
+
+        def scale_index(n, g, tail=False):
+            return (tail_base3 if tail and tail_base3 else base3)(lambda i, b: scale_at(n, i, b), SCALE_DIGITS,
+                                                                   g // TRITS_PER_BYTE, g % TRITS_PER_BYTE)
+
+    def step_of(n, g, tail=False):
+        idx = scale_index(n, g, tail)
         for start in stacked_row_starts(parts):
             idx = idx + tirx.Select(n >= start, tirx.const(CODEBOOK_SIZE, "int32"), tirx.const(0, "int32"))
         return codebook[idx]
 
-    def u(n, byte, pos, base3=base3):  # q + qmax, in [0, 3^d)
-        return to_float(base3(lambda i, b: code_at(n, i, b), depth, byte, pos))
+    def u(n, unit, pos, tail=False):  # q + qmax as float
+        return to_float(code_value(n, unit, pos, tail))
 
     def x_at(i, k):
         return x[tuple(i[:-1]) + (k,)].astype("float32")
 
     acc = None
     if n_blocks:
-        step = te.compute((n_blocks, TRITS_PER_BYTE, n_out), lambda b, p, n: step_of(n, b * TRITS_PER_BYTE + p),
+        step = te.compute((n_blocks, positions, n_out), lambda b, p, n: step_of(n, b * positions + p),
                           name="trit_step")
         kb = te.reduce_axis((0, n_blocks), "kb")
-        kp = te.reduce_axis((0, TRITS_PER_BYTE), "kp")
+        kp = te.reduce_axis((0, positions), "kp")
         kj = te.reduce_axis((0, GROUP_SIZE), "kj")
         if _dequantized_tiles(layout, lead):
-            w = te.compute((n_out, n_blocks, TRITS_PER_BYTE, GROUP_SIZE), lambda n, b, p, j: step[b, p, n] * (
+            w = te.compute((n_out, n_blocks, positions, GROUP_SIZE), lambda n, b, p, j: step[b, p, n] * (
                 u(n, b * GROUP_SIZE + j, p) - float(qmax)), name="trit_decode")
             # rows padded with zeros to a multiple of the GEMM's row tile: its inner loop needs no bounds check
             padded = lead[:-1] + [(lead[-1] + PREFILL_ROW_TILE - 1) // PREFILL_ROW_TILE * PREFILL_ROW_TILE]
             xp = te.compute(padded + [n_in], lambda *i: tirx.if_then_else(
                 i[-2] < lead[-1], x[i].astype("float32"), tirx.const(0.0, "float32")), name="trit_x_padded")
             acc = te.compute(padded + [n_out], lambda *i: te.sum(
-                xp[tuple(i[:-1]) + (kb * BLOCK + kp * GROUP_SIZE + kj,)] * w[i[-1], kb, kp, kj],
+                xp[tuple(i[:-1]) + (kb * block + kp * GROUP_SIZE + kj,)] * w[i[-1], kb, kp, kj],
                 axis=[kb, kp, kj]), name="trit_matmul")
         else:
-            w = te.compute((n_out, n_blocks, TRITS_PER_BYTE, GROUP_SIZE),
+            w = te.compute((n_out, n_blocks, positions, GROUP_SIZE),
                            lambda n, b, p, j: u(n, b * GROUP_SIZE + j, p), name="trit_decode")
             ks = te.reduce_axis((0, GROUP_SIZE), "ks")
             # Σ x·q = Σ x·u − qmax·Σ x: the group sums of x are shared by every row
-            xsum = te.compute(lead + [n_blocks, TRITS_PER_BYTE], lambda *i: te.sum(
-                x_at(i[:-1], i[-2] * BLOCK + i[-1] * GROUP_SIZE + ks), axis=ks), name="trit_xsum")
+            xsum = te.compute(lead + [n_blocks, positions], lambda *i: te.sum(
+                x_at(i[:-1], i[-2] * block + i[-1] * GROUP_SIZE + ks), axis=ks), name="trit_xsum")
             # output rows innermost, so a tile of rows is contiguous for SIMD lanes
-            dot = te.compute(lead + [n_blocks, TRITS_PER_BYTE, n_out], lambda *i: te.sum(
-                x_at(i[:-2], i[-3] * BLOCK + i[-2] * GROUP_SIZE + kj) * w[i[-1], i[-3], i[-2], kj], axis=kj),
+            dot = te.compute(lead + [n_blocks, positions, n_out], lambda *i: te.sum(
+                x_at(i[:-2], i[-3] * block + i[-2] * GROUP_SIZE + kj) * w[i[-1], i[-3], i[-2], kj], axis=kj),
                 name="trit_group_dot")
             acc = te.compute(lead + [n_out], lambda *i: te.sum(step[kb, kp, i[-1]] * (
                 dot[tuple(i[:-1]) + (kb, kp, i[-1])] - float(qmax) * xsum[tuple(i[:-1]) + (kb, kp)]),
                 axis=[kb, kp]), name="trit_matmul")
     if tail:
-        base = n_blocks * GROUP_SIZE  # first tail byte; tail weights are in plain order
-        wt = te.compute((n_out, tail), lambda n, t: step_of(n, n_blocks * TRITS_PER_BYTE + t // GROUP_SIZE, tail_base3)
-                        * (u(n, base + t // TRITS_PER_BYTE, t % TRITS_PER_BYTE, tail_base3) - float(qmax)),
+        base = n_blocks * GROUP_SIZE  # first tail unit; tail weights are in plain order
+        wt = te.compute((n_out, tail), lambda n, t: step_of(n, n_blocks * positions + t // GROUP_SIZE, tail=True)
+                        * (u(n, base + t // positions, t % positions, tail=True) - float(qmax)),
                         name="trit_decode_tail")
         kt = te.reduce_axis((0, tail), "kt")
         prev = acc
 
         def tail_sum(*i):
-            term = x_at(i, n_blocks * BLOCK + kt) * wt[i[-1], kt]
+            term = x_at(i, n_blocks * block + kt) * wt[i[-1], kt]
             if prev is not None:  # continue from the blocks' sum, so one loop nest can hold both
                 term = term + tirx.Select(kt == 0, prev[i], tirx.const(0.0, "float32"))
             return te.sum(term, axis=kt)
@@ -304,12 +333,11 @@ def trit_decode_matmul_func(n_out: int, n_in: int, depth: int, layout: WeightLay
     """A standalone operator PrimFunc (x [rows, n_in], symbolic rows when None), tagged for the rules:
     what tests and benchmarks build kernels from. parts: stacked matrices (see trit_decode_matmul_te)."""
     x = te.placeholder((rows if rows else te.var("m"), n_in), dtype, "x")
-    codes = te.placeholder(layout.code_shape(n_out, depth, -(-n_in // TRITS_PER_BYTE)), "uint8", "codes")
-    scales = te.placeholder(layout.code_shape(n_out, SCALE_DIGITS, -(-(n_in // GROUP_SIZE) // TRITS_PER_BYTE)),
-                            "uint8", "scales")
+    codes = te.placeholder(layout.code_shape(n_out, n_in, depth), layout.unit_dtype, "codes")
+    scales = te.placeholder(layout.scale_shape(n_out, n_in), layout.unit_dtype, "scales")
     codebook = te.placeholder((CODEBOOK_SIZE * max(len(parts), 1),), "float32", "codebook")
     args = [x, codes, scales, codebook] + ([te.placeholder((n_out,), dtype, "bias")] if bias else [])
-    y = trit_decode_matmul_te(*args, n_out=n_out, layout=layout, parts=parts)
+    y = trit_decode_matmul_te(*args, n_out=n_out, depth=depth, layout=layout, parts=parts)
     return te.create_prim_func(args + [y]).with_attr(trit_op_attrs(n_out, n_in, depth, bias, layout))
 
 
