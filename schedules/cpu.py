@@ -12,6 +12,7 @@ from tvm.target import Target
 
 from .base import KERNEL_ATTR, LOGITS_KERNEL, PREFILL_ROW_TILE, is_trit_decode_matmul, layout_rows, row_count, split_loops, \
     trit_blocks, vectorize_lanes
+from .x86_lookup import LANES, permute_lookup_intrin
 
 
 def _applies(func, target: Target) -> bool:
@@ -25,6 +26,26 @@ def _rows_and_panels(sch: s_tir.Schedule, block, lanes: int):
     m = sch.fuse(*lead)
     nb, r = sch.split(n, factors=[None, lanes])
     return m, nb, r, reduce
+
+
+def _steps_at(sch: s_tir.Schedule, b: dict, anchor) -> None:
+    """The group steps under `anchor`, vectorized over the rows. With WeightLayout.permute_steps the
+    operator states the lookup as a one-hot sum over the codebook (after its own index block): the index
+    is computed vectorized and the lookup becomes AVX-512 permutes (x86_lookup), 16 rows at a time."""
+    step = b["trit_step"]
+    sch.compute_at(step, anchor, preserve_unit_loops=True)
+    sch.set_scope(step, 0, "local")
+    if "trit_step_index" not in b:
+        sch.vectorize(sch.get_loops(step)[-1])
+        return
+    index = b["trit_step_index"]
+    sch.compute_at(index, anchor, preserve_unit_loops=True)
+    sch.set_scope(index, 0, "local")
+    sch.vectorize(sch.get_loops(index)[-1])
+    table = next(r.source for r in sch.get(step).reads if r.source.dtype == "float32" and len(r.source.shape) == 1)
+    index_dtype = str(sch.get(step).iter_vars[-1].var.ty)
+    _, lanes = sch.split(sch.get_loops(step)[-2], factors=[None, LANES])
+    sch.tensorize(lanes, permute_lookup_intrin(int(table.shape[0]), index_dtype))
 
 
 def _finish_tail_and_output(sch: s_tir.Schedule, b: dict, anchor) -> None:
@@ -68,15 +89,14 @@ class TritGEMVCPU(ScheduleRule):
         m, nb, r, (kb, kp) = _rows_and_panels(sch, mm, lanes)
         sch.reorder(m, nb, kb, kp, r)
         sch.vectorize(r)
-        for name in ("trit_group_dot", "trit_step"):  # trit_xsum stays a small nest before the panels
-            sch.compute_at(b[name], kb, preserve_unit_loops=True)
+        sch.compute_at(b["trit_group_dot"], kb, preserve_unit_loops=True)  # trit_xsum stays a small nest
+        _steps_at(sch, b, kb)
         *_, pos, lane, kj = sch.get_loops(b["trit_group_dot"])
         sch.reorder(kj, pos, lane)
         sch.unroll(pos)
         sch.vectorize(lane)
-        sch.vectorize(sch.get_loops(b["trit_step"])[-1])
         _finish_tail_and_output(sch, b, nb)
-        for name in ("trit_group_dot", "trit_step", "trit_matmul", "trit_matmul_tail"):
+        for name in ("trit_group_dot", "trit_matmul", "trit_matmul_tail"):
             if name in b:
                 sch.set_scope(b[name], 0, "local")
         if tunable:
@@ -138,13 +158,12 @@ class TritGEMMCPU(ScheduleRule):
         acc = sch.cache_write(mm, 0, "local")  # PREFILL_ROW_TILE x R accumulators, in registers over all of K
         sch.reverse_compute_at(acc, mo, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(acc)[-1])
-        for name in ("trit_decode", "trit_step"):
-            sch.compute_at(b[name], nb, preserve_unit_loops=True)
+        sch.compute_at(b["trit_decode"], nb, preserve_unit_loops=True)
+        _steps_at(sch, b, nb)
         *_, lane, _, pos, j = sch.get_loops(b["trit_decode"])
         sch.reorder(pos, j, lane)
         sch.unroll(pos)
         sch.vectorize(lane)
-        sch.vectorize(sch.get_loops(b["trit_step"])[-1])
         if "trit_matmul_tail" in b:
             sch.reverse_compute_at(b["trit_matmul_tail"], nb, preserve_unit_loops=True)
             *_, row, lane, kt = sch.get_loops(b["trit_matmul_tail"])
@@ -152,7 +171,6 @@ class TritGEMMCPU(ScheduleRule):
             sch.vectorize(lane)
         sch.reverse_compute_at(b["trit_out"], nb, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(b["trit_out"])[-1])
-        sch.set_scope(b["trit_step"], 0, "local")
         _pad_rows_over_cores(sch, b["trit_x_padded"])
         # the tile with its rows innermost: every read of it is one contiguous vector (rows first, it was
         # a 32-element gather per multiply-add, 5x slower)

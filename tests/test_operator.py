@@ -8,7 +8,9 @@ import tvm
 
 from codec import pack_matrix, quantize_matrix
 from schedules import TritGEMMCPU, TritGEMMCuda, TritGEMVCPU, TritGEMVCuda
-from trit_tvm.operator import DECODE_INT32, DECODE_TABLE32, PLANES, WeightLayout, reference_decode_matmul, trit_decode_matmul_func
+from trit_tvm.operator import DECODE_INT32, DECODE_TABLE32, PLANES, WeightLayout, layout_for_target, reference_decode_matmul, \
+    trit_decode_matmul_func
+from trit_tvm.targets import parse_target
 
 ROWS32 = WeightLayout(32)
 CUDA_LAYOUT = WeightLayout(32, DECODE_TABLE32)
@@ -99,6 +101,36 @@ def test_stacked_matrices_read_their_own_codebooks(parts, layout, rules):
         ref = reference_decode_matmul(x, codes, scales, codebook, parts=parts)
         out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), tvm.cpu())
         lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, layout.repack_codes(codes, n_in), layout.repack_scales(scales, n_in), codebook)], out)
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+PERMUTE = WeightLayout(32, permute_steps=True)
+HOST_HAS_AVX512 = bool(tvm.target.codegen.target_has_features("avx512f", parse_target("llvm")))
+
+
+def test_layout_for_x86_avx512_looks_steps_up_by_permutes():
+    assert layout_for_target(AVX512) == PERMUTE and PERMUTE.codebook_size(3) == 96 and PERMUTE.codebook_size(1) == 32
+    assert not layout_for_target(LLVM).permute_steps  # generic x86-64: no AVX-512
+    assert not layout_for_target(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})).permute_steps
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX512, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("n_out,n_in,parts", [(131, 336, ()), (37, 80, ()), (69, 208, (37, 16, 16)), (80, 208, (40, 40))])
+def test_avx512_permute_lookup_matches_reference(depth, n_out, n_in, parts):
+    """The group steps as vpermi2ps permutes (one codebook, or stacked ones padded to 64/96 entries): the
+    same numbers as the reference, for the GEMV and the GEMM rule, on odd row counts too."""
+    for rows, rule in ((1, TritGEMVCPU()), (7, TritGEMMCPU())):
+        func = trit_decode_matmul_func(n_out, n_in, depth, PERMUTE, rows=1 if rows == 1 else None, parts=parts)
+        lib = tvm.compile(rule.apply(func, AVX512, False).mod["main"], target=AVX512)
+        assert "vpermi2ps" in lib.mod.inspect_source("asm") or "vpermt2ps" in lib.mod.inspect_source("asm")
+        x, codes, scales, codebook = _stacked_inputs(parts or (n_out,), n_in, depth, rows, seed=n_out + rows)
+        ref = reference_decode_matmul(x, codes, scales, codebook, parts=parts)
+        out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), tvm.cpu())
+        lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, PERMUTE.repack_codes(codes, n_in),
+                                                          PERMUTE.repack_scales(scales, n_in),
+                                                          PERMUTE.repack_codebook(codebook))], out)
         np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 

@@ -99,6 +99,8 @@ def _param_array(ckpt: TritCheckpoint, param: str, shape: tuple[int, ...], dtype
             arr = layout.repack_codes(arr, n_in)
         elif suffix == SCALES:
             arr = layout.repack_scales(arr, n_in)
+        else:
+            arr = layout.repack_codebook(arr)
         st = dtype_name(arr)
     else:
         missing = [name for name in names if name not in ckpt.manifest["kept"]]

@@ -16,7 +16,6 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from codec.format import CODEBOOK, CODES, SCALES
-from codec.quantize import CODEBOOK_SIZE
 from schedules.base import KERNEL_ATTR, LOGITS_KERNEL
 
 from .errors import CompileError
@@ -80,7 +79,7 @@ class TritLinear(nn.Module):
         self.parts, self.depth, self.layout = tuple(parts), depth, layout
         self.trit_codes = nn.Parameter(layout.code_shape(self.out_features, in_features, depth), layout.unit_dtype)
         self.trit_scales = nn.Parameter(layout.scale_shape(self.out_features, in_features), layout.unit_dtype)
-        self.trit_codebook = nn.Parameter((CODEBOOK_SIZE * len(parts),), "float32")
+        self.trit_codebook = nn.Parameter((layout.codebook_size(len(parts)),), "float32")
         self.bias = nn.Parameter((self.out_features,), dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
 from tvm import te, tirx
 
 from codec.format import BLOCK, SCALE_DIGITS, code_words, interleave_rows, scale_words, unpack_matrix, word_block, word_digits
@@ -32,6 +33,7 @@ from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
 from schedules import decode_for_target, layout_rows_for_target
 from schedules.base import DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, LAYOUT_ROWS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
+from schedules.x86_lookup import TABLE_WINDOW
 
 TRIT_OP_NAME = "decode_matmul"
 OP_PATTERN_OPAQUE = 8  # relax FuseOps leaves the call alone: it stays one kernel with its attributes
@@ -135,6 +137,7 @@ class WeightLayout:
     """
     rows: int = 0
     decode: str = DECODE_SIMD16
+    permute_steps: bool = False  # x86 AVX-512: group steps by register permutes (schedules/x86_lookup.py)
 
     @property
     def words(self) -> bool:
@@ -180,6 +183,18 @@ class WeightLayout:
         """Checkpoint scales [N, 3, Gb] -> this layout."""
         return self._interleave(scale_words(packed, n_in // GROUP_SIZE) if self.words else packed)
 
+    def codebook_size(self, parts: int = 1) -> int:
+        """Entries of the (concatenated) codebook parameter: 27 per matrix, zero-padded to a multiple of 32
+        with permute_steps (the permutes read whole 32-entry windows)."""
+        size = CODEBOOK_SIZE * parts
+        return -(-size // TABLE_WINDOW) * TABLE_WINDOW if self.permute_steps else size
+
+    def repack_codebook(self, codebook: np.ndarray) -> np.ndarray:
+        """Concatenated codebooks -> the codebook parameter (zero padding, see codebook_size)."""
+        out = np.zeros(self.codebook_size(len(codebook) // CODEBOOK_SIZE), np.float32)
+        out[:len(codebook)] = codebook
+        return out
+
     def _interleave(self, arr: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(arr) if self.rows == 0 else interleave_rows(arr, self.rows)
 
@@ -189,7 +204,10 @@ PLANES = WeightLayout(0)
 
 def layout_for_target(target) -> WeightLayout:
     """The run-time layout and decode the target's schedule rules expect."""
-    return WeightLayout(layout_rows_for_target(target), decode_for_target(target))
+    rows, decode = layout_rows_for_target(target), decode_for_target(target)
+    permute = (target.kind.name == "llvm" and rows == TABLE_WINDOW
+               and bool(tvm.target.codegen.target_has_features("avx512f", target)))
+    return WeightLayout(rows, decode, permute)
 
 
 def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:
@@ -258,11 +276,14 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
             return (tail_base3 if tail and tail_base3 else base3)(lambda i, b: scale_at(n, i, b), SCALE_DIGITS,
                                                                    g // TRITS_PER_BYTE, g % TRITS_PER_BYTE)
 
-    def step_of(n, g, tail=False):
+    def index_of(n, g, tail=False):  # into the concatenated codebooks
         idx = scale_index(n, g, tail)
         for start in stacked_row_starts(parts):
             idx = idx + tirx.Select(n >= start, tirx.const(CODEBOOK_SIZE, "int32"), tirx.const(0, "int32"))
-        return codebook[idx]
+        return idx
+
+    def step_of(n, g, tail=False):
+        return codebook[index_of(n, g, tail)]
 
     def u(n, unit, pos, tail=False):  # q + qmax as float
         return to_float(code_value(n, unit, pos, tail))
@@ -272,8 +293,17 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
 
     acc = None
     if n_blocks:
-        step = te.compute((n_blocks, positions, n_out), lambda b, p, n: step_of(n, b * positions + p),
-                          name="trit_step")
+        if layout.permute_steps:  # the lookup as a one-hot sum, which schedules/x86_lookup.py replaces;
+            # over the layout's zero-padded rows too, so every row panel is whole (16-lane permutes)
+            n_rows = -(-n_out // layout.rows) * layout.rows
+            index = te.compute((n_blocks, positions, n_rows), lambda b, p, n: index_of(n, b * positions + p),
+                               name="trit_step_index")
+            cb = te.reduce_axis((0, int(codebook.shape[0])), "cb")
+            step = te.compute((n_blocks, positions, n_rows), lambda b, p, n: te.sum(tirx.Select(
+                index[b, p, n] == cb, codebook[cb], tirx.const(0.0, "float32")), axis=cb), name="trit_step")
+        else:
+            step = te.compute((n_blocks, positions, n_out), lambda b, p, n: step_of(n, b * positions + p),
+                              name="trit_step")
         kb = te.reduce_axis((0, n_blocks), "kb")
         kp = te.reduce_axis((0, positions), "kp")
         kj = te.reduce_axis((0, GROUP_SIZE), "kj")
@@ -335,7 +365,7 @@ def trit_decode_matmul_func(n_out: int, n_in: int, depth: int, layout: WeightLay
     x = te.placeholder((rows if rows else te.var("m"), n_in), dtype, "x")
     codes = te.placeholder(layout.code_shape(n_out, n_in, depth), layout.unit_dtype, "codes")
     scales = te.placeholder(layout.scale_shape(n_out, n_in), layout.unit_dtype, "scales")
-    codebook = te.placeholder((CODEBOOK_SIZE * max(len(parts), 1),), "float32", "codebook")
+    codebook = te.placeholder((layout.codebook_size(max(len(parts), 1)),), "float32", "codebook")
     args = [x, codes, scales, codebook] + ([te.placeholder((n_out,), dtype, "bias")] if bias else [])
     y = trit_decode_matmul_te(*args, n_out=n_out, depth=depth, layout=layout, parts=parts)
     return te.create_prim_func(args + [y]).with_attr(trit_op_attrs(n_out, n_in, depth, bias, layout))
