@@ -167,7 +167,7 @@ class TritGEMMCPU(ScheduleRule):
         if "trit_matmul_tail" in b:
             sch.reverse_compute_at(b["trit_matmul_tail"], nb, preserve_unit_loops=True)
             *_, row, lane, kt = sch.get_loops(b["trit_matmul_tail"])
-            sch.reorder(row, kt, lane)
+            sch.reorder(kt, row, lane)  # the tail weights decoded once per panel, not once per row of x
             sch.vectorize(lane)
         sch.reverse_compute_at(b["trit_out"], nb, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(b["trit_out"])[-1])

@@ -36,7 +36,7 @@ def _inputs(n_out, n_in, depth, rows, bias, seed):
 def _check(lib, dev, layout, n_out, n_in, depth, rows, bias, atol_scale=1e-5):
     arrays = _inputs(n_out, n_in, depth, rows, bias, seed=depth * 100 + rows + n_out)
     ref = reference_decode_matmul(*arrays)
-    arrays[1], arrays[2] = layout.repack_codes(arrays[1], n_in), layout.repack_scales(arrays[2], n_in)
+    arrays[1:4] = layout.repack_codes(arrays[1], n_in), layout.repack_scales(arrays[2], n_in), layout.repack_codebook(arrays[3])
     out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), dev)
     lib(*[tvm.runtime.tensor(a, dev) for a in arrays], out)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=atol_scale * np.abs(ref).max())
@@ -100,7 +100,8 @@ def test_stacked_matrices_read_their_own_codebooks(parts, layout, rules):
         x, codes, scales, codebook = _stacked_inputs(parts, n_in, 3, rows, seed=len(parts) + rows)
         ref = reference_decode_matmul(x, codes, scales, codebook, parts=parts)
         out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), tvm.cpu())
-        lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, layout.repack_codes(codes, n_in), layout.repack_scales(scales, n_in), codebook)], out)
+        lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, layout.repack_codes(codes, n_in), layout.repack_scales(scales, n_in),
+                                                          layout.repack_codebook(codebook))], out)
         np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
