@@ -82,7 +82,7 @@ def main() -> None:
         x = np.random.default_rng(1).standard_normal((1, n_in)).astype(np.float32)
         lib = trit_kernel(n_in, n_out, args.depth, layout, target, parts)
         out = tvm.runtime.tensor(np.zeros((1, n_out), np.float32), dev)
-        run_time = (layout.repack_codes(packed["trit_codes"], n_in), layout.repack_scales(packed["trit_scales"], n_in),
+        run_time = (layout.repack_codes(packed["trit_codes"], n_in), layout.repack_scales(packed["trit_scales"], n_in, args.depth),
                     layout.repack_codebook(packed["trit_codebook"]))
         targs = [tvm.runtime.tensor(a, dev) for a in (x, *run_time)] + [out]
         t_trit = tvm_seconds(lib, dev, targs)

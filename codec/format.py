@@ -132,28 +132,32 @@ def word_block(depth: int) -> tuple[int, int]:
     return m, m * GROUP_SIZE
 
 
+def padded_blocks(n_in: int, depth: int) -> int:
+    """Blocks of the word layout: K zero-padded up to whole blocks of 16·m weights (kernels pad x alike)."""
+    return -(-n_in // word_block(depth)[1])
+
+
 def code_words(packed_codes: np.ndarray, n_in: int) -> np.ndarray:
-    """[N, d, ceil(K/5)] checkpoint codes -> [N, Kw] uint16: each weight's u = q + qmax (base 3^d, all d
-    planes at once), m per word (word_block). In a block of 16·m weights word j holds weights j, 16+j, ..,
-    16(m-1)+j, so digit p of the block's 16 words is group p; a tail of < 16·m weights in plain order
-    (word 16·B + t//m, digit t%m; zero digits pad the last word). CPU kernels decode one weight with one
-    multiply-high (and a multiply to step), instead of one multiply chain per digit plane."""
+    """[N, d, ceil(K/5)] checkpoint codes -> [N, 16·B] uint16: each weight's u = q + qmax (base 3^d, all d
+    planes at once), m per word (word_block), K zero-padded to B whole blocks of 16·m weights. In a block
+    word j holds weights j, 16+j, .., 16(m-1)+j, so digit p of the block's 16 words is group p. CPU
+    kernels decode one weight with one multiply-high (and a multiply to step), instead of one multiply chain
+    per digit plane; whole blocks leave them no K tail (the padding meets zeros in x)."""
     n_out, depth = packed_codes.shape[:2]
     m, block = word_block(depth)
     u = from_digits(_block_order(unpack_trits(packed_codes, n_in), inverse=True))
-    main = n_in - n_in % block
-    head = np.swapaxes(u[:, :main].reshape(n_out, -1, m, GROUP_SIZE), -1, -2).reshape(n_out, main)
-    tail = u[:, main:]
-    if tail.shape[1] % m:
-        tail = np.concatenate([tail, np.zeros((n_out, -tail.shape[1] % m), tail.dtype)], axis=1)
-    return values_to_words(np.concatenate([head, tail], axis=1), 3 ** depth, m)
+    padded = padded_blocks(n_in, depth) * block
+    u = np.concatenate([u, np.zeros((n_out, padded - n_in), u.dtype)], axis=1)
+    blocked = np.swapaxes(u.reshape(n_out, -1, m, GROUP_SIZE), -1, -2).reshape(n_out, padded)
+    return values_to_words(blocked, 3 ** depth, m)
 
 
-def scale_words(packed_scales: np.ndarray, n_groups: int) -> np.ndarray:
-    """[N, 3, ceil(G/5)] checkpoint scales -> [N, ceil(G/3)] uint16: 3 codebook indices (base 27) per
-    word, group g in word g//3, digit g%3."""
+def scale_words(packed_scales: np.ndarray, n_in: int, depth: int) -> np.ndarray:
+    """[N, 3, ceil(G/5)] checkpoint scales -> [N, ceil(G'/3)] uint16: 3 codebook indices (base 27) per
+    word, group g in word g//3, digit g%3; G' = the groups of padded_blocks (index 0 for the padding)."""
+    n_groups = n_in // GROUP_SIZE
     idx = from_digits(unpack_trits(packed_scales, n_groups))
     m = word_digits(CODEBOOK_SIZE)
-    if n_groups % m:
-        idx = np.concatenate([idx, np.zeros(idx.shape[:-1] + (-n_groups % m,), idx.dtype)], axis=-1)
+    total = -(-padded_blocks(n_in, depth) * word_block(depth)[0] // m) * m
+    idx = np.concatenate([idx, np.zeros(idx.shape[:-1] + (total - n_groups,), idx.dtype)], axis=-1)
     return values_to_words(idx, CODEBOOK_SIZE, m)

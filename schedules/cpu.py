@@ -11,7 +11,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from .base import KERNEL_ATTR, LOGITS_KERNEL, PREFILL_ROW_TILE, is_trit_decode_matmul, layout_rows, row_count, split_loops, \
-    trit_blocks, vectorize_lanes
+    static_extent, trit_blocks, vectorize_lanes
 from .x86_lookup import LANES, permute_lookup_intrin
 
 
@@ -44,7 +44,10 @@ def _steps_at(sch: s_tir.Schedule, b: dict, anchor) -> None:
     sch.vectorize(sch.get_loops(index)[-1])
     table = next(r.source for r in sch.get(step).reads if r.source.dtype == "float32" and len(r.source.shape) == 1)
     index_dtype = str(sch.get(step).iter_vars[-1].var.ty)
-    _, lanes = sch.split(sch.get_loops(step)[-2], factors=[None, LANES])
+    rows = sch.get_loops(step)[-2]
+    if (static_extent(sch, rows) or LANES) % LANES:  # a matrix of fewer rows than a panel: left as a loop
+        return
+    _, lanes = sch.split(rows, factors=[None, LANES])
     sch.tensorize(lanes, permute_lookup_intrin(int(table.shape[0]), index_dtype))
 
 
@@ -85,6 +88,8 @@ class TritGEMVCPU(ScheduleRule):
                 sch.compute_inline(b[name])
         if "trit_matmul" not in b:  # K < 80: only the plain-order tail
             return self._tail_only(sch, b, lanes)
+        if "trit_x_padded" in b:  # x zero-padded to whole blocks (the words layout): once, before the panels
+            vectorize_lanes(sch, sch.get_loops(b["trit_x_padded"])[-1])
         mm = b["trit_matmul"]
         m, nb, r, (kb, kp) = _rows_and_panels(sch, mm, lanes)
         sch.reorder(m, nb, kb, kp, r)

@@ -94,11 +94,12 @@ def _param_array(ckpt: TritCheckpoint, param: str, shape: tuple[int, ...], dtype
     names, suffix = checkpoint_tensor_names(param)
     if suffix is not None:
         arr = np.concatenate([np.asarray(ckpt.packed(name)[suffix]) for name in names])
-        n_in = int(ckpt.manifest["quantized"][names[0]]["shape"][1])
+        info = ckpt.manifest["quantized"][names[0]]
+        n_in = int(info["shape"][1])
         if suffix == CODES:
             arr = layout.repack_codes(arr, n_in)
         elif suffix == SCALES:
-            arr = layout.repack_scales(arr, n_in)
+            arr = layout.repack_scales(arr, n_in, int(info["depth"]))
         else:
             arr = layout.repack_codebook(arr)
         st = dtype_name(arr)

@@ -78,7 +78,7 @@ class TritLinear(nn.Module):
         self.in_features, self.out_features = in_features, sum(parts)
         self.parts, self.depth, self.layout = tuple(parts), depth, layout
         self.trit_codes = nn.Parameter(layout.code_shape(self.out_features, in_features, depth), layout.unit_dtype)
-        self.trit_scales = nn.Parameter(layout.scale_shape(self.out_features, in_features), layout.unit_dtype)
+        self.trit_scales = nn.Parameter(layout.scale_shape(self.out_features, in_features, depth), layout.unit_dtype)
         self.trit_codebook = nn.Parameter((layout.codebook_size(len(parts)),), "float32")
         self.bias = nn.Parameter((self.out_features,), dtype) if bias else None
 

@@ -28,7 +28,8 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from codec.format import BLOCK, SCALE_DIGITS, code_words, interleave_rows, scale_words, unpack_matrix, word_block, word_digits
+from codec.format import BLOCK, SCALE_DIGITS, code_words, interleave_rows, padded_blocks, scale_words, unpack_matrix, word_block, \
+    word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
 from schedules import decode_for_target, layout_rows_for_target
@@ -159,15 +160,14 @@ class WeightLayout:
 
     def code_shape(self, n_out: int, n_in: int, depth: int) -> tuple[int, ...]:
         if self.words:
-            m, block = word_block(depth)
-            return self._rows_outer(n_out, (n_in // block * GROUP_SIZE + -(-(n_in % block) // m),))
+            return self._rows_outer(n_out, (padded_blocks(n_in, depth) * GROUP_SIZE,))
         return self._rows_outer(n_out, (depth, packed_len(n_in)))
 
-    def scale_shape(self, n_out: int, n_in: int) -> tuple[int, ...]:
-        groups = n_in // GROUP_SIZE
+    def scale_shape(self, n_out: int, n_in: int, depth: int) -> tuple[int, ...]:
         if self.words:
+            groups = padded_blocks(n_in, depth) * word_block(depth)[0]
             return self._rows_outer(n_out, (-(-groups // word_digits(CODEBOOK_SIZE)),))
-        return self._rows_outer(n_out, (SCALE_DIGITS, packed_len(groups)))
+        return self._rows_outer(n_out, (SCALE_DIGITS, packed_len(n_in // GROUP_SIZE)))
 
     def load(self, buf: te.Tensor):
         """Accessor (row, *unit index) -> element of a codes or scales buffer in this layout."""
@@ -179,9 +179,9 @@ class WeightLayout:
         """Checkpoint codes [N, d, Kb] -> this layout (numpy, at compile time)."""
         return self._interleave(code_words(packed, n_in) if self.words else packed)
 
-    def repack_scales(self, packed: np.ndarray, n_in: int) -> np.ndarray:
-        """Checkpoint scales [N, 3, Gb] -> this layout."""
-        return self._interleave(scale_words(packed, n_in // GROUP_SIZE) if self.words else packed)
+    def repack_scales(self, packed: np.ndarray, n_in: int, depth: int) -> np.ndarray:
+        """Checkpoint scales [N, 3, Gb] -> this layout (the words layout pads groups as it pads K)."""
+        return self._interleave(scale_words(packed, n_in, depth) if self.words else packed)
 
     def codebook_size(self, parts: int = 1) -> int:
         """Entries of the (concatenated) codebook parameter: 27 per matrix, zero-padded to a multiple of 32
@@ -246,7 +246,9 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     n_in = int(x.shape[-1])
     qmax = qmax_of(depth)
     positions, block = word_block(depth) if layout.words else (TRITS_PER_BYTE, BLOCK)
-    n_blocks, tail = n_in // block, n_in % block
+    # the words layout pads K to whole blocks (codec.format.padded_blocks): no tail, x padded with zeros
+    n_blocks, tail = (padded_blocks(n_in, depth), 0) if layout.words else (n_in // block, n_in % block)
+    k_len = n_blocks * block + tail
     out_dtype = out_dtype or x.dtype
     lead = list(x.shape[:-1])
     code_at, scale_at = layout.load(codes), layout.load(scales)
@@ -288,8 +290,13 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     def u(n, unit, pos, tail=False):  # q + qmax as float
         return to_float(code_value(n, unit, pos, tail))
 
+    x_src = x
+    if k_len > n_in and not _dequantized_tiles(layout, lead):
+        x_src = te.compute(lead + [k_len], lambda *i: tirx.if_then_else(
+            i[-1] < n_in, x[i].astype("float32"), tirx.const(0.0, "float32")), name="trit_x_padded")
+
     def x_at(i, k):
-        return x[tuple(i[:-1]) + (k,)].astype("float32")
+        return x_src[tuple(i[:-1]) + (k,)].astype("float32")
 
     acc = None
     if n_blocks:
@@ -312,8 +319,9 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
                 u(n, b * GROUP_SIZE + j, p) - float(qmax)), name="trit_decode")
             # rows padded with zeros to a multiple of the GEMM's row tile: its inner loop needs no bounds check
             padded = lead[:-1] + [(lead[-1] + PREFILL_ROW_TILE - 1) // PREFILL_ROW_TILE * PREFILL_ROW_TILE]
-            xp = te.compute(padded + [n_in], lambda *i: tirx.if_then_else(
-                i[-2] < lead[-1], x[i].astype("float32"), tirx.const(0.0, "float32")), name="trit_x_padded")
+            xp = te.compute(padded + [k_len], lambda *i: tirx.if_then_else(
+                tirx.all(i[-2] < lead[-1], i[-1] < n_in), x[i].astype("float32"), tirx.const(0.0, "float32")),
+                name="trit_x_padded")
             acc = te.compute(padded + [n_out], lambda *i: te.sum(
                 xp[tuple(i[:-1]) + (kb * block + kp * GROUP_SIZE + kj,)] * w[i[-1], kb, kp, kj],
                 axis=[kb, kp, kj]), name="trit_matmul")
@@ -364,7 +372,7 @@ def trit_decode_matmul_func(n_out: int, n_in: int, depth: int, layout: WeightLay
     what tests and benchmarks build kernels from. parts: stacked matrices (see trit_decode_matmul_te)."""
     x = te.placeholder((rows if rows else te.var("m"), n_in), dtype, "x")
     codes = te.placeholder(layout.code_shape(n_out, n_in, depth), layout.unit_dtype, "codes")
-    scales = te.placeholder(layout.scale_shape(n_out, n_in), layout.unit_dtype, "scales")
+    scales = te.placeholder(layout.scale_shape(n_out, n_in, depth), layout.unit_dtype, "scales")
     codebook = te.placeholder((layout.codebook_size(max(len(parts), 1)),), "float32", "codebook")
     args = [x, codes, scales, codebook] + ([te.placeholder((n_out,), dtype, "bias")] if bias else [])
     y = trit_decode_matmul_te(*args, n_out=n_out, depth=depth, layout=layout, parts=parts)
