@@ -5,9 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from codec.checkpoint import load_trit_checkpoint
 from codec.cli import dequantize_main, quantize_main
 from trit_tvm.cli import compile_main
+from trit_tvm.model import GATE_UP, QKV
+from trit_tvm.operator import layout_for_target
 from trit_tvm.runtime import TritModel
+from trit_tvm.targets import parse_target
 
 NEW_TOKENS = 40
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], list(range(20, 61))]
@@ -73,11 +77,19 @@ def test_decode_after_prefill_matches_one_longer_prefill(built):
 def test_resident_weights_are_the_packed_checkpoint(built):
     model, _, root = built
     m = json.loads((root / "art" / "manifest.json").read_text())
-    packed = m["packed_checkpoint_bytes"]
-    # the packed weights re-encoded for the kernels (16-bit words of whole weights: at d=2 the checkpoint's
-    # density, at d=3 11% more, 5.33 vs 4.8 bits per weight) with rows padded to a multiple of 32
+    # the checkpoint's packed weights re-encoded for the kernels (16-bit words of whole weights: at d=2 the
+    # checkpoint's density, at d=3 11% more), rows padded to 32, K to whole blocks: exactly the layout's sizes
     assert m["weight_layout"] == "trit-rows32-words-v1"
-    assert packed <= m["resident_trit_bytes"] <= packed * 1.20
+    layout = layout_for_target(parse_target("llvm"))
+    quantized = load_trit_checkpoint(root / "trit").manifest["quantized"]
+    expected = 0
+    for i in range(m["config"]["num_hidden_layers"]):
+        for group, parent in ((QKV, "self_attn"), (("o_proj",), "self_attn"), (GATE_UP, "mlp"), (("down_proj",), "mlp")):
+            infos = [quantized[f"model.layers.{i}.{parent}.{n}.weight"] for n in group]
+            n_out, (n_in, depth) = sum(t["shape"][0] for t in infos), (infos[0]["shape"][1], infos[0]["depth"])
+            expected += (2 * (np.prod(layout.code_shape(n_out, n_in, depth)) + np.prod(layout.scale_shape(n_out, n_in, depth)))
+                         + 4 * layout.codebook_size(len(group)))
+    assert m["resident_trit_bytes"] == expected and m["packed_checkpoint_bytes"] <= expected
     assert model.resident_weight_bytes == m["resident_trit_bytes"] + m["resident_kept_bytes"]
     # nothing float-sized for the quantized matrices: kept = embeddings (+ lm_head) + norms + biases only
     cfg = m["config"]

@@ -7,7 +7,8 @@ r < 5 groups is packed in plain order (weight 80B+t: byte 16B + t/5, position t%
     q              = Σ_i digit_i · 3^i − qmax
     step[n, g]     = codebook[Σ_i digit(scales[n, i, g/5], g%5) · 3^i]
 CPU kernels read the words layout instead (WeightLayout.words): u = q + qmax of every weight as one
-base-3^d digit of a 16-bit word, m per word, blocks of m groups: digit(word, p) = (3^d · T_p) >> 16.
+base-3^d digit of a 16-bit word, m per word, blocks of m groups, K zero-padded to whole blocks (x is padded
+alike, so there is no tail): digit(word, p) = (3^d · T_p) >> 16.
 The TE below states the computation as blocks of one PrimFunc, in one of two forms (`_dequantized_tiles`):
   grouped:     trit_decode (u = q + qmax), per-group dot products (trit_group_dot, corrected by qmax·Σx
                from trit_xsum), group steps (trit_step) and their accumulation (trit_matmul)
