@@ -258,10 +258,11 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     if layout.words:
         scale_m = word_digits(CODEBOOK_SIZE)
 
-        def code_value(n, unit, pos, _tail=False):  # u = q + qmax, in [0, 3^d)
+        # (the words layout has no K tail: `tail` is only the planes layouts' switch)
+        def code_value(n, unit, pos, tail=False):  # u = q + qmax, in [0, 3^d)
             return _word_digit(code_at(n, unit), pos, 3 ** depth, positions)
 
-        def scale_index(n, g, _tail=False):
+        def scale_index(n, g, tail=False):
             return _word_digit(scale_at(n, g // scale_m), g % scale_m, CODEBOOK_SIZE, scale_m)
     else:
         tail_base3 = None  # the K-tail's decode, when it differs from the blocks'
