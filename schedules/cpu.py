@@ -19,6 +19,13 @@ def _applies(func, target: Target) -> bool:
     return target.kind.name == "llvm" and is_trit_decode_matmul(func) and layout_rows(func) > 0
 
 
+def _word_layout_blocks(sch: s_tir.Schedule) -> dict | None:
+    """The operator's blocks, or None when it has a K tail: the CPUs' word layout pads K to whole blocks,
+    so a tail means a layout these rules are not written for (the GPUs' digit planes)."""
+    b = trit_blocks(sch)
+    return None if "trit_matmul_tail" in b else b
+
+
 def _rows_and_panels(sch: s_tir.Schedule, block, lanes: int):
     """(lead..., n, red...) of an accumulation block -> (x-rows loop, row-panel loop, lane loop, red...)."""
     spatial, reduce = split_loops(sch, block)
@@ -51,15 +58,8 @@ def _steps_at(sch: s_tir.Schedule, b: dict, anchor) -> None:
     sch.tensorize(lanes, permute_lookup_intrin(int(table.shape[0]), index_dtype))
 
 
-def _finish_tail_and_output(sch: s_tir.Schedule, b: dict, anchor) -> None:
-    """Bring the tail accumulation and the epilogue under `anchor`, lanes innermost and vectorized."""
-    if "trit_matmul_tail" in b and "trit_matmul" in b:
-        sch.reverse_compute_at(b["trit_matmul_tail"], anchor, preserve_unit_loops=True)
-        *spatial, kt = sch.get_loops(b["trit_matmul_tail"])
-        lane = spatial[-1]
-        sch.reorder(kt, lane)
-        sch.unroll(kt)
-        sch.vectorize(lane)
+def _output_at(sch: s_tir.Schedule, b: dict, anchor) -> None:
+    """The epilogue under `anchor`, lanes innermost and vectorized."""
     sch.reverse_compute_at(b["trit_out"], anchor, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(b["trit_out"])[-1])
 
@@ -75,7 +75,8 @@ class TritGEMVCPU(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
         if not _applies(func, target) or row_count(func) != 1:
             return None
-        return self.schedule(s_tir.Schedule(func), tunable=False)
+        sch = s_tir.Schedule(func)
+        return None if _word_layout_blocks(sch) is None else self.schedule(sch, tunable=False)
 
     def schedule(self, sch: s_tir.Schedule, tunable: bool) -> s_tir.Schedule:
         """Apply the rule to sch; with tunable, panels per parallel task and the unroll depth of the
@@ -83,11 +84,7 @@ class TritGEMVCPU(ScheduleRule):
         func = sch.mod["main"]
         b = trit_blocks(sch)
         lanes = layout_rows(func)
-        for name in ("trit_decode", "trit_decode_tail"):
-            if name in b:
-                sch.compute_inline(b[name])
-        if "trit_matmul" not in b:  # K < 80: only the plain-order tail
-            return self._tail_only(sch, b, lanes)
+        sch.compute_inline(b["trit_decode"])
         if "trit_x_padded" in b:  # x zero-padded to whole blocks (the words layout): once, before the panels
             vectorize_lanes(sch, sch.get_loops(b["trit_x_padded"])[-1])
         mm = b["trit_matmul"]
@@ -100,10 +97,9 @@ class TritGEMVCPU(ScheduleRule):
         sch.reorder(kj, pos, lane)
         sch.unroll(pos)
         sch.vectorize(lane)
-        _finish_tail_and_output(sch, b, nb)
-        for name in ("trit_group_dot", "trit_matmul", "trit_matmul_tail"):
-            if name in b:
-                sch.set_scope(b[name], 0, "local")
+        _output_at(sch, b, nb)
+        for name in ("trit_group_dot", "trit_matmul"):
+            sch.set_scope(b[name], 0, "local")
         if tunable:
             uniform = [1.0 / len(self.UNROLL_STEPS)] * len(self.UNROLL_STEPS)
             sch.annotate(kb, "pragma_auto_unroll_max_step", sch.sample_categorical(list(self.UNROLL_STEPS), uniform))
@@ -113,19 +109,6 @@ class TritGEMVCPU(ScheduleRule):
         sch.parallel(nb)  # per-panel tiles are then allocated inside the parallel loop
         # zero the group accumulators before their 16 weights, not under an if inside that loop
         sch.decompose_reduction(b["trit_group_dot"], sch.get_loops(b["trit_group_dot"])[-3])
-        return sch
-
-    @staticmethod
-    def _tail_only(sch, b, lanes):
-        tail = b["trit_matmul_tail"]
-        m, nb, r, (kt,) = _rows_and_panels(sch, tail, lanes)
-        sch.reorder(m, nb, kt, r)
-        sch.parallel(nb)
-        sch.unroll(kt)
-        sch.vectorize(r)
-        sch.reverse_compute_at(b["trit_out"], nb, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(b["trit_out"])[-1])
-        sch.set_scope(tail, 0, "local")
         return sch
 
 
@@ -146,14 +129,10 @@ class TritGEMMCPU(ScheduleRule):
         if not _applies(func, target) or row_count(func) == 1:
             return None
         sch = s_tir.Schedule(func)
-        b = trit_blocks(sch)
-        if "trit_group_dot" in b:  # the grouped form: not this rule's (GPUs, single rows)
+        b = _word_layout_blocks(sch)
+        if b is None or "trit_group_dot" in b:  # the grouped form: not this rule's (GPUs, single rows)
             return None
         lanes = layout_rows(func)
-        if "trit_decode_tail" in b:
-            sch.compute_inline(b["trit_decode_tail"])
-        if "trit_matmul" not in b:
-            return TritGEMVCPU._tail_only(sch, b, lanes)
         mm = b["trit_matmul"]
         m, nb, r, (kb, kp, kj) = _rows_and_panels(sch, mm, lanes)
         mo, mi = sch.split(m, factors=[None, PREFILL_ROW_TILE])
@@ -169,13 +148,7 @@ class TritGEMMCPU(ScheduleRule):
         sch.reorder(pos, j, lane)
         sch.unroll(pos)
         sch.vectorize(lane)
-        if "trit_matmul_tail" in b:
-            sch.reverse_compute_at(b["trit_matmul_tail"], nb, preserve_unit_loops=True)
-            *_, row, lane, kt = sch.get_loops(b["trit_matmul_tail"])
-            sch.reorder(kt, row, lane)  # the tail weights decoded once per panel, not once per row of x
-            sch.vectorize(lane)
-        sch.reverse_compute_at(b["trit_out"], nb, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(b["trit_out"])[-1])
+        _output_at(sch, b, nb)
         _pad_rows_over_cores(sch, b["trit_x_padded"])
         # the tile with its rows innermost: every read of it is one contiguous vector (rows first, it was
         # a 32-element gather per multiply-add, 5x slower)
