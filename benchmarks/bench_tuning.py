@@ -15,7 +15,7 @@ import numpy as np
 
 from benchmarks.common import machine
 from trit_tvm.cli import resolve_model_config
-from trit_tvm.compile import LINEAR_NAMES, export_model
+from trit_tvm.compile import export_model
 from trit_tvm.targets import parse_target
 from trit_tvm.tuning import DEFAULT_LOGS, compare_with_hand_rule, decode_gemv_kernels, fused_module, logs_dir
 
@@ -29,9 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     args.model = None
     target = parse_target(args.target)
-    cfg, depth = resolve_model_config(args)
-    mod, _, _, _ = export_model(cfg, [dict.fromkeys(LINEAR_NAMES, depth)] * cfg.num_hidden_layers, target)
-    kernels = decode_gemv_kernels(fused_module(mod))
+    kernels = decode_gemv_kernels(fused_module(export_model(*resolve_model_config(args), target).mod))
     work_dir = logs_dir(args.tuning_logs, target)
     rows = []
     for row in compare_with_hand_rule(kernels, work_dir, target):

@@ -81,9 +81,8 @@ def prepare(bundle: Path, skip_decode: bool = False) -> None:
     print("tiny: built", flush=True)
     if not skip_decode:
         from trit_tvm.compile import compile_shape_only
-        from trit_tvm.model import Qwen2Config
         from trit_tvm.shapes import hf_config
-        cfg = Qwen2Config.from_hf(hf_config(DECODE_MODEL, max_position_embeddings=4096))
+        cfg = hf_config(DECODE_MODEL, max_position_embeddings=4096)
         for depth, name in ((3, "trit"), (0, "dense_fp16")):
             t0 = time.perf_counter()
             compile_shape_only(cfg, depth, target, bundle / "decode" / name, force=True, stage=lambda _m: None)
@@ -102,7 +101,7 @@ def _logits_func():
     from tvm import te
 
     from schedules.base import KERNEL_ATTR, LOGITS_KERNEL
-    from trit_tvm.model import logits_nt
+    from trit_tvm.models.base import logits_nt
     x = te.placeholder((1, 1, 2048), "float16", "x")
     w = te.placeholder((LM_HEAD_VOCAB, 2048), "float16", "w")
     return te.create_prim_func([x, w, logits_nt(x, w)]).with_attr({KERNEL_ATTR: LOGITS_KERNEL})
@@ -123,12 +122,12 @@ def _prepare_tiny(out: Path, target) -> None:
 
     from codec.checkpoint import write_trit_checkpoint
     from trit_tvm.compile import compile_model
-    from trit_tvm.demo import DEMO_SPEC, build_tiny_qwen2
+    from trit_tvm.demo import DEMO_SPEC, build_tiny_model
     from trit_tvm.runtime import TritModel
     from trit_tvm.targets import parse_target
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        build_tiny_qwen2(tmp / "hf", DEMO_SPEC)
+        build_tiny_model(tmp / "hf", DEMO_SPEC)
         write_trit_checkpoint(tmp / "hf", tmp / "trit", depth=3)
         compile_model(tmp / "trit", target, out / "art", force=True, stage=lambda _m: None)
         compile_model(tmp / "trit", parse_target("llvm"), tmp / "cpu", stage=lambda _m: None)

@@ -12,21 +12,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
     """Untied tiny Qwen2 (2 layers, GQA 4/2 heads, q/k/v biases), float32 safetensors + tokenizer."""
-    from trit_tvm.demo import TinyQwen2Spec, build_tiny_qwen2
-    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_untied"), TinyQwen2Spec(tie_embeddings=False, seed=7))
+    from trit_tvm.demo import TinySpec, build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_untied"), TinySpec(tie_embeddings=False, seed=7))
 
 
 @pytest.fixture(scope="session")
 def tiny_hf_tied(tmp_path_factory):
-    from trit_tvm.demo import TinyQwen2Spec, build_tiny_qwen2
-    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_tied"), TinyQwen2Spec(tie_embeddings=True, seed=11))
+    from trit_tvm.demo import TinySpec, build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_tied"), TinySpec(tie_embeddings=True, seed=11))
 
 
 @pytest.fixture(scope="session")
 def tiny_hf_bf16(tmp_path_factory):
     """Tied tiny Qwen2 stored in BF16, like the published Qwen2.5 checkpoints."""
-    from trit_tvm.demo import TinyQwen2Spec, build_tiny_qwen2
-    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_bf16"), TinyQwen2Spec(tie_embeddings=True, seed=5),
+    from trit_tvm.demo import TinySpec, build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_bf16"), TinySpec(tie_embeddings=True, seed=5),
                             dtype="bfloat16")
 
 

@@ -18,12 +18,10 @@ def cuda_artifact(trit_ckpt):
     return out
 
 
-def _trit_calls(cfg, depths) -> dict[str, list[str]]:
+def _trit_calls(arch, cfg, depth_of) -> dict[str, list[str]]:
     """{function: the parameter prefix of each trit_decode_matmul call} of the exported model."""
-    from trit_tvm.model import TritQwen2ForCausalLM
-    from trit_tvm.operator import WeightLayout
-    model = TritQwen2ForCausalLM(cfg, depths, "float32", tvm.target.Target({"kind": "llvm"}), WeightLayout(32))
-    mod, _ = model.export_tvm(spec=model.get_default_spec())
+    from trit_tvm.compile import export_model
+    mod = export_model(arch, cfg, depth_of, tvm.target.Target({"kind": "llvm"})).mod
     tagged = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs
               and f.attrs.get("trit.op") == "decode_matmul"]
     assert tagged
@@ -32,21 +30,22 @@ def _trit_calls(cfg, depths) -> dict[str, list[str]]:
 
 
 def test_one_trit_call_per_quantized_linear_qkv_and_gate_up_stacked(trit_ckpt):
-    from trit_tvm.compile import _layer_depths
-    from trit_tvm.model import Qwen2Config
     from codec import load_trit_checkpoint
+    from trit_tvm.compile import checkpoint_depths
+    from trit_tvm.models import architecture_of
     ckpt = load_trit_checkpoint(trit_ckpt)
-    cfg = Qwen2Config.from_hf(ckpt.config)
-    depths = _layer_depths(ckpt, cfg)
-    for fn, calls in _trit_calls(cfg, depths).items():
+    arch, cfg = architecture_of(ckpt.config)
+    depth_of = checkpoint_depths(ckpt)
+    for fn, calls in _trit_calls(arch, cfg, depth_of).items():
         assert [c.split("_", 3)[-1] for c in calls[:4]] == ["self_attn_qkv_proj", "self_attn_o_proj",
                                                              "mlp_gate_up_proj", "mlp_down_proj"], fn
         assert len(calls) == 4 * cfg.num_hidden_layers and len(set(calls)) == len(calls), fn
-    # a layer whose q has another depth than k and v keeps three calls for them (stacked planes need one depth)
-    mixed = [dict(d, q_proj=2) if i == 0 else d for i, d in enumerate(depths)]
-    calls = _trit_calls(cfg, mixed)["decode"]
-    assert [c.split("_", 3)[-1] for c in calls[:6]] == ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj",
-                                                        "self_attn_o_proj", "mlp_gate_up_proj", "mlp_down_proj"]
+    # a layer whose q has another depth than k and v: one call per matrix (two depths cannot share a kernel)
+    mixed = lambda name: 2 if name == "model.layers.0.self_attn.q_proj.weight" else depth_of(name)  # noqa: E731
+    calls = _trit_calls(arch, cfg, mixed)["decode"]
+    assert [c.split("_", 3)[-1] for c in calls[:6]] == [
+        "self_attn_qkv_proj_linears_0", "self_attn_qkv_proj_linears_1", "self_attn_qkv_proj_linears_2",
+        "self_attn_o_proj", "mlp_gate_up_proj", "mlp_down_proj"]
 
 
 def test_run_json_and_text(llvm_artifact, capsys):
@@ -95,13 +94,15 @@ def _err(main, args, capsys):
 
 
 def test_unsupported_architecture(tiny_hf, tmp_path, capsys):
-    src = tmp_path / "llama"
+    src = tmp_path / "gpt2"
     shutil.copytree(tiny_hf, src)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["architectures"] = ["GPT2LMHeadModel"]
     (src / "config.json").write_text(json.dumps(cfg))
     code, err = _err(compile_main, [src, "-o", tmp_path / "o"], capsys)
-    assert code == 2 and "unsupported architecture LlamaForCausalLM" in err and "Qwen2ForCausalLM" in err
+    assert code == 2 and "unsupported architecture GPT2LMHeadModel" in err
+    assert all(name in err for name in ("Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+                                        "Qwen3ForCausalLM"))
     assert not (tmp_path / "o").exists()
 
 

@@ -8,7 +8,7 @@ import torch
 from codec.checkpoint import load_trit_checkpoint
 from codec.cli import dequantize_main, quantize_main
 from trit_tvm.cli import compile_main
-from trit_tvm.model import GATE_UP, QKV
+from trit_tvm.models.base import STACKED_LINEARS
 from trit_tvm.operator import layout_for_target
 from trit_tvm.runtime import TritModel
 from trit_tvm.targets import parse_target
@@ -84,7 +84,8 @@ def test_resident_weights_are_the_packed_checkpoint(built):
     quantized = load_trit_checkpoint(root / "trit").manifest["quantized"]
     expected = 0
     for i in range(m["config"]["num_hidden_layers"]):
-        for group, parent in ((QKV, "self_attn"), (("o_proj",), "self_attn"), (GATE_UP, "mlp"), (("down_proj",), "mlp")):
+        for group, parent in ((STACKED_LINEARS["qkv_proj"], "self_attn"), (("o_proj",), "self_attn"),
+                              (STACKED_LINEARS["gate_up_proj"], "mlp"), (("down_proj",), "mlp")):
             infos = [quantized[f"model.layers.{i}.{parent}.{n}.weight"] for n in group]
             n_out, (n_in, depth) = sum(t["shape"][0] for t in infos), (infos[0]["shape"][1], infos[0]["depth"])
             expected += (2 * (np.prod(layout.code_shape(n_out, n_in, depth)) + np.prod(layout.scale_shape(n_out, n_in, depth)))

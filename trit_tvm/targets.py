@@ -71,6 +71,14 @@ def target_arch(target: tvm.target.Target) -> str:
     return host_arch()
 
 
+def target_label(target: tvm.target.Target) -> str:
+    """A short name for output dirs: the device kind, or the CPU architecture of a cross-compiled CPU build
+    (an aarch64 build is not named llvm)."""
+    if target.kind.name == "llvm" and target_arch(target) != host_arch():
+        return target_arch(target)
+    return target.kind.name
+
+
 def host_arch() -> str:
     return _HOST_ARCH.get(platform.machine().lower(), platform.machine().lower())
 

@@ -1,0 +1,109 @@
+"""GGUF files as a source: a llama.cpp model file -> a Hugging Face checkpoint dir (config.json, tokenizer
+files, float safetensors), which the rest of the codec reads like any other.
+
+What transformers already does for GGUF is reused, not restated: its config and tokenizer conversion
+(`from_pretrained(..., gguf_file=...)`), its GGUF -> transformers tensor-name map and its per-architecture
+tensor fix-ups (llama.cpp stores Llama's q/k rows permuted for its RoPE; transformers' processor reverses
+it). Tensors are dequantized one at a time by the `gguf` package and streamed to a safetensors file.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import CodecError
+from .safetensors_io import ShardWriter
+
+log = logging.getLogger("trit")
+
+# GGUF tensor types read here: name -> safetensors dtype the dequantized tensor is written in (F16 keeps
+# its own; BF16 and block-quantized ones become float32, which holds their values exactly)
+TENSOR_TYPES = {"F32": "F32", "F16": "F16", "BF16": "F32", "Q8_0": "F32", "Q4_0": "F32", "Q4_1": "F32",
+                "Q4_K": "F32", "Q6_K": "F32"}
+# GGUF general.architecture -> the transformers model_type it converts to
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
+Progress = Callable[[str, int], None]
+
+
+def is_gguf(path: Path) -> bool:
+    return Path(path).is_file() and Path(path).suffix.lower() == ".gguf"
+
+
+def _reader(path: Path):
+    try:
+        import gguf
+    except ImportError:
+        raise CodecError(f"{path}: reading GGUF needs the 'gguf' package (pip install gguf)") from None
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
+        raise CodecError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def _architecture(reader, path: Path) -> str:
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise CodecError(f"{path}: GGUF field 'general.architecture' is missing")
+    arch = str(field.contents())
+    if arch not in ARCHITECTURES:
+        raise CodecError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+    return arch
+
+
+def gguf_tensor_count(path: Path) -> int:
+    """Elements of all tensors (for progress bars)."""
+    return sum(int(t.n_elements) for t in _reader(Path(path)).tensors)
+
+
+def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> Path:
+    """Write the GGUF model at `path` as a Hugging Face checkpoint into out_dir (created if needed)."""
+    import gguf
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
+                                                           load_gguf_checkpoint)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path, out_dir = Path(path), Path(out_dir)
+    reader = _reader(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arch = _architecture(reader, path)
+    for t in reader.tensors:
+        if t.tensor_type.name not in TENSOR_TYPES:
+            raise CodecError(f"{path}: tensor '{t.name}' has GGUF type {t.tensor_type.name}, which is not supported "
+                             f"(supported: {', '.join(TENSOR_TYPES)})")
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        config_fields = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise CodecError(f"{path}: transformers cannot read its config or tokenizer ({e})") from None
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config_fields)
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    expected = {n for n in skeleton.state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")}
+    writer = ShardWriter(out_dir / "model.safetensors")
+    for t in reader.tensors:
+        weights = gguf.quants.dequantize(t.data, t.tensor_type)
+        fixed = processor.process(weights=weights, name=t.name, tensor_key_mapping=names, parsed_parameters={})
+        name = names.get(fixed.name)
+        if name is None:
+            log.debug("%s: tensor '%s' has no transformers counterpart; skipped", path, t.name)
+            continue
+        dtype = TENSOR_TYPES[t.tensor_type.name]
+        arr = np.asarray(fixed.weights)
+        writer.add(name, arr.astype(np.float16 if dtype == "F16" else np.float32, copy=False), dtype)
+        expected.discard(name)
+        if progress:
+            progress(name, arr.size)
+    if expected:
+        raise CodecError(f"{path}: tensor for '{sorted(expected)[0]}' is missing from the GGUF file")
+    writer.close({"format": "pt", "source": path.name})
+    return out_dir
