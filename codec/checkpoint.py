@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import CodecError, read_json
 from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
+from .gguf_source import hf_source
 from .quantize import CODEBOOK_SIZE, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
 from .safetensors_io import (FLOAT_DTYPES, SafetensorsFile, ShardWriter, from_float, iter_checkpoint_files,
@@ -132,10 +133,17 @@ def _source_tensors(files: list[SafetensorsFile]) -> Iterator[tuple[str, Safeten
 def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse", recover: bool = False,
                           force: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
                           progress: Progress | None = None) -> dict:
-    """Quantize (or, with recover, decode) a Hugging Face checkpoint dir into a trit checkpoint dir.
+    """Quantize (or, with recover, decode) a Hugging Face checkpoint dir or a GGUF file into a trit
+    checkpoint dir. Streams tensor by tensor; returns the manifest written."""
+    if Path(out).exists() and not force:  # before the work, not after
+        raise CodecError(f"{out}: output directory exists (use --force to replace it)")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with hf_source(src, Path(out).parent) as hf:
+        return _write_trit_checkpoint(hf, out, depth, mode, recover, force, shard_bytes, progress)
 
-    Streams tensor by tensor; returns the manifest written.
-    """
+
+def _write_trit_checkpoint(src: Path, out: Path, depth: int, mode: str, recover: bool, force: bool,
+                           shard_bytes: int, progress: Progress | None) -> dict:
     config, files = read_source(src)
     quantized: dict[str, dict] = {}
     kept: dict[str, dict] = {}

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .checkpoint import DTYPE_NAMES, load_trit_checkpoint, read_source, write_dequantized_checkpoint, write_trit_checkpoint
 from .errors import CodecError
+from .gguf_source import gguf_tensor_count, is_gguf
 from .quantize import DEPTHS, MODES, relative_mse
 from .safetensors_io import to_float32
 
@@ -49,6 +50,8 @@ def _element_bar(total: int, desc: str) -> tuple[tqdm, Callable[[str, int], None
 
 
 def _total_elements(src: Path) -> int:
+    if is_gguf(src):
+        return gguf_tensor_count(src)
     _, files = read_source(src)
     return sum(int(np.prod(t.shape)) for f in files for t in f.tensors.values())
 
@@ -58,7 +61,8 @@ def quantize_parser() -> argparse.ArgumentParser:
         prog="trit-quantize",
         description="Quantize a Hugging Face checkpoint to balanced-ternary trits and pack them densely, or "
                     "(--recover) recover the exact codes of an Entrit-style dequantized checkpoint.")
-    p.add_argument("src", type=Path, help="Hugging Face checkpoint dir (config.json + *.safetensors)")
+    p.add_argument("src", type=Path, help="Hugging Face checkpoint dir (config.json + *.safetensors) or a GGUF file "
+                   "(F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensors, dequantized)")
     p.add_argument("out", type=Path, help="output trit checkpoint dir (created atomically)")
     p.add_argument("--depth", type=int, default=3, choices=DEPTHS, help="trits per weight (default 3: 27 levels)")
     p.add_argument("--mode", default="mse", choices=MODES,

@@ -8,9 +8,11 @@ it). Tensors are dequantized one at a time by the `gguf` package and streamed to
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -107,3 +109,16 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
         raise CodecError(f"{path}: tensor for '{sorted(expected)[0]}' is missing from the GGUF file")
     writer.close({"format": "pt", "source": path.name})
     return out_dir
+
+
+@contextlib.contextmanager
+def hf_source(src: Path, scratch: Path | None = None) -> Iterator[Path]:
+    """A Hugging Face checkpoint dir for `src`: src itself, or for a GGUF file its conversion in a temporary
+    dir under `scratch` (default: beside src), removed afterwards."""
+    src = Path(src)
+    if not is_gguf(src):
+        yield src
+        return
+    with tempfile.TemporaryDirectory(prefix=f".{src.stem}.hf-", dir=scratch or src.parent) as tmp:
+        log.info("reading GGUF %s", src)
+        yield gguf_to_hf(src, Path(tmp))

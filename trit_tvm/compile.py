@@ -28,7 +28,7 @@ from codec.checkpoint import DTYPE_NAMES, FORMAT_VERSION, TritCheckpoint, atomic
     load_trit_checkpoint, write_trit_checkpoint
 from codec.errors import read_json
 from codec.format import CODES, SCALES
-from codec.gguf_source import gguf_to_hf, is_gguf
+from codec.gguf_source import is_gguf
 from codec.safetensors_io import ShardWriter, dtype_name, from_float, to_float32
 
 from .attention_cpu import use_cpu_prefill_attention
@@ -120,13 +120,11 @@ def open_model(model: Path, workdir: Path, depth: int, mode: str, stage: Stage) 
     model = Path(model)
     if (model / TRIT_MANIFEST).exists():
         return load_trit_checkpoint(model)
-    if is_gguf(model):
-        stage(f"reading GGUF {model}")
-        model = gguf_to_hf(model, workdir / "hf")
-    elif not (model / "config.json").exists():
-        raise CompileError(f"{model}: neither a trit checkpoint ({TRIT_MANIFEST}), a Hugging Face checkpoint "
-                           "(config.json) nor a GGUF file")
-    architecture_of(read_json(model / "config.json"), str(model / "config.json"))
+    if not is_gguf(model):
+        if not (model / "config.json").exists():
+            raise CompileError(f"{model}: neither a trit checkpoint ({TRIT_MANIFEST}), a Hugging Face checkpoint "
+                               "(config.json) nor a GGUF file")
+        architecture_of(read_json(model / "config.json"), str(model / "config.json"))
     stage(f"quantizing {model} at depth {depth} ({mode})")
     write_trit_checkpoint(model, workdir / "trit", depth=depth, mode=mode)
     return load_trit_checkpoint(workdir / "trit")

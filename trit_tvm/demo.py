@@ -9,7 +9,6 @@ import hashlib
 import json
 import importlib.util
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -139,7 +138,6 @@ def cached_trit_checkpoint(gguf: Path, depth: int, mode: str, stage: Callable[[s
     """`gguf` quantized at `depth` into the cache, once: later runs reuse it (keyed by the file's size and
     modification time, the depth and the mode)."""
     from codec.checkpoint import MANIFEST, write_trit_checkpoint
-    from codec.gguf_source import gguf_to_hf
 
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -147,10 +145,6 @@ def cached_trit_checkpoint(gguf: Path, depth: int, mode: str, stage: Callable[[s
     if (out / MANIFEST).exists():
         stage(f"using the cached trit checkpoint {out}")
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="trit-gguf-", dir=out.parent) as tmp:
-        stage(f"reading {gguf.name} (first run only: the quantized checkpoint is cached in {out.parent})")
-        hf = gguf_to_hf(gguf, Path(tmp) / "hf")
-        stage(f"quantizing it at depth {depth} ({mode})")
-        write_trit_checkpoint(hf, out, depth=depth, mode=mode, force=True)
+    stage(f"quantizing {gguf.name} at depth {depth} ({mode}); first run only: the result is cached in {out.parent}")
+    write_trit_checkpoint(gguf, out, depth=depth, mode=mode, force=True)
     return out

@@ -146,6 +146,7 @@ class TritModel:
         self._add_seq = fn("vm.builtin.kv_state_add_sequence")
         self._begin = fn("vm.builtin.kv_state_begin_forward")
         self._end = fn("vm.builtin.kv_state_end_forward")
+        self._popn = fn("vm.builtin.kv_state_popn")
         self.max_seq_len = int(self.manifest.get("context_length") or self.config["max_position_embeddings"])
         self._tokenizer = None
 
@@ -321,7 +322,9 @@ def detokenize(tokenizer, ids: Iterator[int], stop_ids: tuple[int, ...] = ()) ->
 
 class ChatSession:
     """Turns of a chat: each message is rendered with the tokenizer's chat template, and only the tokens
-    the KV cache does not hold yet are prefilled; the cache grows (re-prefilling the history) when full."""
+    the KV cache does not hold yet are prefilled. The cache keeps the longest prefix it shares with the new
+    rendering (a reply re-tokenized by the template may differ from the generated tokens near its end; the
+    rest is popped); it grows, re-prefilling the history, when full."""
 
     def __init__(self, model: TritModel, system: str | None = None):
         self.model, self.system = model, system
@@ -350,10 +353,11 @@ class ChatSession:
                                            return_dict=False))
         self.model._check_length(len(ids) + max_new_tokens)
         cached = self._ensure_cache(len(ids) + max_new_tokens)
-        if ids[:len(cached)] != cached:  # the template re-rendered earlier turns differently: start over
-            self._kv, self._capacity = None, 0
-            cached = self._ensure_cache(len(ids) + max_new_tokens)
-        new = np.asarray(ids[len(cached):], np.int64)
+        keep = next((i for i, (a, b) in enumerate(zip(ids, cached)) if a != b), min(len(ids), len(cached)))
+        keep = min(keep, len(ids) - 1)  # at least one token to prefill: its logits start the reply
+        if len(cached) > keep:
+            self.model._popn(self._kv, 0, len(cached) - keep)
+        new = np.asarray(ids[keep:], np.int64)
         timing = timing if timing is not None else Generation([], 0, 0.0, 0.0)
         stop = self.model.stop_ids
         steps = self.model._steps(self._kv, new, max_new_tokens, temperature, top_p, seed, stop, timing)
