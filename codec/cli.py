@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import DTYPE_NAMES, load_trit_checkpoint, read_source, write_dequantized_checkpoint, write_trit_checkpoint
+from .checkpoint import (DTYPE_NAMES, load_trit_checkpoint, read_source, write_dequantized_checkpoint,
+                         write_trit_checkpoint)
 from .errors import CodecError
 from .gguf_source import gguf_tensor_count, is_gguf
 from .quantize import DEPTHS, MODES, relative_mse

@@ -144,6 +144,24 @@ def test_empty_prompt(llvm_artifact, capsys):
     assert code == 2 and "prompt is empty" in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"), (["--temperature", "nan"], "--temperature must be"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"), (["--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--chat", "--json"], "does not go with --chat"), (["--prompt-ids", "1", "--system", "hi"], "goes with --chat"),
+])
+def test_bad_sampling_flags(llvm_artifact, capsys, flags, message):
+    args = [llvm_artifact] + (flags if "--chat" in flags or "--prompt-ids" in flags else ["--prompt-ids", "1,2"] + flags)
+    code, err = _err(run_main, args, capsys)
+    assert code == 2 and message in err, err
+
+
+def test_prompt_beyond_the_context_fails_before_printing(llvm_artifact, capsys):
+    code = run_main([str(llvm_artifact), "--prompt", "ternary " * 300, "--max-new-tokens", "8"])
+    out = capsys.readouterr()
+    assert code == 2 and "exceed the model's context length 256" in out.err and out.out == ""
+
+
 def test_not_an_artifact(tmp_path, capsys):
     code, err = _err(run_main, [tmp_path, "--prompt-ids", "1"], capsys)
     assert code == 2 and "not a trit artifact" in err

