@@ -199,8 +199,9 @@ def _run(args: argparse.Namespace) -> int:
         elif args.json:
             text = "".join(model.stream_text(args.prompt, *sampling, timing=gen))
         else:
+            pieces = model.stream_text(args.prompt, *sampling, timing=gen)  # checks the prompt first
             print(printable(args.prompt), end="", flush=True)
-            for piece in model.stream_text(args.prompt, *sampling, timing=gen):
+            for piece in pieces:
                 print(printable(piece), end="", flush=True)
             print(flush=True)
             text = None
