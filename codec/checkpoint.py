@@ -6,18 +6,17 @@ temporary sibling dir and renamed into place at the end, so a failure never leav
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from .atomic import atomic_output_dir
 from .errors import CodecError, read_json
 from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
 from .gguf_source import hf_source
@@ -44,34 +43,12 @@ def is_quantized_tensor(name: str, shape: tuple[int, ...]) -> bool:
             and not any(p in name for p in _KEPT_NAME_PARTS))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(16 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temp dir beside `out`; on success move it to `out` (replacing it only with force)."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise CodecError(f"{out}: output directory exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, trash / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_source(src: Path) -> tuple[dict, list[SafetensorsFile]]:
@@ -137,8 +114,7 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
     checkpoint dir. Streams tensor by tensor; returns the manifest written."""
     if Path(out).exists() and not force:  # before the work, not after
         raise CodecError(f"{out}: output directory exists (use --force to replace it)")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with hf_source(src, Path(out).parent) as hf:
+    with hf_source(src, Path(out)) as hf:
         return _write_trit_checkpoint(hf, out, depth, mode, recover, force, shard_bytes, progress)
 
 
@@ -184,7 +160,7 @@ def _write_trit_checkpoint(src: Path, out: Path, depth: int, mode: str, recover:
             "depth": depths[0] if len(depths) == 1 else depths,
             "architectures": config.get("architectures", []),
             "quantized": quantized, "kept": kept,
-            "shards": {s: {"sha256": _sha256(tmp / s), "bytes": (tmp / s).stat().st_size} for s in shard_files},
+            "shards": {s: {"sha256": sha256_file(tmp / s), "bytes": (tmp / s).stat().st_size} for s in shard_files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -262,7 +238,7 @@ def load_trit_checkpoint(path: str | os.PathLike, verify: bool = True) -> TritCh
         spath = path / shard
         if not spath.exists():
             raise CodecError(f"{path}: shard '{shard}' listed in {MANIFEST} is missing")
-        if verify and _sha256(spath) != meta.get("sha256"):
+        if verify and sha256_file(spath) != meta.get("sha256"):
             raise CodecError(f"{spath}: checksum mismatch (sha256 differs from {MANIFEST}); the file is corrupt")
         files[shard] = SafetensorsFile(spath)
     for name, entry in list(manifest["quantized"].items()) + list(manifest["kept"].items()):

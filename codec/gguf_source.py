@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from .atomic import os_errors, scratch_dir
 from .errors import CodecError
 from .safetensors_io import ShardWriter
 
@@ -112,13 +113,19 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
 
 
 @contextlib.contextmanager
-def hf_source(src: Path, scratch: Path | None = None) -> Iterator[Path]:
-    """A Hugging Face checkpoint dir for `src`: src itself, or for a GGUF file its conversion in a temporary
-    dir under `scratch` (default: beside src), removed afterwards."""
+def hf_source(src: Path, out: Path) -> Iterator[Path]:
+    """A Hugging Face checkpoint dir for `src`: src itself, or for a GGUF file its conversion in a work dir
+    beside `out` (the output it is read for), removed afterwards."""
     src = Path(src)
     if not is_gguf(src):
         yield src
         return
-    with tempfile.TemporaryDirectory(prefix=f".{src.stem}.hf-", dir=scratch or src.parent) as tmp:
+    with os_errors(out):
+        tmp = scratch_dir(out, "hf")
+    try:
         log.info("reading GGUF %s", src)
-        yield gguf_to_hf(src, Path(tmp))
+        with os_errors(out):
+            hf = gguf_to_hf(src, tmp)
+        yield hf
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

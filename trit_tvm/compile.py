@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +25,9 @@ import numpy as np
 import tvm
 
 from codec.checkpoint import MANIFEST as TRIT_MANIFEST
-from codec.checkpoint import DTYPE_NAMES, FORMAT_VERSION, TritCheckpoint, atomic_output_dir, copy_side_files, \
-    load_trit_checkpoint, write_trit_checkpoint
+from codec.atomic import atomic_output_dir
+from codec.checkpoint import DTYPE_NAMES, FORMAT_VERSION, TritCheckpoint, copy_side_files, load_trit_checkpoint, \
+    sha256_file, write_trit_checkpoint
 from codec.errors import read_json
 from codec.format import CODES, SCALES
 from codec.gguf_source import is_gguf
@@ -38,7 +40,7 @@ from .models import Architecture, DecoderConfig, architecture_of, source_names
 from .operator import WeightLayout, layout_for_target
 from .pipeline import trit_pipeline
 from .quantization import DepthOf, ParamSource, TritQuantizer, uniform_depth
-from .targets import target_arch, target_device_kind, target_to_json
+from .targets import host_arch, target_arch, target_device_kind, target_to_json
 from .tuning import DEFAULT_LOGS, apply_records_pass, logs_dir
 
 log = logging.getLogger("trit")
@@ -175,12 +177,25 @@ def build_library(arch: Architecture, cfg: DecoderConfig, depth_of: DepthOf, tar
             "compile_s": time.perf_counter() - t0}
 
 
+CROSS_COMPILERS = {"aarch64": ("aarch64-linux-gnu-g++", "apt-get install g++-aarch64-linux-gnu")}
+
+
+def check_toolchain(target: tvm.target.Target) -> None:
+    """The cross compiler a target's library needs, checked before minutes of compiling."""
+    arch = target_arch(target)
+    if arch in CROSS_COMPILERS and arch != host_arch():
+        compiler, install = CROSS_COMPILERS[arch]
+        if shutil.which(compiler) is None:
+            raise CompileError(f"--target {arch} needs the cross compiler {compiler}, which is not on PATH "
+                               f"(install it: {install})")
+
+
 def export_library(exe, target: tvm.target.Target, path: Path) -> None:
     """model.so for the target's host: cross-compiled with aarch64-linux-gnu-g++ for aarch64."""
     fcompile = None
-    if target_arch(target) == "aarch64":
+    if target_arch(target) in CROSS_COMPILERS and target_arch(target) != host_arch():
         from tvm.support import cc
-        fcompile = cc.cross_compiler("aarch64-linux-gnu-g++")
+        fcompile = cc.cross_compiler(CROSS_COMPILERS[target_arch(target)][0])
     exe.export_library(str(path), fcompile=fcompile)
 
 
@@ -203,6 +218,7 @@ def compile_model(model: Path, target: tvm.target.Target, out_dir: Path, depth: 
     manifest."""
     if Path(out_dir).exists() and not force:  # before minutes of work, not after
         raise CompileError(f"{out_dir}: output directory exists (use --force to replace it)")
+    check_toolchain(target)
     with tempfile.TemporaryDirectory(prefix="trit-compile-") as work:
         ckpt = open_model(model, Path(work), depth, mode, stage)
         arch, cfg = architecture_of(ckpt.config, str(ckpt.path / "config.json"))
@@ -222,9 +238,11 @@ def compile_model(model: Path, target: tvm.target.Target, out_dir: Path, depth: 
                 resident["trit" if source.packed else "kept"] += arr.nbytes
             writer.close()
             copy_side_files(ckpt.path, tmp)
+            params_sha256 = sha256_file(tmp / PARAMS)
             manifest = _manifest(target, arch, cfg, built, embedding_dtype=embed_dtype,
                                  trit_format_version=FORMAT_VERSION, codec_mode=ckpt.manifest["codec_mode"],
                                  depth=ckpt.manifest["depth"], input_hash=_input_hash(ckpt),
+                                 params_sha256=params_sha256,
                                  resident_trit_bytes=resident["trit"], resident_kept_bytes=resident["kept"],
                                  packed_checkpoint_bytes=ckpt.packed_bytes())
             (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -237,6 +255,7 @@ def compile_shape_only(hf_config: dict, depth: int, target: tvm.target.Target, o
     `param_shapes` say what to fill (TritModel(..., params=...)). depth 0: dense linears in the model
     dtype (the same pipeline's dense baseline)."""
     arch, cfg = architecture_of(hf_config)
+    check_toolchain(target)
     built = build_library(arch, cfg, uniform_depth(depth), target, stage=stage)
     params = built["exported"].named_params
     with atomic_output_dir(out_dir, force) as tmp:

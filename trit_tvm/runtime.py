@@ -22,9 +22,10 @@ import tvm
 from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
+from codec.checkpoint import sha256_file
 from codec.safetensors_io import SafetensorsFile
 
-from .artifact import LIBRARY, PARAMS, read_artifact_manifest
+from .artifact import ARTIFACT_MANIFEST, LIBRARY, PARAMS, read_artifact_manifest
 from .errors import CompileError
 from .targets import host_arch
 
@@ -151,7 +152,18 @@ class TritModel:
         self._tokenizer = None
 
     def _load_params(self) -> list:
-        f = SafetensorsFile(self.path / PARAMS)
+        """The parameters from params.safetensors, its checksum verified against the manifest first."""
+        path = self.path / PARAMS
+        if not path.exists():
+            raise CompileError(f"{path}: missing (artifact is incomplete; rebuild it with trit-compile)")
+        expected = self.manifest.get("params_sha256")
+        if not isinstance(expected, str):
+            raise CompileError(f"{self.path / ARTIFACT_MANIFEST}: field 'params_sha256' is missing (rebuild the "
+                               "artifact with trit-compile)")
+        if sha256_file(path) != expected:
+            raise CompileError(f"{path}: checksum mismatch (sha256 differs from {ARTIFACT_MANIFEST}); the file is "
+                               "corrupt")
+        f = SafetensorsFile(path)
         names = self.manifest["params"]
         missing = [n for n in names if n not in f.tensors]
         if missing:

@@ -14,6 +14,9 @@ SHORT_TARGETS = {
     "cuda": {"kind": "cuda", "arch": "sm_80"},  # PTX for sm_80 also runs on Hopper; override with a dict
     "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
 }
+# what a CUDA target needs to say when no GPU is here to ask (every card since sm_50 has at least these);
+# without them TVM warns at every build that the target lacks max_shared_memory_per_block
+CUDA_LIMITS = {"max_shared_memory_per_block": 49152, "max_threads_per_block": 1024, "thread_warp_size": 32}
 _HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 
@@ -29,11 +32,16 @@ def parse_target(spec: str) -> tvm.target.Target:
             cfg = dict(SHORT_TARGETS[spec])
             if spec == "cuda" and tvm.cuda(0).exist:
                 return tvm.target.Target.from_device(tvm.cuda(0))
+            if cfg["kind"] == "cuda":
+                cfg.update(CUDA_LIMITS)
             if cfg == {"kind": "llvm"}:  # like -march=native: this CPU's vector units (AVX-512, NEON, ...)
                 cfg["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
             return tvm.target.Target(cfg)
         if spec.startswith("{"):
-            return tvm.target.Target(json.loads(spec))
+            cfg = json.loads(spec)
+            if isinstance(cfg, dict) and cfg.get("kind") == "cuda":
+                cfg = {**CUDA_LIMITS, **cfg}
+            return tvm.target.Target(cfg)
         return tvm.target.Target(spec)
     except (ValueError, TypeError, RuntimeError, tvm.error.InternalError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -159,9 +159,17 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding whose lookup clamps ids instead of TVM's default "fast" take, which prints a warning at
+    every build (ids are range-checked before they reach the model, so clamping never changes one)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return op.wrap_nested(relax.op.take(self.weight._expr, x._expr, axis=0, mode="clip"), "take")
+
+
 class DecoderModel(nn.Module):
     def __init__(self, cfg: DecoderConfig, dtype: str, embed_dtype: str, attention: type[Attention]):
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=embed_dtype)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=embed_dtype)
         self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, attention) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
