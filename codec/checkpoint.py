@@ -20,7 +20,7 @@ from .atomic import atomic_output_dir
 from .errors import CodecError, read_json
 from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
 from .gguf_source import hf_source
-from .quantize import CODEBOOK_SIZE, GROUP_SIZE, QuantizedMatrix, quantize_matrix
+from .quantize import CODEBOOK_SIZE, DEPTHS, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
 from .safetensors_io import (FLOAT_DTYPES, SafetensorsFile, ShardWriter, from_float, iter_checkpoint_files,
                              to_float32)
@@ -187,14 +187,26 @@ class TritCheckpoint:
 
     def packed(self, name: str) -> dict[str, np.ndarray]:
         """The packed tensors of a quantized matrix: {trit_codes, trit_scales, trit_codebook}."""
-        f = self._file(self.manifest["quantized"][name])
+        entry = self.manifest["quantized"][name]
+        f = self._file(entry)
         try:
-            return {k: f.read(f"{name}.{k}") for k in (CODES, SCALES, CODEBOOK)}
+            packed = {k: f.read(f"{name}.{k}") for k in (CODES, SCALES, CODEBOOK)}
         except KeyError as e:
             raise CodecError(f"{f.path}: missing tensor {e} listed in {MANIFEST}") from None
+        codes = packed[CODES]
+        if codes.ndim != 3 or codes.shape[0] != entry["shape"][0] or codes.shape[1] != entry["depth"]:
+            raise CodecError(f"{f.path}: tensor '{name}.{CODES}' has shape {list(codes.shape)}, which does not "
+                             f"hold the {entry['shape']} matrix at depth {entry['depth']} that {MANIFEST} lists")
+        return packed
 
     def matrix(self, name: str) -> QuantizedMatrix:
-        return unpack_matrix(self.packed(name), self.manifest["quantized"][name]["shape"][1], name)
+        entry = self.manifest["quantized"][name]
+        try:
+            return unpack_matrix(self.packed(name), entry["shape"][1], name)
+        except CodecError as e:
+            if str(self.path) in str(e):
+                raise
+            raise CodecError(f"{self._file(entry).path}: {e}") from None
 
     def kept(self, name: str) -> tuple[np.ndarray, str]:
         """A kept tensor in its storage form and its safetensors dtype."""
@@ -202,7 +214,11 @@ class TritCheckpoint:
         f = self._file(entry)
         if name not in f.tensors:
             raise CodecError(f"{f.path}: missing tensor '{name}' listed in {MANIFEST}")
-        return f.read(name), f.tensors[name].dtype
+        info = f.tensors[name]
+        if list(info.shape) != entry["shape"] or info.dtype != entry["dtype"]:
+            raise CodecError(f"{f.path}: tensor '{name}' is {info.dtype} {list(info.shape)}, {MANIFEST} says "
+                             f"{entry['dtype']} {entry['shape']}")
+        return f.read(name), info.dtype
 
     def packed_bytes(self) -> int:
         """Bytes of all packed tensors (codes + scale indices + codebooks)."""
@@ -215,6 +231,35 @@ def _field(manifest: dict, key: str, path: Path):
     return manifest[key]
 
 
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_entries(manifest: dict, mpath: Path) -> None:
+    """Every field the loader uses has the type and range it needs: a hostile trit.json ends here, in one
+    line naming the field, not in a traceback or an allocation of the size it claims."""
+    def bad(what: str) -> CodecError:
+        return CodecError(f"{mpath}: {what}")
+    for key in ("quantized", "kept", "shards"):
+        if not isinstance(manifest[key], dict):
+            raise bad(f"field '{key}' must be an object")
+    for shard, meta in manifest["shards"].items():
+        if Path(shard).name != shard or shard.startswith(".") or not isinstance(meta, dict):
+            raise bad(f"shard entry {shard!r} is malformed (a plain file name with its sha256 and bytes)")
+    for name, e in manifest["quantized"].items():
+        shape = e.get("shape") if isinstance(e, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_whole(d) and d > 0 for d in shape)
+                and shape[1] % GROUP_SIZE == 0 and e.get("depth") in DEPTHS and not isinstance(e["depth"], bool)
+                and e.get("dtype") in FLOAT_DTYPES and isinstance(e.get("shard"), str)):
+            raise bad(f"quantized tensor '{name}': malformed entry (shape [rows, columns] with columns a multiple "
+                      f"of {GROUP_SIZE}, depth in {list(DEPTHS)}, dtype in {list(FLOAT_DTYPES)}, shard)")
+    for name, e in manifest["kept"].items():
+        shape = e.get("shape") if isinstance(e, dict) else None
+        if not (isinstance(shape, list) and all(_whole(d) for d in shape) and isinstance(e.get("dtype"), str)
+                and isinstance(e.get("shard"), str)):
+            raise bad(f"kept tensor '{name}': malformed entry (shape, dtype, shard)")
+
+
 def load_trit_checkpoint(path: str | os.PathLike, verify: bool = True) -> TritCheckpoint:
     """Open a trit checkpoint dir; with verify, every shard's sha256 is checked against trit.json."""
     path = Path(path)
@@ -224,6 +269,8 @@ def load_trit_checkpoint(path: str | os.PathLike, verify: bool = True) -> TritCh
     if not mpath.exists():
         raise CodecError(f"{path}: missing {MANIFEST} (not a trit checkpoint; quantize it with trit-quantize)")
     manifest = read_json(mpath)
+    if not isinstance(manifest, dict):
+        raise CodecError(f"{mpath}: not a trit manifest (a JSON object)")
     if _field(manifest, "format", mpath) != FORMAT_NAME:
         raise CodecError(f"{mpath}: field 'format' is {manifest['format']!r}, expected {FORMAT_NAME!r}")
     version = _field(manifest, "format_version", mpath)
@@ -233,6 +280,7 @@ def load_trit_checkpoint(path: str | os.PathLike, verify: bool = True) -> TritCh
         raise CodecError(f"{mpath}: group_size {manifest['group_size']} unsupported (only {GROUP_SIZE})")
     for key in ("quantized", "kept", "shards"):
         _field(manifest, key, mpath)
+    _check_entries(manifest, mpath)
     files = {}
     for shard, meta in manifest["shards"].items():
         spath = path / shard
@@ -246,6 +294,8 @@ def load_trit_checkpoint(path: str | os.PathLike, verify: bool = True) -> TritCh
             raise CodecError(f"{mpath}: tensor '{name}' names shard {entry.get('shard')!r}, which is not listed")
     cfg = path / "config.json"
     config = read_json(cfg) if cfg.exists() else {}
+    if not isinstance(config, dict):
+        raise CodecError(f"{cfg}: not a model config (a JSON object)")
     return TritCheckpoint(path, manifest, config, files)
 
 

@@ -42,8 +42,8 @@ def _reader(path: Path):
         raise CodecError(f"{path}: reading GGUF needs the 'gguf' package (pip install gguf)") from None
     try:
         return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
-        raise CodecError(f"{path}: not a readable GGUF file ({e})") from None
+    except Exception as e:  # noqa: BLE001  (a third-party parser on untrusted bytes: any failure is a bad file)
+        raise CodecError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def _architecture(reader, path: Path) -> str:
@@ -56,6 +56,28 @@ def _architecture(reader, path: Path) -> str:
     return arch
 
 
+def _checked_tensors(reader, path: Path) -> list:
+    """The reader's tensors, each of a supported type and with data of its shape's size."""
+    for t in reader.tensors:
+        kind = getattr(t.tensor_type, "name", str(t.tensor_type))
+        if kind not in TENSOR_TYPES:
+            raise CodecError(f"{path}: tensor '{t.name}' has GGUF type {kind}, which is not supported "
+                             f"(supported: {', '.join(TENSOR_TYPES)})")
+    return list(reader.tensors)
+
+
+def read_gguf_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF tensor name, dequantized values) for every tensor, one at a time."""
+    import gguf
+    path = Path(path)
+    for t in _checked_tensors(_reader(path), path):
+        try:
+            yield t.name, gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:  # noqa: BLE001  (malformed block data in an untrusted file)
+            raise CodecError(f"{path}: tensor '{t.name}' cannot be dequantized ({type(e).__name__}: "
+                             f"{str(e)[:120]})") from None
+
+
 def gguf_tensor_count(path: Path) -> int:
     """Elements of all tensors (for progress bars)."""
     return sum(int(t.n_elements) for t in _reader(Path(path)).tensors)
@@ -63,7 +85,6 @@ def gguf_tensor_count(path: Path) -> int:
 
 def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> Path:
     """Write the GGUF model at `path` as a Hugging Face checkpoint into out_dir (created if needed)."""
-    import gguf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
@@ -72,12 +93,9 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
 
     path, out_dir = Path(path), Path(out_dir)
     reader = _reader(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
     arch = _architecture(reader, path)
-    for t in reader.tensors:
-        if t.tensor_type.name not in TENSOR_TYPES:
-            raise CodecError(f"{path}: tensor '{t.name}' has GGUF type {t.tensor_type.name}, which is not supported "
-                             f"(supported: {', '.join(TENSOR_TYPES)})")
+    types = {t.name: t.tensor_type.name for t in _checked_tensors(reader, path)}
+    out_dir.mkdir(parents=True, exist_ok=True)
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -93,14 +111,13 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
     names = get_gguf_hf_weights_map(skeleton, processor)
     expected = {n for n in skeleton.state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")}
     writer = ShardWriter(out_dir / "model.safetensors")
-    for t in reader.tensors:
-        weights = gguf.quants.dequantize(t.data, t.tensor_type)
-        fixed = processor.process(weights=weights, name=t.name, tensor_key_mapping=names, parsed_parameters={})
+    for gguf_name, weights in read_gguf_tensors(path):
+        fixed = processor.process(weights=weights, name=gguf_name, tensor_key_mapping=names, parsed_parameters={})
         name = names.get(fixed.name)
         if name is None:
-            log.debug("%s: tensor '%s' has no transformers counterpart; skipped", path, t.name)
+            log.debug("%s: tensor '%s' has no transformers counterpart; skipped", path, gguf_name)
             continue
-        dtype = TENSOR_TYPES[t.tensor_type.name]
+        dtype = TENSOR_TYPES[types[gguf_name]]
         arr = np.asarray(fixed.weights)
         writer.add(name, arr.astype(np.float16 if dtype == "F16" else np.float32, copy=False), dtype)
         expected.discard(name)

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import CodecError
+from .errors import CodecError, unique_keys
 
 # safetensors dtype name -> numpy storage dtype (BF16 is stored as its raw 16 bits).
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -61,7 +61,7 @@ class SafetensorsFile:
         except OSError as e:
             raise CodecError(f"{self.path}: cannot read ({e.strerror})") from None
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
         except (UnicodeDecodeError, ValueError) as e:
@@ -70,16 +70,12 @@ class SafetensorsFile:
         data_len = size - data_start
         for name, spec in header.items():
             if name == "__metadata__":
-                self.metadata = dict(spec or {})
+                if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+                    raise CodecError(f"{self.path}: __metadata__ must map names to strings")
+                self.metadata = dict(spec)
                 continue
-            try:
-                dtype, shape, (b, e) = spec["dtype"], tuple(int(s) for s in spec["shape"]), spec["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CodecError(f"{self.path}: tensor '{name}' has a malformed header entry") from None
-            if dtype not in STORAGE_DTYPES:
-                raise CodecError(f"{self.path}: tensor '{name}' has unsupported dtype {dtype} "
-                                 f"(supported: {', '.join(STORAGE_DTYPES)})")
-            want = int(np.prod(shape, dtype=np.int64)) * STORAGE_DTYPES[dtype].itemsize
+            dtype, shape, (b, e) = self._entry(name, spec)
+            want = int(np.prod(shape, dtype=object)) * STORAGE_DTYPES[dtype].itemsize  # Python ints: no overflow
             if not (0 <= b <= e) or e - b != want:
                 raise CodecError(f"{self.path}: tensor '{name}' has data offsets [{b}, {e}) that do not match "
                                  f"its shape {list(shape)} and dtype {dtype}")
@@ -87,6 +83,22 @@ class SafetensorsFile:
                 raise CodecError(f"{self.path}: truncated: tensor '{name}' ends at byte {data_start + e}, "
                                  f"file has {size}")
             self.tensors[name] = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
+
+    def _entry(self, name: str, spec) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+        """(dtype, shape, data offsets) of a header entry, each checked for type and sign."""
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        if not isinstance(spec, dict):
+            raise CodecError(f"{self.path}: tensor '{name}' has a malformed header entry")
+        dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
+            raise CodecError(f"{self.path}: tensor '{name}' has unsupported dtype {dtype!r} "
+                             f"(supported: {', '.join(STORAGE_DTYPES)})")
+        if not isinstance(shape, list) or not all(whole(d) for d in shape):
+            raise CodecError(f"{self.path}: tensor '{name}' has a malformed shape {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(o) for o in offsets):
+            raise CodecError(f"{self.path}: tensor '{name}' has malformed data offsets {offsets!r}")
+        return dtype, tuple(shape), (offsets[0], offsets[1])
 
     def keys(self) -> list[str]:
         return list(self.tensors)

@@ -148,7 +148,7 @@ class TritModel:
         self._begin = fn("vm.builtin.kv_state_begin_forward")
         self._end = fn("vm.builtin.kv_state_end_forward")
         self._popn = fn("vm.builtin.kv_state_popn")
-        self.max_seq_len = int(self.manifest.get("context_length") or self.config["max_position_embeddings"])
+        self.max_seq_len = int(self.manifest["context_length"])
         self._tokenizer = None
 
     def _load_params(self) -> list:
@@ -168,6 +168,9 @@ class TritModel:
         missing = [n for n in names if n not in f.tensors]
         if missing:
             raise CompileError(f"{self.path / PARAMS}: missing parameter '{missing[0]}' (artifact is corrupt)")
+        if names != list(f.tensors):  # the file holds them in the VM's order (compile writes it so)
+            raise CompileError(f"{self.path / ARTIFACT_MANIFEST}: field 'params' does not list the parameters of "
+                               f"{PARAMS} in their order (artifact is corrupt)")
         return [tvm.runtime.tensor(_as_tvm_array(f, n), self.device) for n in names]
 
     @property
