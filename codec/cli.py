@@ -72,7 +72,7 @@ def quantize_parser() -> argparse.ArgumentParser:
                    help="SRC is already trit-quantized (dequantized FP16/BF16): recover its codes bit-exactly")
     p.add_argument("--shard-size", type=float, default=2.0, metavar="GB", help="max shard size (default 2 GB)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -98,12 +98,12 @@ def quantize_main(argv: Sequence[str] | None = None) -> int:
 def dequantize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trit-dequantize",
                                 description="Expand a trit checkpoint back to a Hugging Face safetensors checkpoint.")
-    p.add_argument("trit_dir", type=Path)
-    p.add_argument("out", type=Path)
+    p.add_argument("trit_dir", type=Path, help="trit checkpoint dir (made by trit-quantize)")
+    p.add_argument("out", type=Path, help="output Hugging Face checkpoint dir (created atomically)")
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None,
                    help="dtype of float tensors (default: each tensor's source dtype)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -125,7 +125,7 @@ def inspect_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trit-inspect",
                                 description="Show per-tensor depth, shape, bits/weight (and relative MSE "
                                             "against the source checkpoint with --source).")
-    p.add_argument("trit_dir", type=Path)
+    p.add_argument("trit_dir", type=Path, help="trit checkpoint dir")
     p.add_argument("--source", type=Path, help="the Hugging Face checkpoint it was made from")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p

@@ -183,3 +183,12 @@ def test_hf_checkpoint_is_quantized_on_the_fly(tiny_hf, tmp_path):
     assert compile_main([str(tiny_hf), "--depth", "2", "-o", str(out)]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["depth"] == 2 and m["codec_mode"] == "mse" and (out / "tokenizer.json").exists()
+
+
+def test_every_flag_of_every_command_has_help():
+    from codec.cli import dequantize_parser, inspect_parser, quantize_parser
+    from trit_tvm.cli import compile_parser, run_parser, tune_parser
+    for parser in (quantize_parser(), dequantize_parser(), inspect_parser(), compile_parser(), run_parser(),
+                   tune_parser()):
+        undocumented = [a.dest for a in parser._actions if not a.help]
+        assert not undocumented, (parser.prog, undocumented)

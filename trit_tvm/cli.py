@@ -238,7 +238,7 @@ def tune_parser() -> argparse.ArgumentParser:
                    help="records root (default: the repository's tuning_logs/)")
     p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its servers")
     p.add_argument("--rpc-key", help="device key the servers registered with the tracker")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
