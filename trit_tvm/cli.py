@@ -220,6 +220,51 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_run, run_parser(), argv)
 
 
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trit-eval",
+        description="Perplexity of a model on a text file: a compiled artifact (scored by the compiled module "
+                    "itself) or, for comparison, a Hugging Face checkpoint dir or GGUF file run by transformers.")
+    p.add_argument("model", type=Path, help="artifact dir (trit-compile), Hugging Face checkpoint dir or .gguf file")
+    p.add_argument("--text", type=Path, required=True, help="UTF-8 text file to score (keep it apart from any "
+                   "calibration text)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts; less than --window "
+                   "gives overlapping windows whose extra tokens are context only (default: --window)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
+    p.add_argument("--json", action="store_true", help='print {"perplexity", "tokens_scored", "windows", "tok_s"}')
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .artifact import ARTIFACT_MANIFEST
+    from .evaluate import perplexity, read_text, transformers_logits
+
+    text = read_text(args.text)
+    if (args.model / ARTIFACT_MANIFEST).exists():
+        from .runtime import TritModel
+        model = TritModel(args.model)
+        logits_of, tokenizer, what = model.score_logits, model.tokenizer, f"{args.model} (compiled)"
+    elif args.model.exists():
+        logits_of, tokenizer = transformers_logits(args.model)
+        what = f"{args.model} (transformers FP32)"
+    else:
+        raise CodecError(f"{args.model}: no such artifact, checkpoint or GGUF file")
+    ids = tokenizer.encode(text)[:args.max_tokens]
+    result = perplexity(logits_of, ids, args.window, args.stride)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"{what}: perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens of {args.text} "
+              f"({result.windows} windows of {args.window}; {result.tok_s:.0f} tok/s)")
+    return 0
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_eval, eval_parser(), argv)
+
+
 def tune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trit-tune",

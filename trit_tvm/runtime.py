@@ -211,6 +211,20 @@ class TritModel:
             raise CompileError(f"prompt token ids must be in [0, {vocab}); got {int(arr.min())}..{int(arr.max())}")
         return arr
 
+    def score_logits(self, ids: list[int]) -> np.ndarray:
+        """float32 logits [len(ids), vocab] of every position after a fresh prefill of ids (in chunks)."""
+        prompt = self._check_prompt(ids)
+        self._check_length(len(prompt))
+        kv = self._new_cache(len(prompt))
+        parts = []
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            chunk = prompt[start:start + PREFILL_CHUNK]
+            self._begin(kv, self.runtime.shape(0), self.runtime.shape(len(chunk)))
+            logits, kv = self.runtime.unpack(self.vm["score"](self._embed(chunk), kv, self._param_arg), 2)
+            self._end(kv)
+            parts.append(logits.numpy().reshape(len(chunk), -1))
+        return np.concatenate(parts)
+
     def prefill_logits(self, ids: list[int]) -> np.ndarray:
         """Last-position logits (float32 [vocab]) after a fresh prefill of ids."""
         return self._prefill(self._new_cache(len(ids)), self._check_prompt(ids))

@@ -187,7 +187,8 @@ def logits_nt(x: te.Tensor, w: te.Tensor) -> te.Tensor:
 
 
 class DecoderForCausalLM(nn.Module):
-    """The compiled model's interface: embed → prefill/decode with a paged KV cache → float32 logits.
+    """The compiled model's interface: embed → prefill/decode (last position's logits) or score (every
+    position's) with a paged KV cache → float32 logits.
     Subclasses set `attention` to their attention module."""
 
     attention: type[Attention] = Attention
@@ -222,6 +223,10 @@ class DecoderForCausalLM(nn.Module):
     def decode(self, input_embed: Tensor, kv: PagedKVCache):
         return self._logits(self.model(input_embed, kv)), kv
 
+    def score(self, input_embed: Tensor, kv: PagedKVCache):
+        """A prefill that returns the logits of every position (perplexity: trit-eval)."""
+        return self._logits(self.model(input_embed, kv)), kv
+
     def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size):
         c = self.cfg
         return TIRPagedKVCache(
@@ -241,6 +246,7 @@ class DecoderForCausalLM(nn.Module):
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
             "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype), "kv": kv, "$": packed},
             "decode": {"input_embed": nn.spec.Tensor([1, 1, h], self.dtype), "kv": kv, "$": packed},
+            "score": {"input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype), "kv": kv, "$": packed},
             "create_tir_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int,
                                           "prefill_chunk_size": int, "page_size": int,
                                           "$": {"param_mode": "none", "effect_mode": "none"}},
