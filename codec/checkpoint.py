@@ -20,6 +20,9 @@ from .atomic import atomic_output_dir
 from .errors import CodecError, read_json
 from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
 from .gguf_source import hf_source
+from .calibration import collect_hessians, read_text
+from .gptq import gptq_matrix, output_error
+from .mixed import BPW_RANGE, allocate, parse_overrides, pinned_depths
 from .quantize import CODEBOOK_SIZE, DEPTHS, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
 from .safetensors_io import (FLOAT_DTYPES, SafetensorsFile, ShardWriter, from_float, iter_checkpoint_files,
@@ -107,18 +110,82 @@ def _source_tensors(files: list[SafetensorsFile]) -> Iterator[tuple[str, Safeten
             yield name, f
 
 
+@dataclass
+class QuantizePlan:
+    """How each matrix is quantized: depth (uniform, or per tensor when `depths` is set), the data-free mode,
+    or GPTQ with calibration Hessians; `record` is what trit.json notes about it."""
+    depth: int = 3
+    mode: str = "mse"
+    depths: dict[str, int] | None = None
+    hessians: dict[str, np.ndarray] | None = None
+    record: dict | None = None
+    bpw: float | None = None
+
+    def depth_of(self, name: str) -> int:
+        return self.depths[name] if self.depths is not None else self.depth
+
+    def quantize(self, w: np.ndarray, name: str, depth: int | None = None) -> QuantizedMatrix:
+        depth = self.depth_of(name) if depth is None else depth
+        if self.hessians is not None and name in self.hessians:
+            return gptq_matrix(w, self.hessians[name], depth, name)
+        return quantize_matrix(w, depth, self.mode, name)
+
+
 def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse", recover: bool = False,
                           force: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                          progress: Progress | None = None) -> dict:
+                          progress: Progress | None = None, calibration: Path | None = None, samples: int = 32,
+                          bpw: float | None = None, tensor_depths: tuple[str, ...] = ()) -> dict:
     """Quantize (or, with recover, decode) a Hugging Face checkpoint dir or a GGUF file into a trit
-    checkpoint dir. Streams tensor by tensor; returns the manifest written."""
+    checkpoint dir. Streams tensor by tensor; returns the manifest written.
+
+    calibration: a text file; each matrix is quantized by GPTQ against its inputs on that text (samples
+    windows of 512 tokens). bpw: a depth per matrix by sensitivity under this average packed bits/weight.
+    tensor_depths: PATTERN=D overrides (globs on tensor names)."""
     if Path(out).exists() and not force:  # before the work, not after
         raise CodecError(f"{out}: output directory exists (use --force to replace it)")
+    overrides = parse_overrides(list(tensor_depths))
+    if bpw is not None and not BPW_RANGE[0] <= bpw <= BPW_RANGE[1]:
+        raise CodecError(f"--bpw {bpw} is outside [{BPW_RANGE[0]}, {BPW_RANGE[1]}] (the packed sizes of depth 1 "
+                         "and 4)")
+    if calibration is not None:
+        read_text(calibration)  # a bad file fails now, not after converting the source
     with hf_source(src, Path(out)) as hf:
-        return _write_trit_checkpoint(hf, out, depth, mode, recover, force, shard_bytes, progress)
+        plan = QuantizePlan(depth, mode, bpw=bpw)
+        if calibration is not None and not recover:
+            calib = collect_hessians(hf, calibration, samples, progress=_stage_progress(progress, "calibration"))
+            plan.hessians, plan.record = calib.hessians, calib.settings
+        if not recover and (bpw is not None or overrides):
+            plan.depths = _plan_depths(hf, plan, bpw, overrides, progress)
+        return _write_trit_checkpoint(hf, out, plan, recover, force, shard_bytes, progress)
 
 
-def _write_trit_checkpoint(src: Path, out: Path, depth: int, mode: str, recover: bool, force: bool,
+def _stage_progress(progress: Progress | None, stage: str):
+    return None if progress is None else (lambda done, total: progress(f"{stage} {done}/{total}", 0))
+
+
+def _plan_depths(src: Path, plan: QuantizePlan, bpw: float | None, overrides: list, progress) -> dict[str, int]:
+    """Per-matrix depths: the overrides, and with a budget the sensitivity allocation (every matrix quantized
+    at every depth once to measure its error)."""
+    _, files = read_source(src)
+    weights = {name: f for name, f in _source_tensors(files) if is_quantized_tensor(name, f.tensors[name].shape)}
+    pinned = pinned_depths(list(weights), overrides)
+    if bpw is None:
+        return {name: pinned.get(name, plan.depth) for name in weights}
+    errors, shapes = {}, {}
+    for name, f in weights.items():
+        w = to_float32(f.read(name), f.tensors[name].dtype)
+        shapes[name] = tuple(w.shape)
+        errors[name] = {}
+        for d in DEPTHS:
+            qm = plan.quantize(w, name, d)
+            errors[name][d] = (output_error(w, qm, plan.hessians[name]) if plan.hessians and name in plan.hessians
+                               else float(np.sum((w - qm.dequantize()) ** 2, dtype=np.float64)))
+        if progress:
+            progress(f"sensitivity {name}", 0)
+    return allocate(errors, shapes, bpw, pinned)
+
+
+def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bool, force: bool,
                            shard_bytes: int, progress: Progress | None) -> dict:
     config, files = read_source(src)
     quantized: dict[str, dict] = {}
@@ -135,7 +202,7 @@ def _write_trit_checkpoint(src: Path, out: Path, depth: int, mode: str, recover:
                 if recover:
                     qm = recover_matrix(stored, info.dtype, name)
                 else:
-                    qm = quantize_matrix(to_float32(stored, info.dtype), depth, mode, name)
+                    qm = plan.quantize(to_float32(stored, info.dtype), name)
                 for suffix, arr in pack_matrix(qm).items():
                     shards.add(f"{name}.{suffix}", arr)
                 quantized[name] = {"shape": list(info.shape), "depth": qm.depth, "dtype": info.dtype,
@@ -156,9 +223,12 @@ def _write_trit_checkpoint(src: Path, out: Path, depth: int, mode: str, recover:
         depths = sorted({q["depth"] for q in quantized.values()})
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "group_size": GROUP_SIZE,
-            "codebook_size": CODEBOOK_SIZE, "codec_mode": "recovered" if recover else mode,
+            "codebook_size": CODEBOOK_SIZE,
+            "codec_mode": "recovered" if recover else "gptq" if plan.hessians is not None else plan.mode,
             "depth": depths[0] if len(depths) == 1 else depths,
             "architectures": config.get("architectures", []),
+            **({"calibration": plan.record} if plan.record else {}),
+            **({"bits_per_weight_budget": plan.bpw} if plan.bpw is not None else {}),
             "quantized": quantized, "kept": kept,
             "shards": {s: {"sha256": sha256_file(tmp / s), "bytes": (tmp / s).stat().st_size} for s in shard_files},
         }

@@ -70,6 +70,14 @@ def quantize_parser() -> argparse.ArgumentParser:
                    help="mse: better codebook and per-group MSE choice (default); reference: the published rule")
     p.add_argument("--recover", action="store_true",
                    help="SRC is already trit-quantized (dequantized FP16/BF16): recover its codes bit-exactly")
+    p.add_argument("--calibration", type=Path, metavar="FILE",
+                   help="UTF-8 text to calibrate on: each matrix is quantized by GPTQ to minimize its output error "
+                        "on the model's own inputs for this text (keep it apart from evaluation text)")
+    p.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens (default: 32)")
+    p.add_argument("--bpw", type=float, help="mixed depth: a depth 1..4 per matrix by sensitivity, average packed "
+                   "bits/weight at most this (1.9..6.7); uses --calibration when given")
+    p.add_argument("--tensor-depth", action="append", default=[], metavar="PATTERN=D",
+                   help="pin the depth of tensors matching a glob, e.g. '*.mlp.down_proj.weight=4' (repeatable)")
     p.add_argument("--shard-size", type=float, default=2.0, metavar="GB", help="max shard size (default 2 GB)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -81,7 +89,8 @@ def _quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with bar:
         manifest = write_trit_checkpoint(args.src, args.out, args.depth, args.mode, args.recover, args.force,
-                                         int(args.shard_size * (1 << 30)), step)
+                                         int(args.shard_size * (1 << 30)), step, args.calibration, args.samples,
+                                         args.bpw, tuple(args.tensor_depth))
     n_q = sum(int(np.prod(q["shape"])) for q in manifest["quantized"].values())
     size = sum(s["bytes"] for s in manifest["shards"].values())
     log.info("wrote %s: %d quantized matrices (%.1f M weights, depth %s, mode %s), %d kept tensors, "

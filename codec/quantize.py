@@ -74,7 +74,7 @@ def _sq_error(g: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
     return q.sum(axis=1)
 
 
-def _best_amplitude_steps(g: np.ndarray, qmax: int) -> np.ndarray:
+def best_amplitude_steps(g: np.ndarray, qmax: int) -> np.ndarray:
     """Per group, the MSE-best step among the 4 order-statistic amplitudes / qmax."""
     top = np.sort(np.abs(g), axis=1)[:, _AMPLITUDE_RANKS] / qmax
     errs = np.stack([_sq_error(g, top[:, c], qmax) for c in range(top.shape[1])], axis=1)
@@ -98,7 +98,7 @@ def _log_position(step: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     return np.clip(pos, 0, CODEBOOK_SIZE - 1)
 
 
-def _choose_entries(g: np.ndarray, best: np.ndarray, codebook: np.ndarray, qmax: int, mode: str) -> np.ndarray:
+def choose_entries(g: np.ndarray, best: np.ndarray, codebook: np.ndarray, qmax: int, mode: str) -> np.ndarray:
     pos = _log_position(best, codebook)
     if mode == "reference":
         return np.rint(pos).astype(np.uint8)
@@ -132,7 +132,7 @@ def quantize_matrix(w: np.ndarray, depth: int = 3, mode: str = "mse", name: str 
     n_out, n_in = w.shape
     qmax = qmax_of(depth)
     groups = w.reshape(-1, GROUP_SIZE)
-    best = np.concatenate(_map_chunks(lambda s: _best_amplitude_steps(groups[s], qmax), len(groups), workers))
+    best = np.concatenate(_map_chunks(lambda s: best_amplitude_steps(groups[s], qmax), len(groups), workers))
     positive = best[best > 0]
     if positive.size == 0:
         codebook = _log_codebook(0.0, 0.0)
@@ -140,7 +140,7 @@ def quantize_matrix(w: np.ndarray, depth: int = 3, mode: str = "mse", name: str 
         codebook = _log_codebook(float(positive.min()), float(positive.max()))
     else:
         codebook = _log_codebook(float(np.quantile(positive, _LOW_QUANTILE)), float(positive.max()))
-    idx = np.concatenate(_map_chunks(lambda s: _choose_entries(groups[s], best[s], codebook, qmax, mode),
+    idx = np.concatenate(_map_chunks(lambda s: choose_entries(groups[s], best[s], codebook, qmax, mode),
                                      len(groups), workers))
     steps = codebook[idx]
     codes = np.concatenate(_map_chunks(lambda s: _round_codes(groups[s], steps[s], qmax).astype(np.int8),

@@ -1,0 +1,79 @@
+"""Calibration statistics: for every linear layer of a checkpoint, H = Σ xᵀx over its inputs x when the
+source model (transformers, float32, this CPU) reads a calibration text. GPTQ (codec.gptq) and the mixed-depth
+allocation (codec.mixed) weigh quantization errors by it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CodecError
+
+log = logging.getLogger("trit")
+SEQUENCE = 512  # tokens per calibration sample
+
+
+@dataclass
+class Calibration:
+    """Per checkpoint weight name ("model.layers.0.mlp.up_proj.weight"), Σ xᵀx of that layer's inputs."""
+    hessians: dict[str, np.ndarray]
+    settings: dict  # what trit.json records: file, sha256, samples, tokens, sequence
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, or a one-line error naming it (missing, empty, not UTF-8)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise CodecError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise CodecError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise CodecError(f"{path}: the text is empty")
+    return text
+
+
+def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=None) -> Calibration:
+    """Run the checkpoint on up to `samples` windows of SEQUENCE tokens of the text; hooks on every
+    nn.Linear accumulate its inputs' xᵀx in float64."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = read_text(text_file)
+    if samples < 1:
+        raise CodecError(f"--samples must be at least 1, got {samples}")
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(str(hf_dir)).encode(text)
+    if len(ids) < 2:
+        raise CodecError(f"{text_file}: too short to calibrate on ({len(ids)} tokens)")
+    starts = list(range(0, max(len(ids) - 1, 1), SEQUENCE))[:samples]
+    hessians: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def accumulate(_module, inputs, _output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            h = hessians.get(name)
+            hessians[name] = x.T @ x if h is None else h + x.T @ x
+        return accumulate
+
+    handles = [m.register_forward_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    try:
+        with torch.no_grad():
+            for i, s in enumerate(starts):
+                model(torch.tensor([ids[s:s + SEQUENCE]]))
+                if progress:
+                    progress(i + 1, len(starts))
+    finally:
+        for h in handles:
+            h.remove()
+    tokens = sum(len(ids[s:s + SEQUENCE]) for s in starts)
+    digest = hashlib.sha256(Path(text_file).read_bytes()).hexdigest()
+    settings = {"file": Path(text_file).name, "sha256": digest, "samples": len(starts), "tokens": tokens,
+                "sequence": SEQUENCE, "method": "gptq", "damp": 0.01}
+    return Calibration({k: v.numpy() for k, v in hessians.items()}, settings)
