@@ -19,9 +19,11 @@ SEQUENCE = 512  # tokens per calibration sample
 
 @dataclass
 class Calibration:
-    """Per checkpoint weight name ("model.layers.0.mlp.up_proj.weight"), Σ xᵀx of that layer's inputs."""
+    """Per checkpoint weight name ("model.layers.0.mlp.up_proj.weight"): Σ xᵀx of that layer's inputs, and
+    (when asked for) the diagonal Fisher information Σ (∂loss/∂w)² of its weights."""
     hessians: dict[str, np.ndarray]
     settings: dict  # what trit.json records: file, sha256, samples, tokens, sequence
+    fisher: dict[str, np.ndarray] | None = None
 
 
 def read_text(path: Path) -> str:
@@ -38,9 +40,12 @@ def read_text(path: Path) -> str:
     return text
 
 
-def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=None) -> Calibration:
+def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=None,
+                     fisher: bool = False) -> Calibration:
     """Run the checkpoint on up to `samples` windows of SEQUENCE tokens of the text; hooks on every
-    nn.Linear accumulate its inputs' xᵀx in float64."""
+    nn.Linear accumulate its inputs' xᵀx in float64. With fisher, each window's language-model loss is
+    also back-propagated and the squared gradients of every linear weight summed: how much the loss
+    moves per unit of squared error in each weight (what mixed depth ranks matrices by)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,12 +68,22 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
 
     handles = [m.register_forward_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    linears = {f"{n}.weight": m.weight for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+    grads = {name: torch.zeros_like(w) for name, w in linears.items()} if fisher else None
     try:
-        with torch.no_grad():
-            for i, s in enumerate(starts):
-                model(torch.tensor([ids[s:s + SEQUENCE]]))
-                if progress:
-                    progress(i + 1, len(starts))
+        for i, s in enumerate(starts):
+            window = torch.tensor([ids[s:s + SEQUENCE]])
+            if grads is None:
+                with torch.no_grad():
+                    model(window)
+            else:
+                model.zero_grad(set_to_none=True)
+                model(window, labels=window).loss.backward()
+                for name, w in linears.items():
+                    grads[name] += w.grad.detach() ** 2
+            if progress:
+                progress(i + 1, len(starts))
     finally:
         for h in handles:
             h.remove()
@@ -76,4 +91,5 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
     digest = hashlib.sha256(Path(text_file).read_bytes()).hexdigest()
     settings = {"file": Path(text_file).name, "sha256": digest, "samples": len(starts), "tokens": tokens,
                 "sequence": SEQUENCE, "method": "gptq", "damp": 0.01}
-    return Calibration({k: v.numpy() for k, v in hessians.items()}, settings)
+    return Calibration({k: v.numpy() for k, v in hessians.items()}, settings,
+                       {k: v.numpy() for k, v in grads.items()} if grads is not None else None)

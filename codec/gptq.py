@@ -68,4 +68,4 @@ def gptq_matrix(w: np.ndarray, h: np.ndarray, depth: int, name: str = "weight") 
 def output_error(w: np.ndarray, qm: QuantizedMatrix, h: np.ndarray) -> float:
     """tr(ΔW H ΔWᵀ): the squared output error of the quantized layer on the calibration inputs."""
     d = np.asarray(w, np.float64) - qm.dequantize(np.float64)
-    return float(np.einsum("ij,jk,ik->", d, np.asarray(h, np.float64), d))
+    return float(np.sum((d @ np.asarray(h, np.float64)) * d))

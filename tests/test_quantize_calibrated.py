@@ -1,0 +1,115 @@
+"""Calibrated (GPTQ) quantization and mixed depth by sensitivity: the calibration lowers the output error it
+targets, budgets are met, overrides apply, the checkpoints compile token-exact, bad input is one line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from codec.checkpoint import load_trit_checkpoint
+from codec.cli import dequantize_main, quantize_main
+from codec.gptq import gptq_matrix, output_error
+from codec.mixed import allocate
+from codec.quantize import quantize_matrix
+from trit_tvm.cli import compile_main
+
+TEXT = ("Balanced ternary writes every number with the digits minus one, zero and plus one. A trit holds "
+        "log2 of three bits. Quantized language models store each weight as a step times a small integer. ") * 40
+
+
+def _correlated_inputs(n_in: int, rows: int = 2048, seed: int = 0) -> np.ndarray:
+    """Inputs whose features are correlated and unequal in scale, as a layer's real inputs are."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((n_in, n_in)) * (rng.random(n_in) ** 3)[:, None]
+    return rng.standard_normal((rows, n_in)) @ mix
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_gptq_lowers_the_output_error_it_is_given(depth):
+    rng = np.random.default_rng(depth)
+    w = rng.standard_normal((96, 128)) * 0.02
+    x = _correlated_inputs(128)
+    h = x.T @ x
+    data_free = output_error(w, quantize_matrix(w.astype(np.float32), depth, "mse"), h)
+    calibrated = output_error(w, gptq_matrix(w, h, depth), h)
+    # and the statistics matter: the same quantizer told nothing about the inputs does worse on them
+    blind = output_error(w, gptq_matrix(w, np.eye(128), depth), h)
+    assert calibrated < 0.7 * data_free and calibrated < 0.7 * blind, (calibrated, data_free, blind)
+
+
+def test_allocation_meets_the_budget_and_spends_it():
+    rng = np.random.default_rng(0)
+    shapes, errors = {}, {}
+    for i in range(120):
+        name = f"model.layers.{i // 7}.mlp.m{i}.weight"
+        shapes[name] = (int(rng.integers(2, 40)) * 16, int(rng.integers(2, 40)) * 16)
+        scale = float(rng.random()) * shapes[name][0] * shapes[name][1]
+        errors[name] = {d: scale * 3.0 ** (-2 * d) for d in (1, 2, 3, 4)}
+    total = sum(a * b for a, b in shapes.values())
+    from codec.format import packed_bits
+    for budget in (2.5, 3.5, 4.4, 5.5):
+        depth = allocate(errors, shapes, budget, {})
+        used = sum(packed_bits(*shapes[n], d) for n, d in depth.items()) / total
+        assert budget - 0.05 <= used <= budget, (budget, used)
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calibration.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_calibrated_checkpoint_records_its_calibration_and_runs_token_exact(tiny_hf, calib_text, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from trit_tvm.runtime import TritModel
+    out = tmp_path / "trit"
+    assert quantize_main([str(tiny_hf), str(out), "--calibration", str(calib_text), "--samples", "2", "--bpw", "4.4",
+                          "--tensor-depth", "*.mlp.down_proj.weight=4"]) == 0
+    manifest = load_trit_checkpoint(out).manifest
+    assert manifest["codec_mode"] == "gptq" and manifest["calibration"]["file"] == "calibration.txt"
+    assert manifest["calibration"]["samples"] == 2 and manifest["bits_per_weight_budget"] == 4.4
+    depths = {n: e["depth"] for n, e in manifest["quantized"].items()}
+    assert all(d == 4 for n, d in depths.items() if n.endswith("down_proj.weight"))
+    assert len(set(depths.values())) > 1  # mixed
+    for i in range(2):  # stacked matrices share a depth
+        assert len({depths[f"model.layers.{i}.self_attn.{p}_proj.weight"] for p in "qkv"}) == 1
+    n = sum(e["shape"][0] * e["shape"][1] for e in manifest["quantized"].values())
+    assert load_trit_checkpoint(out).packed_bytes() * 8 / n <= 4.4
+    assert dequantize_main([str(out), str(tmp_path / "deq"), "--dtype", "float32"]) == 0
+    assert compile_main([str(out), "-o", str(tmp_path / "art")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "deq", dtype=torch.float32).eval()
+    model, prompt, ids = TritModel(tmp_path / "art"), [5, 17, 42, 99, 3], [5, 17, 42, 99, 3]
+    with torch.no_grad():
+        for _ in range(24):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert model.generate(prompt, 24).tokens == ids[len(prompt):]
+
+
+def test_tensor_depth_overrides_a_uniform_depth(tiny_hf, tmp_path):
+    assert quantize_main([str(tiny_hf), str(tmp_path / "t"), "--depth", "2", "--tensor-depth",
+                          "model.layers.1.*=3", "--tensor-depth", "*.o_proj.weight=1"]) == 0
+    q = load_trit_checkpoint(tmp_path / "t").manifest["quantized"]
+    for name, e in q.items():
+        want = 1 if name.endswith("o_proj.weight") else 3 if name.startswith("model.layers.1.") else 2
+        assert e["depth"] == want, name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--calibration", "EMPTY"], "the text is empty"),
+    (["--calibration", "BINARY"], "not UTF-8"),
+    (["--bpw", "1.5"], "--bpw 1.5 is outside [1.9, 6.7]"),
+    (["--bpw", "7"], "is outside [1.9, 6.7]"),
+    (["--tensor-depth", "*.nothing_here=3"], "matches no quantized tensor"),
+    (["--tensor-depth", "*.o_proj.weight"], "expected PATTERN=D"),
+    (["--tensor-depth", "*.o_proj.weight=5"], "expected PATTERN=D with D in [1, 2, 3, 4]"),
+])
+def test_bad_input_is_one_line(tiny_hf, tmp_path, capsys, flags, message):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
+    flags = [{"EMPTY": str(tmp_path / "empty.txt"), "BINARY": str(tmp_path / "binary.txt")}.get(f, f) for f in flags]
+    assert quantize_main([str(tiny_hf), str(tmp_path / "out")] + flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err), err
+    assert not (tmp_path / "out").exists()
