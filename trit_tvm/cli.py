@@ -239,7 +239,9 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def _eval(args: argparse.Namespace) -> int:
     from .artifact import ARTIFACT_MANIFEST
-    from .evaluate import perplexity, read_text, transformers_logits
+    from codec.calibration import read_text
+
+    from .evaluate import perplexity, transformers_logits
 
     text = read_text(args.text)
     if (args.model / ARTIFACT_MANIFEST).exists():

@@ -31,20 +31,6 @@ class Perplexity:
         return asdict(self)
 
 
-def read_text(path: Path) -> str:
-    """A UTF-8 text file, or a one-line error naming it (missing, empty, not UTF-8)."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise CodecError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise CodecError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    if not text.strip():
-        raise CodecError(f"{path}: the text is empty")
-    return text
-
-
 def windows(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
     """(begin, end, first scored position within the window) of each window over n_tokens."""
     if window < 2 or not 1 <= stride <= window:
