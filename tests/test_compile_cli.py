@@ -151,7 +151,8 @@ def test_empty_prompt(llvm_artifact, capsys):
     (["--chat", "--json"], "does not go with --chat"), (["--prompt-ids", "1", "--system", "hi"], "goes with --chat"),
 ])
 def test_bad_sampling_flags(llvm_artifact, capsys, flags, message):
-    args = [llvm_artifact] + (flags if "--chat" in flags or "--prompt-ids" in flags else ["--prompt-ids", "1,2"] + flags)
+    has_source = "--chat" in flags or "--prompt-ids" in flags
+    args = [llvm_artifact] + (flags if has_source else ["--prompt-ids", "1,2"] + flags)
     code, err = _err(run_main, args, capsys)
     assert code == 2 and message in err, err
 

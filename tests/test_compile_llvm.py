@@ -6,43 +6,28 @@ import pytest
 import torch
 
 from codec.checkpoint import load_trit_checkpoint
-from codec.cli import dequantize_main, quantize_main
-from trit_tvm.cli import compile_main
+from helpers import compile_with_reference, hf_greedy
 from trit_tvm.models.base import STACKED_LINEARS
 from trit_tvm.operator import layout_for_target
-from trit_tvm.runtime import TritModel
 from trit_tvm.targets import parse_target
 
 NEW_TOKENS = 40
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], list(range(20, 61))]
 
 
-def _hf_greedy(model, ids, n):
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[-n:]
-
-
 @pytest.fixture(scope="module", params=[("untied", 2), ("untied", 3), ("tied", 3), ("tied", 2), ("bf16", 3)],
                 ids=lambda p: f"{p[0]}-d{p[1]}")
 def built(request, tiny_hf, tiny_hf_tied, tiny_hf_bf16, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
     kind, depth = request.param
     src = {"untied": tiny_hf, "tied": tiny_hf_tied, "bf16": tiny_hf_bf16}[kind]
     root = tmp_path_factory.mktemp(f"{kind}{depth}")
-    assert quantize_main([str(src), str(root / "trit"), "--depth", str(depth)]) == 0
-    assert dequantize_main([str(root / "trit"), str(root / "deq"), "--dtype", "float32"]) == 0
-    assert compile_main([str(root / "trit"), "--target", "llvm", "-o", str(root / "art")]) == 0
-    hf = AutoModelForCausalLM.from_pretrained(root / "deq", dtype=torch.float32).eval()
-    return TritModel(root / "art"), hf, root
+    return (*compile_with_reference(src, root, depth), root)
 
 
 def test_greedy_tokens_equal_transformers(built):
     model, hf, _ = built
     for prompt in PROMPTS:
-        assert model.generate(prompt, NEW_TOKENS).tokens == _hf_greedy(hf, prompt, NEW_TOKENS)
+        assert model.generate(prompt, NEW_TOKENS).tokens == hf_greedy(hf, prompt, NEW_TOKENS)
 
 
 def test_prefill_logits_within_1e_3(built):
@@ -63,7 +48,7 @@ def test_chunked_prefill_matches_transformers(built, monkeypatch):
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
     assert np.abs(model.prefill_logits(prompt) - ref).max() < 1e-3
-    assert model.generate(prompt, 8).tokens == _hf_greedy(hf, prompt, 8)
+    assert model.generate(prompt, 8).tokens == hf_greedy(hf, prompt, 8)
 
 
 def test_decode_after_prefill_matches_one_longer_prefill(built):
@@ -88,8 +73,8 @@ def test_resident_weights_are_the_packed_checkpoint(built):
                               (STACKED_LINEARS["gate_up_proj"], "mlp"), (("down_proj",), "mlp")):
             infos = [quantized[f"model.layers.{i}.{parent}.{n}.weight"] for n in group]
             n_out, (n_in, depth) = sum(t["shape"][0] for t in infos), (infos[0]["shape"][1], infos[0]["depth"])
-            expected += (2 * (np.prod(layout.code_shape(n_out, n_in, depth)) + np.prod(layout.scale_shape(n_out, n_in, depth)))
-                         + 4 * layout.codebook_size(len(group)))
+            units = np.prod(layout.code_shape(n_out, n_in, depth)) + np.prod(layout.scale_shape(n_out, n_in, depth))
+            expected += 2 * units + 4 * layout.codebook_size(len(group))
     assert m["resident_trit_bytes"] == expected and m["packed_checkpoint_bytes"] <= expected
     assert model.resident_weight_bytes == m["resident_trit_bytes"] + m["resident_kept_bytes"]
     # nothing float-sized for the quantized matrices: kept = embeddings (+ lm_head) + norms + biases only

@@ -109,11 +109,16 @@ def _text_mutation(data: bytes, rng: random.Random) -> bytes:
     return mutate_json(data.decode(), rng).encode() if rng.random() < 0.7 else mutate_bytes(data, rng)
 
 
+def _copy(src, tmp_path_factory, name: str):
+    """A copy to mutate (the session fixtures stay intact for other tests)."""
+    dst = tmp_path_factory.mktemp("fuzz") / name
+    shutil.copytree(src, dst)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def trit_copy(trit_ckpt, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("fuzz") / "trit"
-    shutil.copytree(trit_ckpt, dst)
-    return dst
+    return _copy(trit_ckpt, tmp_path_factory, "trit")
 
 
 def _load_trit(path):
@@ -150,9 +155,7 @@ def test_fuzz_hf_safetensors(tiny_hf, tmp_path):
 
 @pytest.fixture(scope="module")
 def artifact_copy(llvm_artifact, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("fuzz") / "art"
-    shutil.copytree(llvm_artifact, dst)
-    return dst
+    return _copy(llvm_artifact, tmp_path_factory, "art")
 
 
 def _load_artifact(path):

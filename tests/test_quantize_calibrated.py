@@ -1,6 +1,5 @@
 """Calibrated (GPTQ) quantization and mixed depth by sensitivity: the calibration lowers the output error it
 targets, budgets are met, overrides apply, the checkpoints compile token-exact, bad input is one line."""
-import json
 
 import numpy as np
 import pytest

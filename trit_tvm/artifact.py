@@ -23,7 +23,8 @@ def read_artifact_manifest(artifact: Path) -> dict:
         raise CompileError(f"{path}: not an artifact manifest (a JSON object)")
     if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("format_version") != ARTIFACT_VERSION:
         raise CompileError(f"{path}: unsupported artifact format {manifest.get('format')!r} "
-                           f"v{manifest.get('format_version')!r} (this tool reads {ARTIFACT_FORMAT} v{ARTIFACT_VERSION})")
+                           f"v{manifest.get('format_version')!r} (this tool reads {ARTIFACT_FORMAT} "
+                           f"v{ARTIFACT_VERSION})")
     _check_fields(manifest, path)
     return manifest
 

