@@ -106,3 +106,14 @@ def test_chat_cli_in_a_terminal_two_turns_reset_and_ctrl_d(smollm2):
     assert "\x1b" not in reply and reply.strip()
     prefilled = [int(re.search(r"prefill (\d+) tokens", text).group(1)) for text in (reply, second, third)]
     assert prefilled[1] < prefilled[0] and prefilled[2] > prefilled[1], prefilled
+
+
+def test_an_abandoned_reply_leaves_the_history_and_a_correct_cache(llvm_artifact):
+    model = TritModel(llvm_artifact)
+    session = model.chat()
+    pieces = session.send("Balanced ternary", max_new_tokens=12)
+    next(pieces)
+    pieces.close()  # the user interrupted the reply
+    assert session.messages == []
+    assert "".join(session.send("Balanced ternary", max_new_tokens=12)) == \
+        "".join(model.chat().send("Balanced ternary", max_new_tokens=12))

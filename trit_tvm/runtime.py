@@ -375,25 +375,34 @@ class ChatSession:
 
     def send(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, timing: Generation | None = None) -> Iterator[str]:
-        """The assistant's reply to `message`, piece by piece; the reply joins the history when complete."""
+        """The assistant's reply to `message`, piece by piece; the turn joins the history when the reply is
+        complete (a reply abandoned midway leaves the history as it was and the cache to be rebuilt)."""
         tok = self.model.tokenizer
-        self.messages.append({"role": "user", "content": message})
-        ids = list(tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True,
-                                           return_dict=False))
+        messages = self.messages + [{"role": "user", "content": message}]
+        ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
         self.model._check_length(len(ids) + max_new_tokens)
         cached = self._ensure_cache(len(ids) + max_new_tokens)
         keep = next((i for i, (a, b) in enumerate(zip(ids, cached)) if a != b), min(len(ids), len(cached)))
         keep = min(keep, len(ids) - 1)  # at least one token to prefill: its logits start the reply
         if len(cached) > keep:
             self.model._popn(self._kv, 0, len(cached) - keep)
-        new = np.asarray(ids[keep:], np.int64)
-        timing = timing if timing is not None else Generation([], 0, 0.0, 0.0)
         stop = self.model.stop_ids
-        steps = self.model._steps(self._kv, new, max_new_tokens, temperature, top_p, seed, stop, timing)
+        generated: list[int] = []
+
+        def steps() -> Iterator[int]:
+            for t in self.model._steps(self._kv, np.asarray(ids[keep:], np.int64), max_new_tokens, temperature,
+                                       top_p, seed, stop, timing if timing is not None else Generation([], 0, 0, 0)):
+                generated.append(t)
+                yield t
+
         reply = []
-        for piece in detokenize(tok, steps, stop):
-            reply.append(piece)
-            yield piece
-        # the cache now holds the prompt and every generated token but the last (never fed back)
-        self._cached = ids + timing.tokens[:-1]
-        self.messages.append({"role": "assistant", "content": "".join(reply)})
+        try:
+            for piece in detokenize(tok, steps(), stop):
+                reply.append(piece)
+                yield piece
+        except BaseException:  # interrupted: what the cache holds is no longer known
+            self._kv, self._capacity, self._cached = None, 0, []
+            raise
+        # the cache holds the prompt and every generated token but the last (never fed back)
+        self._cached = ids + generated[:-1]
+        self.messages = messages + [{"role": "assistant", "content": "".join(reply)}]
