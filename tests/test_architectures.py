@@ -65,10 +65,9 @@ def test_sliding_window_caps_the_context_with_a_clear_error():
     assert architecture_of({**qwen, "use_sliding_window": True})[1].context_length == 4096
 
 
+@pytest.mark.parametrize("built", [("mistral-tied", 3)], indirect=True, ids=["mistral-tied-d3"])
 def test_request_beyond_the_window_names_it(built):
-    model, _, name = built
-    if name != "mistral-tied":
-        pytest.skip("only the Mistral checkpoint has a window")
+    model, _, _ = built
     assert model.max_seq_len == 128
     with pytest.raises(CompileError, match="sliding window of 128 tokens"):
         model.generate(PROMPTS[1], 100)
