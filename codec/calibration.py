@@ -58,12 +58,16 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
         raise CodecError(f"{text_file}: too short to calibrate on ({len(ids)} tokens)")
     starts = list(range(0, max(len(ids) - 1, 1), SEQUENCE))[:samples]
     hessians: dict[str, torch.Tensor] = {}
+    products: dict[int, tuple] = {}  # this window's xᵀx per input tensor: q/k/v (gate/up) read the same one
 
     def hook(name: str):
         def accumulate(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            h = hessians.get(name)
-            hessians[name] = x.T @ x if h is None else h + x.T @ x
+            x_in = inputs[0]
+            if id(x_in) not in products:  # the tensor is kept with it, so its id stays its own
+                x = x_in.detach().reshape(-1, x_in.shape[-1]).to(torch.float64)
+                products[id(x_in)] = (x_in, x.T @ x)
+            xx = products[id(x_in)][1]
+            hessians[name] = xx.clone() if name not in hessians else hessians[name] + xx
         return accumulate
 
     handles = [m.register_forward_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
@@ -73,6 +77,7 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
     grads = {name: torch.zeros_like(w) for name, w in linears.items()} if fisher else None
     try:
         for i, s in enumerate(starts):
+            products.clear()
             window = torch.tensor([ids[s:s + SEQUENCE]])
             if grads is None:
                 with torch.no_grad():
@@ -85,6 +90,7 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
             if progress:
                 progress(i + 1, len(starts))
     finally:
+        products.clear()
         for h in handles:
             h.remove()
     tokens = sum(len(ids[s:s + SEQUENCE]) for s in starts)

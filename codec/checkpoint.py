@@ -19,10 +19,10 @@ import numpy as np
 from .atomic import atomic_output_dir
 from .errors import CodecError, read_json
 from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
-from .gguf_source import hf_source
 from .calibration import Calibration, collect_hessians, read_text
+from .gguf_source import hf_source
 from .gptq import gptq_matrix
-from .mixed import BPW_RANGE, allocate, parse_overrides, pinned_depths
+from .mixed import allocate, check_budget, parse_overrides, pinned_depths
 from .quantize import CODEBOOK_SIZE, DEPTHS, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
 from .safetensors_io import (FLOAT_DTYPES, SafetensorsFile, ShardWriter, from_float, iter_checkpoint_files,
@@ -125,8 +125,8 @@ class QuantizePlan:
     def depth_of(self, name: str) -> int:
         return self.depths[name] if self.depths is not None else self.depth
 
-    def quantize(self, w: np.ndarray, name: str, depth: int | None = None) -> QuantizedMatrix:
-        depth = self.depth_of(name) if depth is None else depth
+    def quantize(self, w: np.ndarray, name: str) -> QuantizedMatrix:
+        depth = self.depth_of(name)
         if self.hessians is not None and name in self.hessians:
             return gptq_matrix(w, self.hessians[name], depth, name)
         return quantize_matrix(w, depth, self.mode, name)
@@ -147,9 +147,8 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
     if Path(out).exists() and not force:  # before the work, not after
         raise CodecError(f"{out}: output directory exists (use --force to replace it)")
     overrides = parse_overrides(list(tensor_depths))
-    if bpw is not None and not BPW_RANGE[0] <= bpw <= BPW_RANGE[1]:
-        raise CodecError(f"--bpw {bpw} is outside [{BPW_RANGE[0]}, {BPW_RANGE[1]}] (the packed sizes of depth 1 "
-                         "and 4)")
+    if bpw is not None:
+        check_budget(bpw)
     if isinstance(calibration, (str, Path)):
         read_text(calibration)  # a bad file fails now, not after converting the source
     with hf_source(src, Path(out)) as hf:
@@ -278,11 +277,10 @@ class TritCheckpoint:
 
     def matrix(self, name: str) -> QuantizedMatrix:
         entry = self.manifest["quantized"][name]
+        packed = self.packed(name)
         try:
-            return unpack_matrix(self.packed(name), entry["shape"][1], name)
-        except CodecError as e:
-            if str(self.path) in str(e):
-                raise
+            return unpack_matrix(packed, entry["shape"][1], name)
+        except CodecError as e:  # unpack_matrix names the tensor; the file is this checkpoint's shard
             raise CodecError(f"{self._file(entry).path}: {e}") from None
 
     def kept(self, name: str) -> tuple[np.ndarray, str]:

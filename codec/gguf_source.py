@@ -66,13 +66,13 @@ def _checked_tensors(reader, path: Path) -> list:
     return list(reader.tensors)
 
 
-def read_gguf_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF tensor name, dequantized values) for every tensor, one at a time."""
+def read_gguf_tensors(path: Path) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(GGUF tensor name, GGUF type name, dequantized values) for every tensor, one at a time."""
     import gguf
     path = Path(path)
     for t in _checked_tensors(_reader(path), path):
         try:
-            yield t.name, gguf.quants.dequantize(t.data, t.tensor_type)
+            yield t.name, t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:  # noqa: BLE001  (malformed block data in an untrusted file)
             raise CodecError(f"{path}: tensor '{t.name}' cannot be dequantized ({type(e).__name__}: "
                              f"{str(e)[:120]})") from None
@@ -94,7 +94,7 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
     path, out_dir = Path(path), Path(out_dir)
     reader = _reader(path)
     arch = _architecture(reader, path)
-    types = {t.name: t.tensor_type.name for t in _checked_tensors(reader, path)}
+    _checked_tensors(reader, path)  # an unsupported tensor type fails before transformers' conversion
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -111,13 +111,13 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
     names = get_gguf_hf_weights_map(skeleton, processor)
     expected = {n for n in skeleton.state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")}
     writer = ShardWriter(out_dir / "model.safetensors")
-    for gguf_name, weights in read_gguf_tensors(path):
+    for gguf_name, kind, weights in read_gguf_tensors(path):
         fixed = processor.process(weights=weights, name=gguf_name, tensor_key_mapping=names, parsed_parameters={})
         name = names.get(fixed.name)
         if name is None:
             log.debug("%s: tensor '%s' has no transformers counterpart; skipped", path, gguf_name)
             continue
-        dtype = TENSOR_TYPES[types[gguf_name]]
+        dtype = TENSOR_TYPES[kind]
         arr = np.asarray(fixed.weights)
         writer.add(name, arr.astype(np.float16 if dtype == "F16" else np.float32, copy=False), dtype)
         expected.discard(name)

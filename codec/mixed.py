@@ -55,12 +55,16 @@ def units_of(names: list[str]) -> list[list[str]]:
     return units
 
 
-def allocate(errors: dict[str, dict[int, float]], shapes: dict[str, tuple[int, int]], bpw: float,
-             pinned: dict[str, int]) -> dict[str, int]:
-    """Depth per matrix minimizing the summed error with average packed bits/weight ≤ bpw."""
+def check_budget(bpw: float) -> None:
     lo, hi = BPW_RANGE
     if not lo <= bpw <= hi:
         raise CodecError(f"--bpw {bpw} is outside [{lo}, {hi}] (the packed sizes of depth 1 and 4)")
+
+
+def allocate(errors: dict[str, dict[int, float]], shapes: dict[str, tuple[int, int]], bpw: float,
+             pinned: dict[str, int]) -> dict[str, int]:
+    """Depth per matrix minimizing the summed error with average packed bits/weight ≤ bpw."""
+    check_budget(bpw)
     names = list(errors)
     total = sum(shapes[n][0] * shapes[n][1] for n in names)
     budget = bpw * total
@@ -78,7 +82,8 @@ def allocate(errors: dict[str, dict[int, float]], shapes: dict[str, tuple[int, i
 
     used = sum(packed_bits(*shapes[n], depth[n]) for n in names)
     if used > budget:
-        raise CodecError(f"--bpw {bpw}: the pinned depths alone need {used / total:.3f} bits/weight")
+        raise CodecError(f"--bpw {bpw}: the pinned depths (with depth 1 everywhere else) need "
+                         f"{used / total:.3f} bits/weight")
     heap = []
     free = [u for u in units if not any(n in pinned for n in u)]
     for i, unit in enumerate(free):

@@ -193,6 +193,6 @@ def test_fuzz_gguf(tmp_path):
     writer.close()
 
     def load():
-        for _name, arr in read_gguf_tensors(path):
+        for _name, _kind, arr in read_gguf_tensors(path):
             np.asarray(arr).sum()
     fuzz(path, mutate_bytes, load, "GGUF", 400, 6, str(path))

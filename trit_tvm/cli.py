@@ -164,7 +164,7 @@ def _chat(model, args: argparse.Namespace, where: str) -> int:
             session.reset()
             print("(conversation reset)", file=sys.stderr)
             continue
-        timing = Generation([], 0, 0.0, 0.0)
+        timing = Generation()
         for piece in session.send(line, args.max_new_tokens or 256, args.temperature, args.top_p, args.seed, timing):
             print(printable(piece), end="", flush=True)
         print(flush=True)
@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
         where = model.manifest["device"] + (f" at {runtime.description}" if runtime is not None else "")
         if args.chat:
             return _chat(model, args, where)
-        gen = Generation([], 0, 0.0, 0.0)
+        gen = Generation()
         sampling = (args.max_new_tokens or 32, args.temperature, args.top_p, args.seed)
         if args.prompt_ids is not None:
             ids = model.stream(_parse_ids(args.prompt_ids), *sampling, timing=gen)
@@ -239,9 +239,9 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .artifact import ARTIFACT_MANIFEST
     from codec.calibration import read_text
 
+    from .artifact import ARTIFACT_MANIFEST
     from .evaluate import perplexity, transformers_logits
 
     text = read_text(args.text)

@@ -180,22 +180,27 @@ def build_library(arch: Architecture, cfg: DecoderConfig, depth_of: DepthOf, tar
 CROSS_COMPILERS = {"aarch64": ("aarch64-linux-gnu-g++", "apt-get install g++-aarch64-linux-gnu")}
 
 
+def _cross_compiler(target: tvm.target.Target) -> tuple[str, str] | None:
+    """(compiler, how to install it) when the target's host code is for another CPU architecture."""
+    arch = target_arch(target)
+    return CROSS_COMPILERS.get(arch) if arch != host_arch() else None
+
+
 def check_toolchain(target: tvm.target.Target) -> None:
     """The cross compiler a target's library needs, checked before minutes of compiling."""
-    arch = target_arch(target)
-    if arch in CROSS_COMPILERS and arch != host_arch():
-        compiler, install = CROSS_COMPILERS[arch]
-        if shutil.which(compiler) is None:
-            raise CompileError(f"--target {arch} needs the cross compiler {compiler}, which is not on PATH "
-                               f"(install it: {install})")
+    cross = _cross_compiler(target)
+    if cross is not None and shutil.which(cross[0]) is None:
+        raise CompileError(f"--target {target_arch(target)} needs the cross compiler {cross[0]}, which is not on "
+                           f"PATH (install it: {cross[1]})")
 
 
 def export_library(exe, target: tvm.target.Target, path: Path) -> None:
     """model.so for the target's host: cross-compiled with aarch64-linux-gnu-g++ for aarch64."""
+    cross = _cross_compiler(target)
     fcompile = None
-    if target_arch(target) in CROSS_COMPILERS and target_arch(target) != host_arch():
+    if cross is not None:
         from tvm.support import cc
-        fcompile = cc.cross_compiler(CROSS_COMPILERS[target_arch(target)][0])
+        fcompile = cc.cross_compiler(cross[0])
     exe.export_library(str(path), fcompile=fcompile)
 
 

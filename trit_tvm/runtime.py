@@ -10,6 +10,7 @@ KV cache across turns.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -66,11 +67,12 @@ def device_for(manifest: dict, artifact: Path) -> tvm.runtime.Device:
 
 @dataclass
 class Generation:
-    tokens: list[int]
-    prompt_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-    decode_steps: int = field(default=0)
+    """The tokens of one generation and its timings (filled in as the tokens come)."""
+    tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -216,14 +218,8 @@ class TritModel:
         prompt = self._check_prompt(ids)
         self._check_length(len(prompt))
         kv = self._new_cache(len(prompt))
-        parts = []
-        for start in range(0, len(prompt), PREFILL_CHUNK):
-            chunk = prompt[start:start + PREFILL_CHUNK]
-            self._begin(kv, self.runtime.shape(0), self.runtime.shape(len(chunk)))
-            logits, kv = self.runtime.unpack(self.vm["score"](self._embed(chunk), kv, self._param_arg), 2)
-            self._end(kv)
-            parts.append(logits.numpy().reshape(len(chunk), -1))
-        return np.concatenate(parts)
+        chunks = [prompt[start:start + PREFILL_CHUNK] for start in range(0, len(prompt), PREFILL_CHUNK)]
+        return np.concatenate([self._forward(kv, "score", c).reshape(len(c), -1) for c in chunks])
 
     def prefill_logits(self, ids: list[int]) -> np.ndarray:
         """Last-position logits (float32 [vocab]) after a fresh prefill of ids."""
@@ -270,12 +266,12 @@ class TritModel:
         self._check_length(len(prompt) + max_new_tokens)
         kv = self._new_cache(len(prompt) + max_new_tokens)
         return self._steps(kv, prompt, max_new_tokens, temperature, top_p, seed, stop_ids,
-                           timing if timing is not None else Generation([], 0, 0.0, 0.0))
+                           timing if timing is not None else Generation())
 
     def generate(self, ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop_ids: tuple[int, ...] = ()) -> Generation:
         """Generate from token ids: greedy at temperature 0, else nucleus sampling (seeded)."""
-        timing = Generation([], 0, 0.0, 0.0)
+        timing = Generation()
         for _ in self.stream(ids, max_new_tokens, temperature, top_p, seed, stop_ids, timing):
             pass
         return timing
@@ -289,7 +285,7 @@ class TritModel:
             self._tokenizer = load_tokenizer(self.path)
         return self._tokenizer
 
-    @property
+    @functools.cached_property
     def stop_ids(self) -> tuple[int, ...]:
         """End-of-sequence ids: the tokenizer's and those config.json / generation_config.json list."""
         ids = {self.tokenizer.eos_token_id}
@@ -391,7 +387,7 @@ class ChatSession:
 
         def steps() -> Iterator[int]:
             for t in self.model._steps(self._kv, np.asarray(ids[keep:], np.int64), max_new_tokens, temperature,
-                                       top_p, seed, stop, timing if timing is not None else Generation([], 0, 0, 0)):
+                                       top_p, seed, stop, timing if timing is not None else Generation()):
                 generated.append(t)
                 yield t
 
