@@ -58,7 +58,7 @@ def main() -> None:
         source = perplexity(logits_of, ids).perplexity
         print(json.dumps({"row": "source (GGUF Q4_1 dequantized, FP32)", "bpw": None, "perplexity": source}))
         t0 = time.perf_counter()
-        calib = collect_hessians(src, calib_file, args.samples, fisher=True)
+        calib = collect_hessians(src, calib_file, args.samples, output_gradients=True)
         calib_s = time.perf_counter() - t0
         configs = [(f"d={d} {mode}", dict(depth=d, mode=mode)) for d in (1, 2, 3, 4) for mode in ("reference", "mse")]
         configs += [(f"d={d} calibrated", dict(depth=d, calibration=calib)) for d in (2, 3, 4)]

@@ -1,6 +1,7 @@
 """Calibration statistics: for every linear layer of a checkpoint, H = Σ xᵀx over its inputs x when the
 source model (transformers, float32, this CPU) reads a calibration text. GPTQ (codec.gptq) and the mixed-depth
-allocation (codec.mixed) weigh quantization errors by it.
+allocation (codec.mixed) weigh quantization errors by it; mixed depth also weighs each output of a layer by
+how much the loss responds to it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CodecError
+from .gptq import DAMP
 
 log = logging.getLogger("trit")
 SEQUENCE = 512  # tokens per calibration sample
@@ -20,10 +22,11 @@ SEQUENCE = 512  # tokens per calibration sample
 @dataclass
 class Calibration:
     """Per checkpoint weight name ("model.layers.0.mlp.up_proj.weight"): Σ xᵀx of that layer's inputs, and
-    (when asked for) the diagonal Fisher information Σ (∂loss/∂w)² of its weights."""
+    (when asked for) Σ (∂loss/∂y)² per output y of the layer. With both, a weight error ΔW raises the loss by
+    about Σₒ gₒ (ΔW H ΔWᵀ)ₒₒ (the Fisher information taken as a Kronecker product of the two, K-FAC)."""
     hessians: dict[str, np.ndarray]
     settings: dict  # what trit.json records: file, sha256, samples, tokens, sequence
-    fisher: dict[str, np.ndarray] | None = None
+    output_grad_sq: dict[str, np.ndarray] | None = None
 
 
 def read_text(path: Path) -> str:
@@ -41,11 +44,11 @@ def read_text(path: Path) -> str:
 
 
 def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=None,
-                     fisher: bool = False) -> Calibration:
+                     output_gradients: bool = False) -> Calibration:
     """Run the checkpoint on up to `samples` windows of SEQUENCE tokens of the text; hooks on every
-    nn.Linear accumulate its inputs' xᵀx in float64. With fisher, each window's language-model loss is
-    also back-propagated and the squared gradients of every linear weight summed: how much the loss
-    moves per unit of squared error in each weight (what mixed depth ranks matrices by)."""
+    nn.Linear accumulate its inputs' xᵀx in float64. With output_gradients, each window's language-model loss
+    is also back-propagated and the squared gradients of every linear's outputs summed (what mixed depth
+    ranks matrices by)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,21 +63,28 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
     hessians: dict[str, torch.Tensor] = {}
     products: dict[int, tuple] = {}  # this window's xᵀx per input tensor: q/k/v (gate/up) read the same one
 
+    grads: dict[str, torch.Tensor] | None = {} if output_gradients else None
+
+    def add(store: dict, name: str, value):
+        store[name] = value.clone() if name not in store else store[name] + value
+
     def hook(name: str):
-        def accumulate(_module, inputs, _output):
+        def accumulate(_module, inputs, output):
             x_in = inputs[0]
             if id(x_in) not in products:  # the tensor is kept with it, so its id stays its own
                 x = x_in.detach().reshape(-1, x_in.shape[-1]).to(torch.float64)
                 products[id(x_in)] = (x_in, x.T @ x)
-            xx = products[id(x_in)][1]
-            hessians[name] = xx.clone() if name not in hessians else hessians[name] + xx
+            add(hessians, name, products[id(x_in)][1])
+            if grads is not None:
+                output.register_hook(lambda g: add(grads, name, g.detach().reshape(-1, g.shape[-1])
+                                                   .to(torch.float64).square().sum(0)))
         return accumulate
 
     handles = [m.register_forward_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
-    linears = {f"{n}.weight": m.weight for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
-    grads = {name: torch.zeros_like(w) for name, w in linears.items()} if fisher else None
+    if grads is not None:  # gradients flow from the embeddings on; no weight needs its own
+        model.requires_grad_(False)
+        handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_()))
     try:
         for i, s in enumerate(starts):
             products.clear()
@@ -83,10 +93,7 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
                 with torch.no_grad():
                     model(window)
             else:
-                model.zero_grad(set_to_none=True)
                 model(window, labels=window).loss.backward()
-                for name, w in linears.items():
-                    grads[name] += w.grad.detach() ** 2
             if progress:
                 progress(i + 1, len(starts))
     finally:
@@ -96,6 +103,6 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
     tokens = sum(len(ids[s:s + SEQUENCE]) for s in starts)
     digest = hashlib.sha256(Path(text_file).read_bytes()).hexdigest()
     settings = {"file": Path(text_file).name, "sha256": digest, "samples": len(starts), "tokens": tokens,
-                "sequence": SEQUENCE, "method": "gptq", "damp": 0.01}
+                "sequence": SEQUENCE, "method": "gptq", "act_order": True, "static_groups": True, "damp": DAMP}
     return Calibration({k: v.numpy() for k, v in hessians.items()}, settings,
                        {k: v.numpy() for k, v in grads.items()} if grads is not None else None)

@@ -21,7 +21,7 @@ from .errors import CodecError, read_json
 from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
 from .calibration import Calibration, collect_hessians, read_text
 from .gguf_source import hf_source
-from .gptq import gptq_matrix
+from .gptq import gptq_depths, gptq_matrix, output_error_rows
 from .mixed import allocate, check_budget, parse_overrides, pinned_depths
 from .quantize import CODEBOOK_SIZE, DEPTHS, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
@@ -120,7 +120,7 @@ class QuantizePlan:
     hessians: dict[str, np.ndarray] | None = None
     record: dict | None = None
     bpw: float | None = None
-    fisher: dict[str, np.ndarray] | None = None
+    output_grad_sq: dict[str, np.ndarray] | None = None
 
     def depth_of(self, name: str) -> int:
         return self.depths[name] if self.depths is not None else self.depth
@@ -155,8 +155,9 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
         plan = QuantizePlan(depth, mode, bpw=bpw)
         if calibration is not None and not recover:
             calib = calibration if isinstance(calibration, Calibration) else collect_hessians(
-                hf, calibration, samples, progress=_stage_progress(progress, "calibration"), fisher=bpw is not None)
-            plan.hessians, plan.record, plan.fisher = calib.hessians, calib.settings, calib.fisher
+                hf, calibration, samples, progress=_stage_progress(progress, "calibration"),
+                output_gradients=bpw is not None)
+            plan.hessians, plan.record, plan.output_grad_sq = calib.hessians, calib.settings, calib.output_grad_sq
         if not recover and (bpw is not None or overrides):
             plan.depths = _plan_depths(hf, plan, bpw, overrides, progress)
         return _write_trit_checkpoint(hf, out, plan, recover, force, shard_bytes, progress)
@@ -168,26 +169,27 @@ def _stage_progress(progress: Progress | None, stage: str):
 
 def _plan_depths(src: Path, plan: QuantizePlan, bpw: float | None, overrides: list, progress) -> dict[str, int]:
     """Per-matrix depths: the overrides, and with a budget the sensitivity allocation. Each matrix's error at
-    each depth is measured on its data-free quantization (seconds, where GPTQ at four depths would take
-    minutes): with calibration Σ F·ΔW², F the diagonal Fisher information (the loss increase to second
-    order), else Σ ΔW²."""
+    each depth: with calibration, the loss increase Σₒ gₒ (ΔW H ΔWᵀ)ₒₒ of its GPTQ quantization at that depth
+    (codec.calibration; all depths in one sweep); without, its squared weight error Σ ΔW² (data-free)."""
     _, files = read_source(src)
     weights = {name: f for name, f in _source_tensors(files) if is_quantized_tensor(name, f.tensors[name].shape)}
     pinned = pinned_depths(list(weights), overrides)
     if bpw is None:
         return {name: pinned.get(name, plan.depth) for name in weights}
     errors, shapes = {}, {}
-    for name, f in weights.items():
+    for i, (name, f) in enumerate(weights.items()):
         w = to_float32(f.read(name), f.tensors[name].dtype)
         shapes[name] = tuple(w.shape)
-        errors[name] = {}
-        for d in DEPTHS:
-            qm = quantize_matrix(w, d, plan.mode, name)
-            sq = (w.astype(np.float64) - qm.dequantize(np.float64)) ** 2
-            errors[name][d] = float(np.sum(sq * plan.fisher[name]) if plan.fisher and name in plan.fisher
-                                    else np.sum(sq))
+        if plan.hessians is not None and name in plan.hessians:
+            h, g = plan.hessians[name], plan.output_grad_sq[name]
+            errors[name] = {d: float(output_error_rows(w, qm, h) @ g)
+                            for d, qm in gptq_depths(w, h, DEPTHS, name).items()}
+        else:
+            w64 = w.astype(np.float64)
+            errors[name] = {d: float(np.sum((w64 - quantize_matrix(w, d, plan.mode, name).dequantize(np.float64))
+                                            ** 2)) for d in DEPTHS}
         if progress:
-            progress(f"sensitivity {name}", 0)
+            progress(f"sensitivity {i + 1}/{len(weights)} {name}", 0)
     return allocate(errors, shapes, bpw, pinned)
 
 

@@ -2,19 +2,28 @@
 
 The layer's output error on calibration inputs X is ||(W − Ŵ) Xᵀ||², a quadratic form in H = XᵀX. Columns
 are quantized one at a time and each one's rounding error is pushed onto the columns not yet quantized,
-weighted by the inverse Hessian, so later columns compensate for earlier ones. The per-matrix codebook is
-the data-free (mse) one; each group's step is chosen when the quantizer reaches the group, on the weights
-as the error feedback has left them (GPTQ's "static groups off"). The output is an ordinary trit matrix.
+weighted by the inverse Hessian, so later columns compensate for earlier ones. Two refinements of the
+published method, each measured on SmolLM2 (bench_quality): columns go in order of decreasing H diagonal
+("act-order": the inputs with the most energy are rounded while the most columns are left to compensate),
+and each group's step is chosen before the sweep (GPTQ's "static groups", so act-order keeps the format's
+contiguous groups) among the codebook entries around its best amplitude, by its rounding error weighted per
+column with 1/[H⁻¹]ᵢᵢ, the output error one column's rounding costs. The per-matrix codebook is the
+data-free (mse) one. The output is an ordinary trit matrix.
+
+Rows are independent given H, so several depths run as one sweep over a matrix with the rows of each
+depth stacked (what mixed depth measures its choices with).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .errors import CodecError
-from .quantize import GROUP_SIZE, QuantizedMatrix, best_amplitude_steps, choose_entries, qmax_of, quantize_matrix
+from .quantize import (CODEBOOK_SIZE, GROUP_SIZE, QuantizedMatrix, best_amplitude_steps, group_step_error,
+                       log_position, qmax_of, quantize_matrix)
 
 BLOCK = 128  # columns updated lazily together (GPTQ's block): the rest of the matrix once per block
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps the inverse well conditioned
+_NEIGHBOURS = np.arange(-2, 4)  # codebook entries tried around a group's best amplitude
 
 
 def inverse_hessian_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
@@ -30,42 +39,67 @@ def inverse_hessian_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
         raise CodecError("calibration Hessian is not positive definite (too few calibration tokens?)") from None
 
 
-def gptq_matrix(w: np.ndarray, h: np.ndarray, depth: int, name: str = "weight") -> QuantizedMatrix:
-    """Quantize w [out, in] at `depth` minimizing the output error on inputs whose Xᵀ X is h [in, in]."""
+def _static_group_steps(w: np.ndarray, codebook: np.ndarray, qmax: int, column_weight: np.ndarray) -> np.ndarray:
+    """Scale index [out, in/16] per group: the entry near its best amplitude with the least weighted error."""
+    groups = w.reshape(-1, GROUP_SIZE).astype(np.float32)
+    weight = np.tile(column_weight.reshape(-1, GROUP_SIZE), (w.shape[0], 1))
+    base = np.floor(log_position(best_amplitude_steps(groups, qmax), codebook)).astype(np.int64)
+    cands = np.clip(base[:, None] + _NEIGHBOURS, 0, CODEBOOK_SIZE - 1)
+    errs = np.stack([group_step_error(groups, codebook[cands[:, c]], qmax, weight)
+                     for c in range(cands.shape[1])], axis=1)
+    return cands[np.arange(len(groups)), errs.argmin(axis=1)].astype(np.uint8).reshape(w.shape[0], -1)
+
+
+def gptq_depths(w: np.ndarray, h: np.ndarray, depths: tuple[int, ...], name: str = "weight"
+                ) -> dict[int, QuantizedMatrix]:
+    """Quantize w [out, in] at each of `depths`, minimizing the output error on inputs whose Xᵀ X is h."""
     w = np.asarray(w, np.float64)
     n_out, n_in = w.shape
     if h.shape != (n_in, n_in):
         raise CodecError(f"tensor '{name}': calibration Hessian is {list(h.shape)}, expected [{n_in}, {n_in}]")
-    qmax = qmax_of(depth)
-    codebook = quantize_matrix(w.astype(np.float32), depth, "mse", name).codebook
-    u = inverse_hessian_factor(h)
     w = w.copy()
     w[:, np.diag(h) == 0] = 0.0  # inputs that are always zero: their weights cannot matter
-    codes = np.zeros((n_out, n_in), np.int8)
-    scale_idx = np.zeros((n_out, n_in // GROUP_SIZE), np.uint8)
-    steps = np.zeros(n_out)
+    order = np.argsort(-np.diag(h), kind="stable")
+    u = inverse_hessian_factor(np.asarray(h)[np.ix_(order, order)])
+    column_weight = np.empty(n_in)
+    column_weight[order] = 1.0 / np.diag(u) ** 2  # 1/[H⁻¹]ᵢᵢ in the original column order
+    codebooks = {d: quantize_matrix(w.astype(np.float32), d, "mse", name).codebook for d in depths}
+    scale_idx = {d: _static_group_steps(w, codebooks[d], qmax_of(d), column_weight) for d in depths}
+    # every depth's rows stacked: one sweep; the steps and clip bound of each row follow its depth
+    steps = np.concatenate([codebooks[d][scale_idx[d]].astype(np.float64) for d in depths])
+    inv_steps = np.divide(1.0, steps, out=np.zeros_like(steps), where=steps > 0)
+    qmax = np.repeat([float(qmax_of(d)) for d in depths], n_out)
+    work = np.tile(w[:, order], (len(depths), 1))
+    group_of = order // GROUP_SIZE
+    codes = np.zeros((len(depths) * n_out, n_in), np.int8)
     for b0 in range(0, n_in, BLOCK):
         b1 = min(b0 + BLOCK, n_in)
-        wb, ub = w[:, b0:b1].copy(), u[b0:b1, b0:b1]
+        wb, ub = work[:, b0:b1].copy(), u[b0:b1, b0:b1]
         err = np.zeros_like(wb)
         for i in range(b1 - b0):
-            col = b0 + i
-            if col % GROUP_SIZE == 0:  # the group's step, on the weights as the feedback left them
-                group = wb[:, i:i + GROUP_SIZE].astype(np.float32)
-                best = best_amplitude_steps(group, qmax)
-                idx = choose_entries(group, best, codebook, qmax, "mse")
-                scale_idx[:, col // GROUP_SIZE], steps = idx, codebook[idx].astype(np.float64)
-            x = wb[:, i]
-            q = np.clip(np.rint(np.divide(x, steps, out=np.zeros_like(x), where=steps > 0)), -qmax, qmax)
-            codes[:, col] = q
-            e = (x - q * steps) / ub[i, i]
+            g = group_of[b0 + i]
+            x, s = wb[:, i], steps[:, g]
+            q = np.clip(np.rint(x * inv_steps[:, g]), -qmax, qmax)
+            codes[:, order[b0 + i]] = q
+            e = (x - q * s) / ub[i, i]
             wb[:, i:] -= np.outer(e, ub[i, i:])
             err[:, i] = e
-        w[:, b1:] -= err @ u[b0:b1, b1:]
-    return QuantizedMatrix(codes, scale_idx, codebook, depth)
+        work[:, b1:] -= err @ u[b0:b1, b1:]
+    return {d: QuantizedMatrix(codes[k * n_out:(k + 1) * n_out], scale_idx[d], codebooks[d], d)
+            for k, d in enumerate(depths)}
+
+
+def gptq_matrix(w: np.ndarray, h: np.ndarray, depth: int, name: str = "weight") -> QuantizedMatrix:
+    """Quantize w [out, in] at `depth` minimizing the output error on inputs whose Xᵀ X is h [in, in]."""
+    return gptq_depths(w, h, (depth,), name)[depth]
 
 
 def output_error(w: np.ndarray, qm: QuantizedMatrix, h: np.ndarray) -> float:
     """tr(ΔW H ΔWᵀ): the squared output error of the quantized layer on the calibration inputs."""
+    return float(np.sum(output_error_rows(w, qm, h)))
+
+
+def output_error_rows(w: np.ndarray, qm: QuantizedMatrix, h: np.ndarray) -> np.ndarray:
+    """(ΔW H ΔWᵀ)ₒₒ per output row: what each output's squared error on the calibration inputs is."""
     d = np.asarray(w, np.float64) - qm.dequantize(np.float64)
-    return float(np.sum((d @ np.asarray(h, np.float64)) * d))
+    return np.sum((d @ np.asarray(h, np.float64)) * d, axis=1)

@@ -1,7 +1,8 @@
 """Mixed depth by sensitivity: a depth d ∈ {1, 2, 3, 4} per matrix under an average bits-per-weight budget.
 
-Each matrix's error at each depth is measured (its output error tr(ΔW H ΔWᵀ) with calibration, its squared
-weight error without); depths then start at 1 everywhere and the upgrade that removes the most error per
+Each matrix's error at each depth is measured (with calibration the loss increase its GPTQ quantization
+causes, to second order: its output errors weighted by the loss's sensitivity to each output; without, its
+squared weight error); depths then start at 1 everywhere and the upgrade that removes the most error per
 added bit is taken while the budget allows (greedy on a convex trade-off). Matrices that read the same
 input (q/k/v, gate/up of a layer) move together: they run as one kernel only at one depth. `--tensor-depth
 PATTERN=D` pins matching matrices (glob on the tensor name, as llama.cpp's --tensor-type).

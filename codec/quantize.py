@@ -6,9 +6,10 @@ with a 27-entry log-spaced codebook per matrix (3 trits per group index).
 Two modes, same bits:
 - "reference": the published rule. Per group the MSE-best of 4 order-statistic amplitudes, codebook
   spanning [smallest, largest] group step, each group's step snapped to the nearest entry in log space.
-- "mse" (default): the codebook's lower end is a low quantile of the group steps instead of the single
-  smallest (one near-empty group no longer coarsens every other group's grid), and each group picks its
-  codebook entry by measured MSE among the entries around its four candidates instead of snapping.
+- "mse" (default): each group picks its codebook entry by measured MSE among the entries around its four
+  candidates instead of snapping, and the codebook's lower end is the low quantile of the group steps
+  (0, 0.5, 2 or 5%) whose codebook gives the matrix the least squared error: spanning down to the single
+  smallest step can coarsen every other group's grid for one near-empty group.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ DEPTHS = (1, 2, 3, 4)
 MODES = ("mse", "reference")
 _AMPLITUDE_RANKS = (GROUP_SIZE - 6, GROUP_SIZE - 4, GROUP_SIZE - 2, GROUP_SIZE - 1)
 _CHUNK_GROUPS = 1 << 15
-_LOW_QUANTILE = 0.02  # mse mode: codebook lower end, as a quantile of the groups' best steps
+_LOW_QUANTILES = (0.0, 0.005, 0.02, 0.05)  # mse mode: the codebook lower ends tried, as quantiles of the steps
 
 
 def qmax_of(depth: int) -> int:
@@ -66,18 +67,21 @@ def _round_codes(g: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
     return np.clip(q, -qmax, qmax, out=q)
 
 
-def _sq_error(g: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
+def group_step_error(g: np.ndarray, step: np.ndarray, qmax: int, weight: np.ndarray | None = None) -> np.ndarray:
+    """Per group (row of g), the squared rounding error at that step, each column weighted if asked."""
     q = _round_codes(g, step, qmax)
     q *= step[:, None]
     np.subtract(g, q, out=q)
     np.square(q, out=q)
+    if weight is not None:
+        q *= weight
     return q.sum(axis=1)
 
 
 def best_amplitude_steps(g: np.ndarray, qmax: int) -> np.ndarray:
     """Per group, the MSE-best step among the 4 order-statistic amplitudes / qmax."""
     top = np.sort(np.abs(g), axis=1)[:, _AMPLITUDE_RANKS] / qmax
-    errs = np.stack([_sq_error(g, top[:, c], qmax) for c in range(top.shape[1])], axis=1)
+    errs = np.stack([group_step_error(g, top[:, c], qmax) for c in range(top.shape[1])], axis=1)
     return top[np.arange(len(g)), errs.argmin(axis=1)]
 
 
@@ -88,7 +92,7 @@ def _log_codebook(lo: float, hi: float) -> np.ndarray:
     return np.exp(np.linspace(np.log(lo), np.log(hi), CODEBOOK_SIZE)).astype(np.float32)
 
 
-def _log_position(step: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+def log_position(step: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     """Fractional codebook index of each step (log-spaced codebook)."""
     lo, hi = np.log(codebook[0]), np.log(codebook[-1])
     if hi <= lo:
@@ -98,14 +102,19 @@ def _log_position(step: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     return np.clip(pos, 0, CODEBOOK_SIZE - 1)
 
 
-def choose_entries(g: np.ndarray, best: np.ndarray, codebook: np.ndarray, qmax: int, mode: str) -> np.ndarray:
-    pos = _log_position(best, codebook)
+def choose_entries(g: np.ndarray, best: np.ndarray, codebook: np.ndarray, qmax: int, mode: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per group, its codebook entry and that entry's squared error (the reference mode snaps in log space)."""
+    pos = log_position(best, codebook)
     if mode == "reference":
-        return np.rint(pos).astype(np.uint8)
+        idx = np.rint(pos).astype(np.uint8)
+        return idx, group_step_error(g, codebook[idx], qmax)
     base = np.floor(pos).astype(np.int64)
     cands = np.clip(base[:, None] + np.array([-1, 0, 1, 2]), 0, CODEBOOK_SIZE - 1)
-    errs = np.stack([_sq_error(g, codebook[cands[:, c]], qmax) for c in range(cands.shape[1])], axis=1)
-    return cands[np.arange(len(g)), errs.argmin(axis=1)].astype(np.uint8)
+    errs = np.stack([group_step_error(g, codebook[cands[:, c]], qmax) for c in range(cands.shape[1])], axis=1)
+    pick = errs.argmin(axis=1)
+    rows = np.arange(len(g))
+    return cands[rows, pick].astype(np.uint8), errs[rows, pick]
 
 
 def _map_chunks(fn, n: int, workers: int):
@@ -134,14 +143,17 @@ def quantize_matrix(w: np.ndarray, depth: int = 3, mode: str = "mse", name: str 
     groups = w.reshape(-1, GROUP_SIZE)
     best = np.concatenate(_map_chunks(lambda s: best_amplitude_steps(groups[s], qmax), len(groups), workers))
     positive = best[best > 0]
-    if positive.size == 0:
-        codebook = _log_codebook(0.0, 0.0)
-    elif mode == "reference":
-        codebook = _log_codebook(float(positive.min()), float(positive.max()))
-    else:
-        codebook = _log_codebook(float(np.quantile(positive, _LOW_QUANTILE)), float(positive.max()))
-    idx = np.concatenate(_map_chunks(lambda s: choose_entries(groups[s], best[s], codebook, qmax, mode),
-                                     len(groups), workers))
+    hi = float(positive.max()) if positive.size else 0.0
+    lows = [float(np.quantile(positive, q)) if positive.size else 0.0
+            for q in (_LOW_QUANTILES if mode == "mse" else (0.0,))]
+    fitted = None  # (error, codebook, idx) of the best lower end
+    for lo in lows:
+        codebook = _log_codebook(lo, hi)
+        chosen = _map_chunks(lambda s: choose_entries(groups[s], best[s], codebook, qmax, mode), len(groups), workers)
+        error = float(sum(e.sum(dtype=np.float64) for _, e in chosen))
+        if fitted is None or error < fitted[0]:
+            fitted = (error, codebook, np.concatenate([i for i, _ in chosen]))
+    _, codebook, idx = fitted
     steps = codebook[idx]
     codes = np.concatenate(_map_chunks(lambda s: _round_codes(groups[s], steps[s], qmax).astype(np.int8),
                                        len(groups), workers))
