@@ -35,6 +35,8 @@ DEFAULT_SHARD_BYTES = 2 << 30
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "model.safetensors.index.json",
                  "pytorch_model.bin.index.json", MANIFEST)
 _KEPT_NAME_PARTS = ("embed", "lm_head", "norm")
+HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+HEAD_DEPTH = 4  # --quantize-head: the output head as trits at this depth (data-free mse)
 DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 Progress = Callable[[str, int], None]  # (tensor name, number of elements done)
@@ -121,6 +123,7 @@ class QuantizePlan:
     record: dict | None = None
     bpw: float | None = None
     output_grad_sq: dict[str, np.ndarray] | None = None
+    quantize_head: bool = False
 
     def depth_of(self, name: str) -> int:
         return self.depths[name] if self.depths is not None else self.depth
@@ -136,14 +139,18 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
                           force: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
                           progress: Progress | None = None, calibration: Path | Calibration | None = None,
                           samples: int = 32,
-                          bpw: float | None = None, tensor_depths: tuple[str, ...] = ()) -> dict:
+                          bpw: float | None = None, tensor_depths: tuple[str, ...] = (),
+                          quantize_head: bool = False) -> dict:
     """Quantize (or, with recover, decode) a Hugging Face checkpoint dir or a GGUF file into a trit
     checkpoint dir. Streams tensor by tensor; returns the manifest written.
 
     calibration: a text file; each matrix is quantized by GPTQ against its inputs on that text (samples
     windows of 512 tokens); or statistics already collected from it (codec.calibration.collect_hessians).
     bpw: a depth per matrix by sensitivity under this average packed bits/weight.
-    tensor_depths: PATTERN=D overrides (globs on tensor names)."""
+    tensor_depths: PATTERN=D overrides (globs on tensor names).
+    quantize_head: also write the output head as trits at HEAD_DEPTH, under lm_head.weight (for a tied model
+    a quantized copy of the embedding, which stays 16-bit for lookups); decodes read a third of its bytes.
+    Off by default: the published layout keeps the head in 16 bits."""
     if Path(out).exists() and not force:  # before the work, not after
         raise CodecError(f"{out}: output directory exists (use --force to replace it)")
     overrides = parse_overrides(list(tensor_depths))
@@ -152,7 +159,7 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
     if isinstance(calibration, (str, Path)):
         read_text(calibration)  # a bad file fails now, not after converting the source
     with hf_source(src, Path(out)) as hf:
-        plan = QuantizePlan(depth, mode, bpw=bpw)
+        plan = QuantizePlan(depth, mode, bpw=bpw, quantize_head=quantize_head)
         if calibration is not None and not recover:
             calib = calibration if isinstance(calibration, Calibration) else collect_hessians(
                 hf, calibration, samples, progress=_stage_progress(progress, "calibration"),
@@ -198,9 +205,20 @@ def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bo
     config, files = read_source(src)
     quantized: dict[str, dict] = {}
     kept: dict[str, dict] = {}
+    sources = dict(_source_tensors(files))
+    head_source = HEAD if HEAD in sources else EMBEDDING
+    if plan.quantize_head and head_source not in sources:
+        raise CodecError(f"{src}: --quantize-head: the model has neither '{HEAD}' nor '{EMBEDDING}'")
     with atomic_output_dir(out, force) as tmp:
         shards = _ShardedOutput(tmp, "model", shard_bytes)
-        for name, f in _source_tensors(files):
+
+        def add_quantized(name: str, qm: QuantizedMatrix, info) -> None:
+            for suffix, arr in pack_matrix(qm).items():
+                shards.add(f"{name}.{suffix}", arr)
+            quantized[name] = {"shape": list(info.shape), "depth": qm.depth, "dtype": info.dtype,
+                               "bits_per_weight": round(bits_per_weight(*info.shape, qm.depth), 4)}
+
+        for name, f in sources.items():
             info = f.tensors[name]
             stored = f.read(name)
             if is_quantized_tensor(name, info.shape):
@@ -211,15 +229,16 @@ def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bo
                     qm = recover_matrix(stored, info.dtype, name)
                 else:
                     qm = plan.quantize(to_float32(stored, info.dtype), name)
-                for suffix, arr in pack_matrix(qm).items():
-                    shards.add(f"{name}.{suffix}", arr)
-                quantized[name] = {"shape": list(info.shape), "depth": qm.depth, "dtype": info.dtype,
-                                   "bits_per_weight": round(bits_per_weight(*info.shape, qm.depth), 4)}
+                add_quantized(name, qm, info)
             else:
                 if info.dtype in FLOAT_DTYPES and not np.isfinite(to_float32(stored, info.dtype)).all():
                     raise CodecError(f"{f.path}: tensor '{name}' contains NaN or Inf")
-                shards.add(name, stored, info.dtype)
-                kept[name] = {"shape": list(info.shape), "dtype": info.dtype}
+                if plan.quantize_head and name == head_source:
+                    add_quantized(HEAD, quantize_matrix(to_float32(stored, info.dtype), HEAD_DEPTH, "mse", name),
+                                  info)
+                if not (plan.quantize_head and name == HEAD):
+                    shards.add(name, stored, info.dtype)
+                    kept[name] = {"shape": list(info.shape), "dtype": info.dtype}
             if progress:
                 progress(name, int(np.prod(info.shape)))
         if not quantized:
@@ -237,6 +256,7 @@ def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bo
             "architectures": config.get("architectures", []),
             **({"calibration": plan.record} if plan.record else {}),
             **({"bits_per_weight_budget": plan.bpw} if plan.bpw is not None else {}),
+            **({"quantized_head": {"depth": HEAD_DEPTH, "source": head_source}} if plan.quantize_head else {}),
             "quantized": quantized, "kept": kept,
             "shards": {s: {"sha256": sha256_file(tmp / s), "bytes": (tmp / s).stat().st_size} for s in shard_files},
         }
@@ -407,3 +427,5 @@ def write_dequantized_checkpoint(trit: Path | TritCheckpoint, out: Path, dtype: 
             index = {"metadata": {}, "weight_map": dict(sorted(shards.location.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         copy_side_files(ckpt.path, tmp)
+        if ckpt.manifest.get("quantized_head", {}).get("source") == EMBEDDING:  # the head is its own tensor now
+            (tmp / "config.json").write_text(json.dumps({**ckpt.config, "tie_word_embeddings": False}, indent=1))

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 
-def compile_with_reference(src: pathlib.Path, root: pathlib.Path, depth: int):
-    """src quantized at depth (trit-quantize), compiled for this CPU (trit-compile), and transformers on the
-    `trit-dequantize --dtype float32` weights: (TritModel, HF model)."""
+def compile_with_reference(src: pathlib.Path, root: pathlib.Path, depth: int, flags: tuple[str, ...] = ()):
+    """src quantized at depth (trit-quantize, with flags), compiled for this CPU (trit-compile), and transformers
+    on the `trit-dequantize --dtype float32` weights: (TritModel, HF model)."""
     from transformers import AutoModelForCausalLM
 
     from codec.cli import dequantize_main, quantize_main
     from trit_tvm.cli import compile_main
     from trit_tvm.runtime import TritModel
-    assert quantize_main([str(src), str(root / "trit"), "--depth", str(depth)]) == 0
+    assert quantize_main([str(src), str(root / "trit"), "--depth", str(depth), *flags]) == 0
     assert dequantize_main([str(root / "trit"), str(root / "deq"), "--dtype", "float32"]) == 0
     assert compile_main([str(root / "trit"), "--target", "llvm", "-o", str(root / "art")]) == 0
     return TritModel(root / "art"), AutoModelForCausalLM.from_pretrained(root / "deq", dtype=torch.float32).eval()

@@ -39,6 +39,9 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=3, choices=DEPTHS,
                    help="depth when quantizing (not a trit checkpoint; default: 3)")
     p.add_argument("--mode", default="mse", choices=MODES, help="codec mode when quantizing (default: mse)")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="store the output head as trits too (depth 4: decodes read a third of its 16-bit bytes); "
+                        "for an HF/GGUF MODEL, else MODEL must be a trit checkpoint quantized with it")
     p.add_argument("--force", action="store_true", help="replace the output dir if it exists")
     p.add_argument("--tuning-logs", type=Path, default=None,
                    help="root of tuning records (default: the repository's tuning_logs/); records under "
@@ -48,13 +51,13 @@ def compile_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _demo_model(tmp: Path, depth: int, mode: str, stage) -> tuple[Path, str]:
+def _demo_model(tmp: Path, depth: int, mode: str, stage, quantize_head: bool) -> tuple[Path, str]:
     """(model, output name) for a run without MODEL: SmolLM2 when installed, else the seeded tiny Qwen2."""
     from .demo import DEMO_SPEC, build_tiny_model, cached_trit_checkpoint, smollm2_gguf
     gguf = smollm2_gguf()
     if gguf is not None:
         stage(f"no MODEL given: the demo is SmolLM2-135M-Instruct ({gguf})")
-        return cached_trit_checkpoint(gguf, depth, mode, stage), "trit-demo"
+        return cached_trit_checkpoint(gguf, depth, mode, stage, quantize_head), "trit-demo"
     log.warning("trit-compile: the demo model SmolLM2-135M is not installed (%s); building the seeded tiny "
                 "Qwen2 instead (random weights: its text is gibberish)", SMOLLM2_INSTALL)
     return build_tiny_model(tmp / "trit-demo", DEMO_SPEC), "trit-demo"
@@ -73,11 +76,12 @@ def _compile(args: argparse.Namespace) -> int:
         log.info("[%d] %s (%.1f s)", next(steps), msg, time.perf_counter() - t0)
 
     with tempfile.TemporaryDirectory(prefix="trit-demo-") as tmp:
-        model, name = (args.model, Path(args.model).stem) if args.model else _demo_model(Path(tmp), args.depth,
-                                                                                           args.mode, stage)
+        model, name = (args.model, Path(args.model).stem) if args.model else _demo_model(
+            Path(tmp), args.depth, args.mode, stage, args.quantize_head)
         out = args.output or Path(f"{name}-{target_label(target)}")
         logs = None if args.no_tuning_logs else (args.tuning_logs or DEFAULT_LOGS)
-        manifest = compile_model(model, target, out, args.depth, args.mode, args.force, stage, logs)
+        manifest = compile_model(model, target, out, args.depth, args.mode, args.force, stage, logs,
+                                 args.quantize_head)
     log.info("wrote %s: %s %s, %d trit kernels (%d from tuning records), weights resident %.2f MB packed trits + "
              "%.2f MB kept (packed checkpoint %.2f MB), %.1f s", out, manifest["architecture"], target.kind.name,
              manifest["trit_kernels"], len(manifest["tuned_kernels"]),

@@ -26,7 +26,7 @@ import tvm
 
 from codec.checkpoint import MANIFEST as TRIT_MANIFEST
 from codec.atomic import atomic_output_dir
-from codec.checkpoint import DTYPE_NAMES, FORMAT_VERSION, TritCheckpoint, copy_side_files, load_trit_checkpoint, \
+from codec.checkpoint import DTYPE_NAMES, FORMAT_VERSION, HEAD, TritCheckpoint, copy_side_files, load_trit_checkpoint, \
     sha256_file, write_trit_checkpoint
 from codec.errors import read_json
 from codec.format import CODES, SCALES
@@ -117,18 +117,23 @@ def _param_array(ckpt: TritCheckpoint, param: str, source: ParamSource, shape: t
     return arr, st
 
 
-def open_model(model: Path, workdir: Path, depth: int, mode: str, stage: Stage) -> TritCheckpoint:
+def open_model(model: Path, workdir: Path, depth: int, mode: str, stage: Stage,
+               quantize_head: bool = False) -> TritCheckpoint:
     """A trit checkpoint as is, or a Hugging Face checkpoint dir or GGUF file quantized into workdir first."""
     model = Path(model)
     if (model / TRIT_MANIFEST).exists():
-        return load_trit_checkpoint(model)
+        ckpt = load_trit_checkpoint(model)
+        if quantize_head and HEAD not in ckpt.manifest["quantized"]:
+            raise CompileError(f"{model}: --quantize-head: this trit checkpoint keeps its head in 16 bits "
+                               "(re-quantize it with trit-quantize --quantize-head)")
+        return ckpt
     if not is_gguf(model):
         if not (model / "config.json").exists():
             raise CompileError(f"{model}: neither a trit checkpoint ({TRIT_MANIFEST}), a Hugging Face checkpoint "
                                "(config.json) nor a GGUF file")
         architecture_of(read_json(model / "config.json"), str(model / "config.json"))
-    stage(f"quantizing {model} at depth {depth} ({mode})")
-    write_trit_checkpoint(model, workdir / "trit", depth=depth, mode=mode)
+    stage(f"quantizing {model} at depth {depth} ({mode})" + (", head at depth 4" if quantize_head else ""))
+    write_trit_checkpoint(model, workdir / "trit", depth=depth, mode=mode, quantize_head=quantize_head)
     return load_trit_checkpoint(workdir / "trit")
 
 
@@ -218,15 +223,19 @@ def _manifest(target: tvm.target.Target, arch: Architecture, cfg: DecoderConfig,
 
 
 def compile_model(model: Path, target: tvm.target.Target, out_dir: Path, depth: int = 3, mode: str = "mse",
-                  force: bool = False, stage: Stage = log.info, tuning_logs: Path | None = DEFAULT_LOGS) -> dict:
+                  force: bool = False, stage: Stage = log.info, tuning_logs: Path | None = DEFAULT_LOGS,
+                  quantize_head: bool = False) -> dict:
     """Build the artifact dir for `target` from a trit checkpoint, HF checkpoint or GGUF file; returns its
-    manifest."""
+    manifest. quantize_head: quantize an HF/GGUF source's output head too (a trit checkpoint must have it)."""
     if Path(out_dir).exists() and not force:  # before minutes of work, not after
         raise CompileError(f"{out_dir}: output directory exists (use --force to replace it)")
     check_toolchain(target)
     with tempfile.TemporaryDirectory(prefix="trit-compile-") as work:
-        ckpt = open_model(model, Path(work), depth, mode, stage)
-        arch, cfg = architecture_of(ckpt.config, str(ckpt.path / "config.json"))
+        ckpt = open_model(model, Path(work), depth, mode, stage, quantize_head)
+        config = ckpt.config
+        if HEAD in ckpt.manifest["quantized"]:  # a head of its own, even where the source tied it to the embedding
+            config = {**config, "tie_word_embeddings": False}
+        arch, cfg = architecture_of(config, str(ckpt.path / "config.json"))
         embed_dtype = embed_dtype_for(ckpt, target)
         built = build_library(arch, cfg, checkpoint_depths(ckpt), target, embed_dtype, tuning_logs, stage)
         exported = built["exported"]

@@ -134,17 +134,18 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def cached_trit_checkpoint(gguf: Path, depth: int, mode: str, stage: Callable[[str], None]) -> Path:
+def cached_trit_checkpoint(gguf: Path, depth: int, mode: str, stage: Callable[[str], None],
+                           quantize_head: bool = False) -> Path:
     """`gguf` quantized at `depth` into the cache, once: later runs reuse it (keyed by the file's size and
-    modification time, the depth and the mode)."""
+    modification time, the depth, the mode and whether the head is quantized)."""
     from codec.checkpoint import MANIFEST, write_trit_checkpoint
 
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_dir() / f"{gguf.stem}-d{depth}-{mode}-{key}"
+    out = cache_dir() / f"{gguf.stem}-d{depth}-{mode}{'-qhead' if quantize_head else ''}-{key}"
     if (out / MANIFEST).exists():
         stage(f"using the cached trit checkpoint {out}")
         return out
     stage(f"quantizing {gguf.name} at depth {depth} ({mode}); first run only: the result is cached in {out.parent}")
-    write_trit_checkpoint(gguf, out, depth=depth, mode=mode, force=True)
+    write_trit_checkpoint(gguf, out, depth=depth, mode=mode, force=True, quantize_head=quantize_head)
     return out

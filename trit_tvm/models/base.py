@@ -203,7 +203,11 @@ class DecoderForCausalLM(nn.Module):
                                                                      dtype=embed_dtype)
 
     def _logits(self, h: Tensor) -> Tensor:
-        """h @ Wᵀ read straight from the [vocab, hidden] matrix (no transposed copy of it per call)."""
+        """h @ Wᵀ read straight from the [vocab, hidden] matrix (no transposed copy of it per call), or by the
+        head's own trit operator when the checkpoint quantized it (--quantize-head)."""
+        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
+            logits = self.lm_head(h)
+            return logits if logits.dtype == "float32" else logits.astype("float32")
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return op.tensor_expr_op(logits_nt, "lm_head", [h, weight], attrs={KERNEL_ATTR: LOGITS_KERNEL})
 

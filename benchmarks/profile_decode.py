@@ -1,0 +1,116 @@
+"""Where a decode step's time goes on this CPU: every VM call of one `decode` (after a 128-token prompt)
+timed through the VM's instrument hook, grouped into the quantized linears, the output head, attention over
+the KV cache, norms / RoPE / element-wise work, and the host (embedding lookup, the step outside the calls,
+logits back to numpy), against the plain step's time measured without the hook.
+
+    python -m benchmarks.profile_decode [--model 0.5B|smollm2] [--depth 3] [--steps 16] [--layers N]
+
+Prints one JSON line: milliseconds and shares per group, and the slowest kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import machine
+
+GROUPS = (  # (group, substrings of a VM call's symbol), first match wins
+    ("linears", ("trit_",)),
+    ("output head", ("lm_head", "logits")),
+    ("attention", ("attention", "attn", "kv_cache", "kv_state", "paged", "merge_state", "copy_single_page")),
+    ("norm, rope, element-wise", ("norm", "rope", "add", "multiply", "silu", "split", "reshape", "concat", "take",
+                                  "cast", "fused")),
+)
+
+
+def group_of(symbol: str) -> str:
+    s = symbol.lower()
+    return next((g for g, keys in GROUPS if any(k in s for k in keys)), "other")
+
+
+def profile(model, prompt: list[int], steps: int) -> dict:
+    """Per-symbol seconds summed over `steps` decode steps, and the plain steps' seconds."""
+    import tvm
+    kv = model._new_cache(len(prompt) + 2 * steps + 1)
+    model._prefill(kv, np.asarray(prompt, np.int64))
+    token = np.array([int(prompt[-1])])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model._forward(kv, "decode", token)
+    plain = (time.perf_counter() - t0) / steps
+
+    per_symbol: dict[str, float] = defaultdict(float)
+    started: dict[str, float] = {}
+
+    def instrument(_func, symbol, before, _ret, *_args):
+        if before:
+            started[symbol] = time.perf_counter()
+        else:
+            per_symbol[symbol] += time.perf_counter() - started.pop(symbol)
+        return 0  # VMInstrumentReturnKind.kNoOp: run the call as usual
+
+    model.vm.set_instrument(tvm.runtime.convert(instrument))
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model._forward(kv, "decode", token)
+        instrumented = (time.perf_counter() - t0) / steps
+    finally:
+        model.vm.set_instrument(None)
+    return {"plain_step_s": plain, "instrumented_step_s": instrumented,
+            "per_symbol_s": {k: v / steps for k, v in per_symbol.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="0.5B", choices=["0.5B", "1.5B", "3B", "smollm2"])
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=16, help="decode steps averaged")
+    ap.add_argument("--layers", type=int, help="fewer layers than the real model (quick runs)")
+    args = ap.parse_args()
+
+    from benchmarks.bench_peer import write_random_qwen
+    from codec.checkpoint import write_trit_checkpoint
+    from codec.gguf_source import gguf_to_hf
+    from trit_tvm.compile import compile_model
+    from trit_tvm.demo import smollm2_gguf
+    from trit_tvm.runtime import TritModel
+    from trit_tvm.targets import parse_target
+
+    with tempfile.TemporaryDirectory(prefix="trit-profile-") as tmp:
+        tmp = Path(tmp)
+        if args.model == "smollm2":
+            src, description = gguf_to_hf(smollm2_gguf(), tmp / "hf"), "SmolLM2-135M-Instruct"
+        else:
+            src, _ = write_random_qwen(args.model, tmp, args.layers)
+            description = f"Qwen2.5-{args.model} shape, random weights"
+        write_trit_checkpoint(src, tmp / "trit", depth=args.depth)
+        compile_model(tmp / "trit", parse_target("llvm"), tmp / "art", stage=lambda _m: None)
+        model = TritModel(tmp / "art")
+        prompt = np.random.default_rng(0).integers(0, 32000, size=128).tolist()
+        model.generate(prompt[:8], 2)  # warm-up
+        result = profile(model, prompt, args.steps)
+    step = result["plain_step_s"]
+    groups: dict[str, float] = defaultdict(float)
+    for symbol, s in result["per_symbol_s"].items():
+        groups[group_of(symbol)] += s
+    inside = sum(groups.values())
+    # the calls' share scaled to the plain step (the hook itself adds time between calls, not inside them)
+    groups["host (outside VM calls)"] = max(step - inside, 0.0)
+    top = sorted(result["per_symbol_s"].items(), key=lambda kv: -kv[1])[:8]
+    print(json.dumps({
+        "bench": "profile_decode", "model": description, "depth": args.depth, **machine(),
+        "step_ms": round(step * 1e3, 2), "instrumented_step_ms": round(result["instrumented_step_s"] * 1e3, 2),
+        "ms": {g: round(s * 1e3, 2) for g, s in groups.items()},
+        "share": {g: round(s / step, 3) for g, s in groups.items()},
+        "top_kernels_ms": {k: round(v * 1e3, 3) for k, v in top}}))
+
+
+if __name__ == "__main__":
+    main()
