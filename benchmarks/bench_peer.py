@@ -4,7 +4,7 @@ prompt), with ratios. llama.cpp is built once from the `llama-cpp-python` sdist 
 llama.cpp, GGML_NATIVE) and cached; the model is written once as GGUF F16 and `llama-quantize`d to each
 format. Repetitions alternate between systems so a noisy machine hits all of them alike.
 
-    python -m benchmarks.bench_peer [--model 0.5B|3B|smollm2] [--rounds 3] [--depths 1,2,3]
+    python -m benchmarks.bench_peer [--model 0.5B|3B|smollm2] [--rounds 3] [--depths 1,2,3] [--head-depths 1,3]
                                     [--formats Q4_K_M,Q4_0,Q8_0,TQ1_0,TQ2_0] [--llama-cpp BIN_DIR]
 
 Models: a Qwen2.5 shape with random weights (F16, the same values in the trit checkpoint and the GGUF; a
@@ -32,8 +32,8 @@ from benchmarks.common import machine
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built (pinned: numbers stay comparable)
 FORMATS = ("Q4_K_M", "Q4_0", "Q8_0", "TQ1_0", "TQ2_0")
 PROMPT, NEW = 128, 32
-# (trit depth, llama.cpp format it is judged against): the decode goals
-PAIRS = ((3, "Q4_K_M"), (1, "TQ1_0"), (3, "Q4_0"), (2, "Q4_0"))
+# (trit system, llama.cpp format it is judged against): the decode goals
+PAIRS = (("d=3", "Q4_K_M"), ("d=1", "TQ1_0"), ("d=3 +head", "Q4_K_M"), ("d=1 +head", "TQ1_0"), ("d=2", "Q4_0"))
 
 
 def log(msg: str) -> None:
@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, help="fewer layers than the real model (quick runs)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating repetitions of every system")
     ap.add_argument("--depths", default="1,2,3", help="trit depths to compile")
+    ap.add_argument("--head-depths", default="1,3", help="trit depths also compiled with --quantize-head "
+                    "(the output head as depth-4 trits); empty for none")
     ap.add_argument("--formats", default=",".join(FORMATS), help="llama.cpp formats (llama-quantize names)")
     ap.add_argument("--llama-cpp", type=Path, help="a llama.cpp bin/ dir with llama-bench and llama-quantize "
                     "(default: build the pinned one into the trit-tvm cache)")
@@ -189,7 +191,8 @@ def main() -> None:
 
     bin_dir = args.llama_cpp or llama_cpp_tools(cache_dir())
     threads = machine()["cores"]
-    depths = [int(d) for d in args.depths.split(",") if d]
+    systems = [(int(d), False) for d in args.depths.split(",") if d]
+    systems += [(int(d), True) for d in args.head_depths.split(",") if d]
     formats = [f for f in args.formats.split(",") if f]
     with tempfile.TemporaryDirectory(prefix="trit-peer-", dir=args.workdir) as tmp:
         tmp = Path(tmp)
@@ -208,11 +211,13 @@ def main() -> None:
             log(f"llama-quantize {fmt}")
             ggufs[fmt] = quantize_gguf(bin_dir, base, fmt, tmp, requantize=args.model == "smollm2")
         models = {}
-        for d in depths:
-            log(f"trit-quantize and compile d={d}")
-            write_trit_checkpoint(src, tmp / f"trit-d{d}", depth=d)
-            compile_model(tmp / f"trit-d{d}", parse_target("llvm"), tmp / f"art-d{d}", stage=lambda _m: None)
-            models[f"trit-tvm d={d}"] = TritModel(tmp / f"art-d{d}")
+        for d, head in systems:
+            name = f"d={d}" + (" +head" if head else "")
+            log(f"trit-quantize and compile {name}")
+            key = f"d{d}" + ("-head" if head else "")
+            write_trit_checkpoint(src, tmp / f"trit-{key}", depth=d, quantize_head=head)
+            compile_model(tmp / f"trit-{key}", parse_target("llvm"), tmp / f"art-{key}", stage=lambda _m: None)
+            models[f"trit-tvm {name}"] = TritModel(tmp / f"art-{key}")
         prompt = np.random.default_rng(0).integers(0, 32000, size=PROMPT).tolist()
         for m in models.values():
             m.generate(prompt[:8], 2)  # warm-up
@@ -225,9 +230,11 @@ def main() -> None:
                 print(json.dumps({"round": r, "system": name, "prefill_tok_s": round(speed[0], 2),
                                   "decode_tok_s": round(speed[1], 2)}), flush=True)
         sizes = {name: ggufs[name].stat().st_size for name in ggufs}
-    median = {name: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for name, v in runs.items()}
+    median = {name: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v))
+              for name, v in runs.items()}
     for name, (pre, dec) in median.items():
         row = {"system": ("llama.cpp " if name in ggufs else "") + name, "model": description,
+               **({"resident_mb": round(models[name].resident_weight_bytes / 1e6, 1)} if name in models else {}),
                "prefill_tok_s": round(pre, 2), "decode_tok_s": round(dec, 2),
                "prefill_range": [round(min(p for p, _ in runs[name]), 2), round(max(p for p, _ in runs[name]), 2)],
                "decode_range": [round(min(d for _, d in runs[name]), 2), round(max(d for _, d in runs[name]), 2)]}
@@ -235,10 +242,10 @@ def main() -> None:
             row["gguf_mb"] = round(sizes[name] / 1e6, 1)
         print(json.dumps(row))
     ratios = {}
-    for depth, fmt in PAIRS:
-        trit = f"trit-tvm d={depth}"
+    for system, fmt in PAIRS:
+        trit = f"trit-tvm {system}"
         if trit in median and fmt in median:
-            ratios[f"d{depth}_vs_{fmt}"] = {"decode": round(median[trit][1] / median[fmt][1], 3),
+            ratios[f"{system} vs {fmt}"] = {"decode": round(median[trit][1] / median[fmt][1], 3),
                                             "prefill": round(median[trit][0] / median[fmt][0], 3)}
     print(json.dumps({"bench": "peer", "model": description, "prompt_tokens": PROMPT, "new_tokens": NEW,
                       "threads": threads, "rounds": args.rounds, "llama_cpp_python": LLAMA_CPP_PYTHON, **machine(),

@@ -3,7 +3,7 @@ timed through the VM's instrument hook, grouped into the quantized linears, the 
 the KV cache, norms / RoPE / element-wise work, and the host (embedding lookup, the step outside the calls,
 logits back to numpy), against the plain step's time measured without the hook.
 
-    python -m benchmarks.profile_decode [--model 0.5B|smollm2] [--depth 3] [--steps 16] [--layers N]
+    python -m benchmarks.profile_decode [--model 0.5B|smollm2] [--depth 3] [--quantize-head] [--steps 16]
 
 Prints one JSON line: milliseconds and shares per group, and the slowest kernels.
 """
@@ -21,8 +21,8 @@ import numpy as np
 from benchmarks.common import machine
 
 GROUPS = (  # (group, substrings of a VM call's symbol), first match wins
-    ("linears", ("trit_",)),
     ("output head", ("lm_head", "logits")),
+    ("linears", ("trit_",)),
     ("attention", ("attention", "attn", "kv_cache", "kv_state", "paged", "merge_state", "copy_single_page")),
     ("norm, rope, element-wise", ("norm", "rope", "add", "multiply", "silu", "split", "reshape", "concat", "take",
                                   "cast", "fused")),
@@ -48,7 +48,12 @@ def profile(model, prompt: list[int], steps: int) -> dict:
     per_symbol: dict[str, float] = defaultdict(float)
     started: dict[str, float] = {}
 
-    def instrument(_func, symbol, before, _ret, *_args):
+    vocab = int(model.config["vocab_size"])
+
+    def instrument(_func, symbol, before, _ret, *args):
+        output = args[-1] if args else None  # call_tir passes the output buffer last
+        if symbol.startswith("trit_") and getattr(output, "shape", (0,))[-1] == vocab:
+            symbol = f"lm_head ({symbol})"  # the quantized head is a trit kernel too
         if before:
             started[symbol] = time.perf_counter()
         else:
@@ -71,6 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="0.5B", choices=["0.5B", "1.5B", "3B", "smollm2"])
     ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--quantize-head", action="store_true", help="the output head as depth-4 trits")
     ap.add_argument("--steps", type=int, default=16, help="decode steps averaged")
     ap.add_argument("--layers", type=int, help="fewer layers than the real model (quick runs)")
     args = ap.parse_args()
@@ -90,7 +96,7 @@ def main() -> None:
         else:
             src, _ = write_random_qwen(args.model, tmp, args.layers)
             description = f"Qwen2.5-{args.model} shape, random weights"
-        write_trit_checkpoint(src, tmp / "trit", depth=args.depth)
+        write_trit_checkpoint(src, tmp / "trit", depth=args.depth, quantize_head=args.quantize_head)
         compile_model(tmp / "trit", parse_target("llvm"), tmp / "art", stage=lambda _m: None)
         model = TritModel(tmp / "art")
         prompt = np.random.default_rng(0).integers(0, 32000, size=128).tolist()
@@ -105,7 +111,8 @@ def main() -> None:
     groups["host (outside VM calls)"] = max(step - inside, 0.0)
     top = sorted(result["per_symbol_s"].items(), key=lambda kv: -kv[1])[:8]
     print(json.dumps({
-        "bench": "profile_decode", "model": description, "depth": args.depth, **machine(),
+        "bench": "profile_decode", "model": description, "depth": args.depth, "quantized_head": args.quantize_head,
+        **machine(),
         "step_ms": round(step * 1e3, 2), "instrumented_step_ms": round(result["instrumented_step_s"] * 1e3, 2),
         "ms": {g: round(s * 1e3, 2) for g, s in groups.items()},
         "share": {g: round(s / step, 3) for g, s in groups.items()},
