@@ -21,7 +21,7 @@ from .errors import CodecError, read_json
 from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
 from .calibration import Calibration, collect_hessians, read_text
 from .gguf_source import hf_source
-from .gptq import gptq_depths, gptq_matrix, output_error_rows
+from .gptq import gptq_matrix, loss_increase_by_depth
 from .mixed import allocate, check_budget, parse_overrides, pinned_depths
 from .quantize import CODEBOOK_SIZE, DEPTHS, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
@@ -188,9 +188,7 @@ def _plan_depths(src: Path, plan: QuantizePlan, bpw: float | None, overrides: li
         w = to_float32(f.read(name), f.tensors[name].dtype)
         shapes[name] = tuple(w.shape)
         if plan.hessians is not None and name in plan.hessians:
-            h, g = plan.hessians[name], plan.output_grad_sq[name]
-            errors[name] = {d: float(output_error_rows(w, qm, h) @ g)
-                            for d, qm in gptq_depths(w, h, DEPTHS, name).items()}
+            errors[name] = loss_increase_by_depth(w, plan.hessians[name], plan.output_grad_sq[name], DEPTHS, name)
         else:
             w64 = w.astype(np.float64)
             errors[name] = {d: float(np.sum((w64 - quantize_matrix(w, d, plan.mode, name).dequantize(np.float64))

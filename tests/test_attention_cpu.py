@@ -1,12 +1,13 @@
-"""trit-tvm's CPU ragged prefill attention against numpy: GQA, two sequences in one batch, causal with
-more keys than queries (a later prefill chunk) and not causal, and a rotary_mode it does not handle."""
+"""trit-tvm's CPU attention kernels against numpy. Ragged prefill: GQA, two sequences in one batch, causal
+with more keys than queries (a later prefill chunk) and not causal. Paged decode: GQA, two sequences whose
+pages lie scattered in the cache, last pages partly filled. Both refuse a rotary_mode they do not handle."""
 import math
 
 import numpy as np
 import pytest
 import tvm
 
-from trit_tvm.attention_cpu import ragged_prefill_attention
+from trit_tvm.attention_cpu import PAGE_SIZE, paged_decode_attention, ragged_prefill_attention
 
 H_Q, H_KV, D = 6, 2, 24
 
@@ -55,3 +56,41 @@ def test_refuses_inline_rope(kernel):
     with pytest.raises(Exception, match="RoPE applied before the KV cache"):
         kernel(z(2, H_Q, D), z(2, dt=np.int32), z(2, H_KV, D), z(2, H_KV, D), z(2, dt=np.int32),
                z(2, dt=np.int32), z(1, dt=np.int32), z(2, H_Q, D), z(2, H_Q), 1, 1, 1.0, 1e4, 1.0)
+
+
+@pytest.fixture(scope="module")
+def decode_kernel():
+    func = paged_decode_attention(H_KV, H_Q, D, "float32").with_attr("global_symbol", "main")
+    return tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+
+
+def test_decode_matches_numpy(decode_kernel):
+    rng = np.random.default_rng(3)
+    lengths = [37, 16]  # 3 pages, the last holding 5 tokens; exactly one full page
+    n_pages = [-(-n // PAGE_SIZE) for n in lengths]
+    pages = rng.standard_normal((sum(n_pages) + 3, 2, H_KV, PAGE_SIZE, D)).astype(np.float32)
+    page_values = rng.permutation(len(pages))[:sum(n_pages)].astype(np.int32)  # scattered, some unused
+    page_indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
+    last_page_len = np.array([n - (p - 1) * PAGE_SIZE for n, p in zip(lengths, n_pages)], np.int32)
+    q = rng.standard_normal((2, H_Q, D)).astype(np.float32)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros_like(q), dev)
+    lse = tvm.runtime.tensor(np.zeros((2, H_Q), np.float32), dev)
+    args = [q, pages, page_indptr, page_values, last_page_len, np.zeros(2, np.int32), np.zeros(2, np.int32)]
+    sm_scale = D ** -0.5
+    decode_kernel(*[tvm.runtime.tensor(a, dev) for a in args], out, lse, 0, 1.0, 1e4, sm_scale)
+    for b, n in enumerate(lengths):
+        own = page_values[page_indptr[b]:page_indptr[b + 1]]
+        k, v = (np.concatenate(pages[own, i].transpose(0, 2, 1, 3), axis=0)[:n] for i in (0, 1))  # [n, h_kv, d]
+        ref_out, ref_lse = _attention(q[b:b + 1], k, v, 0, sm_scale)
+        np.testing.assert_allclose(out.numpy()[b:b + 1], ref_out, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lse.numpy()[b:b + 1], ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_refuses_inline_rope(decode_kernel):
+    dev = tvm.cpu()
+    z = lambda *s, dt=np.float32: tvm.runtime.tensor(np.zeros(s, dt), dev)  # noqa: E731
+    with pytest.raises(Exception, match="RoPE applied before the KV cache"):
+        decode_kernel(z(1, H_Q, D), z(1, 2, H_KV, PAGE_SIZE, D), z(2, dt=np.int32), z(1, dt=np.int32),
+                      z(1, dt=np.int32), z(1, dt=np.int32), z(1, dt=np.int32), z(1, H_Q, D), z(1, H_Q),
+                      1, 1.0, 1e4, 1.0)

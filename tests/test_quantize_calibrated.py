@@ -7,7 +7,7 @@ import torch
 
 from codec.checkpoint import load_trit_checkpoint
 from codec.cli import dequantize_main, quantize_main
-from codec.gptq import gptq_matrix, output_error
+from codec.gptq import gptq_depths, gptq_matrix, loss_increase_by_depth, output_error
 from codec.mixed import allocate
 from codec.quantize import quantize_matrix
 from trit_tvm.cli import compile_main
@@ -34,6 +34,30 @@ def test_gptq_lowers_the_output_error_it_is_given(depth):
     # and the statistics matter: the same quantizer told nothing about the inputs does worse on them
     blind = output_error(w, gptq_matrix(w, np.eye(128), depth), h)
     assert calibrated < 0.7 * data_free and calibrated < 0.7 * blind, (calibrated, data_free, blind)
+
+
+def test_all_depths_in_one_sweep_equal_one_sweep_per_depth():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 96)) * 0.02
+    x = _correlated_inputs(96, seed=3)
+    together = gptq_depths(w, x.T @ x, (1, 2, 3, 4))
+    for d in (1, 2, 3, 4):
+        alone = gptq_matrix(w, x.T @ x, d)
+        np.testing.assert_array_equal(together[d].codes, alone.codes)
+        np.testing.assert_array_equal(together[d].scale_idx, alone.scale_idx)
+
+
+def test_mixed_depth_spends_bits_where_the_loss_is_sensitive():
+    """Two matrices with the same weights and inputs: the one whose outputs move the loss more gets the depth."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 128)) * 0.02
+    x = _correlated_inputs(128, seed=4)
+    g = rng.random(64)
+    errors = {"model.layers.0.mlp.down_proj.weight": loss_increase_by_depth(w, x.T @ x, g, (1, 2, 3, 4)),
+              "model.layers.1.mlp.down_proj.weight": loss_increase_by_depth(w, x.T @ x, 50 * g, (1, 2, 3, 4))}
+    assert all(errors[n][d] > errors[n][d + 1] for n in errors for d in (1, 2, 3))
+    depth = allocate(errors, dict.fromkeys(errors, (64, 128)), 4.4, {})
+    assert depth["model.layers.1.mlp.down_proj.weight"] > depth["model.layers.0.mlp.down_proj.weight"], depth
 
 
 def test_allocation_meets_the_budget_and_spends_it():

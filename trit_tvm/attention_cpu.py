@@ -1,5 +1,6 @@
-"""A CPU kernel for the KV cache's ragged prefill attention (the tokens of the current prefill chunk
-attending to each other), in place of TVM's.
+"""CPU kernels for the KV cache's attention, in place of TVM's: the ragged prefill attention (the tokens of
+the current prefill chunk attending to each other) and the paged decode attention (one new token attending
+to the cache).
 
 TVM's CPU version (relax/frontend/nn/llm/_prefill_kernels.py, `batch_prefill_ragged_kv`) is scalar and
 serial: for every (query, key, head) it walks the head dimension one element at a time, and its scratch
@@ -9,7 +10,14 @@ outputs (`output` and the log2-domain `lse` the cache merges chunks with) per qu
 the head's keys transposed once into a [d, keys] tile, scores for 16 keys per vector, the softmax in
 log2 space as TVM's kernels have it, and the weighted sum of values vectorized along the head dimension.
 It handles the cache's `rotary_mode` 0 (RoPE applied before the cache, RopeMode.NORMAL, what
-trit_tvm.model uses) and says so if called otherwise.
+trit_tvm.models use) and says so if called otherwise.
+
+TVM's CPU decode kernel (_decode_kernels.py, `batch_decode_paged_kv_cpu`) is serial over heads and scalar
+along the head dimension, with an online softmax rescaling the output at every key. Ours runs the key/value
+heads in parallel, transposes each one's keys once into [d, 16] tiles per page for all the query heads that
+share it (GQA), scores 16 keys per vector, then the softmax and the weighted sum of values vectorized along
+the head dimension. At 130 tokens of context (Intel Xeon, 2 cores): 62 → 21 µs per layer for SmolLM2's 9/3
+heads, 90 → 24 µs for Qwen2.5-0.5B's 14/2.
 """
 from __future__ import annotations
 
@@ -19,6 +27,8 @@ import tvm
 from tvm.script import tirx as T
 
 KERNEL_SYMBOL = "batch_prefill_ragged_kv"  # TVM's name for it; the KV cache calls it by its GlobalVar
+DECODE_SYMBOL = "batch_decode_paged_kv_cpu"  # TVM's CPU decode kernel (without a sliding window)
+PAGE_SIZE = 16  # tokens per KV-cache page: what TVM's CPU kernels are built for, and trit_tvm.runtime uses
 LANES = 16
 
 
@@ -107,10 +117,94 @@ def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tir
     return batch_prefill_ragged_kv
 
 
-def use_cpu_prefill_attention(mod: tvm.IRModule, h_kv: int, h_q: int, d: int, dtype: str) -> tvm.IRModule:
-    """A CPU build's module with TVM's ragged prefill attention replaced by `ragged_prefill_attention`
-    (same GlobalVar, so the KV cache calls this one)."""
+def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = PAGE_SIZE) -> tvm.tirx.PrimFunc:
+    """The decode kernel (one query per sequence) for h_q query heads sharing h_kv key/value heads of size d."""
+    group = h_q // h_kv
+    log2e = math.log2(math.e)
+
+    # pylint: disable=too-many-locals
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv(var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+                              var_page_values: T.handle, var_last_page_len: T.handle,
+                              var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle,
+                              var_output: T.handle, var_lse: T.handle, rotary_mode: T.int32,
+                              rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"global_symbol": DECODE_SYMBOL, "tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        last_page_len_elem_offset = T.int32()
+        q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        last_page_len = T.match_buffer(var_last_page_len, (batch_size,), "int32",
+                                       elem_offset=last_page_len_elem_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",  # noqa: F841
+                                           elem_offset=k_rope_pos_offset_elem_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (batch_size,), "int32",  # noqa: F841
+                                         elem_offset=q_rope_position_elem_offset)
+        output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
+
+        assert rotary_mode == 0, "trit-tvm's CPU decode attention expects RoPE applied before the KV cache"
+        for b in T.serial(batch_size):
+            for hk in T.parallel(h_kv):
+                with T.sblock("attn"):
+                    T.reads(q[b, hk * group:hk * group + group, 0:d],
+                            pages[0:max_num_pages, 0:2, hk, 0:page_size, 0:d], page_indptr[b:b + 2],
+                            page_values[0:nnz_pages], last_page_len[b])
+                    T.writes(output[b, hk * group:hk * group + group, 0:d], lse[b, hk * group:hk * group + group])
+                    key_tiles = T.sblock_alloc_buffer((max_num_pages, d, page_size), "float32")
+                    scores = T.sblock_alloc_buffer((max_num_pages * page_size,), "float32")
+                    query = T.sblock_alloc_buffer((d,), "float32")
+                    acc = T.sblock_alloc_buffer((d,), "float32")
+                    best = T.sblock_alloc_buffer((1,), "float32")
+                    total = T.sblock_alloc_buffer((1,), "float32")
+                    p0: T.let[T.int32] = page_indptr[b]
+                    n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+                    n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+                    for pj, c, ji in T.grid(n_pages, d, page_size):  # the keys, transposed once for the group
+                        key_tiles[pj, c, ji] = T.Cast("float32", pages[page_values[p0 + pj], 0, hk, ji, c])
+                    for g in T.serial(group):
+                        h: T.let[T.int32] = hk * group + g
+                        for c in T.vectorized(d):
+                            query[c] = T.Cast("float32", q[b, h, c]) * (sm_scale * T.float32(log2e))
+                        for pj in T.serial(n_pages):  # scores of a page's keys, one vector per page
+                            for ji in T.vectorized(page_size):
+                                scores[pj * page_size + ji] = T.float32(0)
+                            for c in T.serial(d):
+                                for ji in T.vectorized(page_size):
+                                    scores[pj * page_size + ji] += query[c] * key_tiles[pj, c, ji]
+                        best[0] = T.float32(-3.0e38)
+                        for j in T.serial(n):
+                            best[0] = T.max(best[0], scores[j])
+                        total[0] = T.float32(0)
+                        for c in T.vectorized(d):
+                            acc[c] = T.float32(0)
+                        for j in T.serial(n):
+                            weight: T.let[T.float32] = T.exp2(scores[j] - best[0])
+                            value_page: T.let[T.int32] = page_values[p0 + j // page_size]
+                            total[0] += weight
+                            for c in T.vectorized(d):
+                                acc[c] += weight * T.Cast("float32", pages[value_page, 1, hk, j % page_size, c])
+                        for c in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
+                            output[b, h, c] = T.Cast(dtype, acc[c] / T.max(total[0], T.float32(1e-30)))
+                        lse[b, h] = best[0] + T.log2(T.max(total[0], T.float32(1e-30)))
+
+    return batch_decode_paged_kv
+
+
+def use_cpu_attention(mod: tvm.IRModule, h_kv: int, h_q: int, d: int, dtype: str) -> tvm.IRModule:
+    """A CPU build's module with TVM's ragged prefill and paged decode attention replaced by ours (same
+    GlobalVars, so the KV cache calls these)."""
+    kernels = {KERNEL_SYMBOL: ragged_prefill_attention, DECODE_SYMBOL: paged_decode_attention}
     for gv, func in list(mod.functions.items()):
-        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs and func.attrs.get("global_symbol") == KERNEL_SYMBOL:
-            mod[gv] = ragged_prefill_attention(h_kv, h_q, d, dtype)
+        symbol = func.attrs.get("global_symbol") if isinstance(func, tvm.tirx.PrimFunc) and func.attrs else None
+        if symbol in kernels:
+            mod[gv] = kernels[symbol](h_kv, h_q, d, dtype)
     return mod

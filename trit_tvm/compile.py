@@ -33,7 +33,7 @@ from codec.format import CODES, SCALES
 from codec.gguf_source import is_gguf
 from codec.safetensors_io import ShardWriter, dtype_name, from_float, to_float32
 
-from .attention_cpu import use_cpu_prefill_attention
+from .attention_cpu import use_cpu_attention
 from .artifact import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, LIBRARY, PARAMS
 from .errors import CompileError
 from .models import Architecture, DecoderConfig, architecture_of, source_names
@@ -156,7 +156,7 @@ def export_model(arch: Architecture, cfg: DecoderConfig, depth_of: DepthOf, targ
     model = quantizer.visit("", arch.model(cfg, dtype, target, embed_dtype))
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     if target_device_kind(target) == "cpu":
-        mod = use_cpu_prefill_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, dtype)
+        mod = use_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, dtype)
     return ExportedModel(mod, named_params, layout, dtype, quantizer)
 
 
