@@ -84,13 +84,19 @@ class _ShardedOutput:
         self._writer: ShardWriter | None = None
 
     def add(self, name: str, array: np.ndarray, dtype: str | None = None) -> None:
-        if self._writer is not None and self._writer.nbytes and self._writer.nbytes + array.nbytes > self.limit:
+        self.add_together({name: array}, dtype)
+
+    def add_together(self, arrays: dict[str, np.ndarray], dtype: str | None = None) -> None:
+        """Tensors that must share a shard (a matrix's packed arrays: trit.json names one shard per matrix)."""
+        nbytes = sum(a.nbytes for a in arrays.values())
+        if self._writer is not None and self._writer.nbytes and self._writer.nbytes + nbytes > self.limit:
             self._close()
         if self._writer is None:
             self.files.append(f"{self.prefix}-{len(self.files) + 1:05d}.safetensors")
             self._writer = ShardWriter(self.root / self.files[-1])
-        self._writer.add(name, array, dtype)
-        self.location[name] = self.files[-1]
+        for name, array in arrays.items():
+            self._writer.add(name, array, dtype)
+            self.location[name] = self.files[-1]
 
     def _close(self) -> None:
         self._writer.close({"format": "pt"})
@@ -211,8 +217,7 @@ def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bo
         shards = _ShardedOutput(tmp, "model", shard_bytes)
 
         def add_quantized(name: str, qm: QuantizedMatrix, info) -> None:
-            for suffix, arr in pack_matrix(qm).items():
-                shards.add(f"{name}.{suffix}", arr)
+            shards.add_together({f"{name}.{suffix}": arr for suffix, arr in pack_matrix(qm).items()})
             quantized[name] = {"shape": list(info.shape), "depth": qm.depth, "dtype": info.dtype,
                                "bits_per_weight": round(bits_per_weight(*info.shape, qm.depth), 4)}
 

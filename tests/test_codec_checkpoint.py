@@ -56,8 +56,11 @@ def test_inspect_reports_bits_and_mse(trit_d4, tiny_hf, capsys):
     assert all(t["depth"] == 4 for t in out["tensors"])
 
 
-def test_sharding_and_reload(tiny_hf, tmp_path):
-    m = write_trit_checkpoint(tiny_hf, tmp_path / "t", depth=2, shard_bytes=64 * 1024)
+@pytest.mark.parametrize("shard_bytes", [2000, 9000, 64 * 1024])
+def test_sharding_and_reload(tiny_hf, tmp_path, shard_bytes):
+    """Shards roll at the limit, never between a matrix's codes, scales and codebook (trit.json names one
+    shard per matrix); limits smaller than one matrix put it in a shard of its own."""
+    m = write_trit_checkpoint(tiny_hf, tmp_path / "t", depth=2, shard_bytes=shard_bytes)
     assert len(m["shards"]) > 1
     ckpt = load_trit_checkpoint(tmp_path / "t")
     src = SafetensorsFile(tiny_hf / "model.safetensors")

@@ -74,16 +74,18 @@ def test_demo_quantizes_once_then_uses_the_cache(tmp_path, monkeypatch):
     src.write_bytes(b"stand-in")
     calls = []
 
-    def fake_write(gguf, out, depth, mode, force):
-        calls.append((gguf, depth, mode))
+    def fake_write(gguf, out, depth, mode, force, quantize_head):
+        calls.append((gguf, depth, mode, quantize_head))
         out.mkdir(parents=True)
         (out / codec.checkpoint.MANIFEST).write_text("{}")
     monkeypatch.setattr(codec.checkpoint, "write_trit_checkpoint", fake_write)
     first = demo.cached_trit_checkpoint(src, 3, "mse", lambda _m: None)
     assert demo.cached_trit_checkpoint(src, 3, "mse", lambda _m: None) == first and len(calls) == 1
     assert demo.cached_trit_checkpoint(src, 2, "mse", lambda _m: None) != first and len(calls) == 2
+    assert demo.cached_trit_checkpoint(src, 3, "mse", lambda _m: None, quantize_head=True) != first
+    assert len(calls) == 3 and calls[-1][-1] is True
     src.write_bytes(b"a changed model")  # another file at the same path: quantized anew
-    assert demo.cached_trit_checkpoint(src, 3, "mse", lambda _m: None) != first and len(calls) == 3
+    assert demo.cached_trit_checkpoint(src, 3, "mse", lambda _m: None) != first and len(calls) == 4
 
 
 def test_demo_without_smollm2_says_how_to_install_and_builds_the_tiny_model(tmp_path, monkeypatch, caplog):
