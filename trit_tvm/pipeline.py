@@ -10,17 +10,19 @@ from tvm import relax
 from tvm.s_tir import dlight
 
 from schedules import rules_for_target
+from schedules.prefetch import prefetch_trit_weights
 
 
 def schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:
-    """schedules/ rules for this target first, dlight's defaults for everything else."""
+    """schedules/ rules for this target first, dlight's defaults for everything else; on CPUs then the
+    decode GEMVs' weight prefetches (schedules/prefetch.py), also into kernels scheduled from tuning records."""
     rules = list(rules_for_target(target))
     if target.kind.name == "cuda":
         rules += [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                   dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
-    else:
-        rules += [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
-    return dlight.ApplyDefaultSchedule(*rules)
+        return dlight.ApplyDefaultSchedule(*rules)
+    rules += [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
+    return tvm.transform.Sequential([dlight.ApplyDefaultSchedule(*rules), prefetch_trit_weights])
 
 
 def fusion_passes() -> list[tvm.transform.Pass]:
