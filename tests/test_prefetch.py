@@ -51,3 +51,22 @@ def test_tunable_gemv_gets_them_too_and_gemm_does_not():
     gemm = tvm.IRModule({"main": trit_decode_matmul_func(100, 16 * 9, 3, layout)})
     with LLVM:
         assert _prefetch_count(schedule_pass(LLVM)(gemm)["main"]) == 0
+
+
+def test_dense_output_head_prefetches_rows_ahead():
+    """The 16-bit output head (DenseLogitsCPU): one prefetch per cache line of a vocabulary row ahead, same logits."""
+    from tvm import te
+
+    from schedules.base import KERNEL_ATTR, LOGITS_KERNEL
+    from trit_tvm.models.base import logits_nt
+    vocab, hidden = 301, 96
+    x, w = te.placeholder((1, 1, hidden), "float32", "x"), te.placeholder((vocab, hidden), "float16", "w")
+    func = te.create_prim_func([x, w, logits_nt(x, w)]).with_attr({KERNEL_ATTR: LOGITS_KERNEL})
+    with LLVM:
+        mod = schedule_pass(LLVM)(tvm.IRModule({"main": func}))
+    assert _prefetch_count(mod["main"], "w") == hidden * 2 // LINE_BYTES
+    rng = np.random.default_rng(0)
+    xs, ws = rng.standard_normal((1, 1, hidden)).astype(np.float32), rng.standard_normal((vocab, hidden)).astype(np.float16)
+    out = tvm.runtime.tensor(np.zeros((1, 1, vocab), np.float32), tvm.cpu())
+    tvm.compile(mod, target=LLVM)(tvm.runtime.tensor(xs, tvm.cpu()), tvm.runtime.tensor(ws, tvm.cpu()), out)
+    np.testing.assert_allclose(out.numpy()[0, 0], ws.astype(np.float64) @ xs[0, 0], rtol=1e-4, atol=1e-4)
