@@ -147,10 +147,9 @@ def write_random_qwen(name: str, out: Path, layers: int | None = None) -> tuple[
 
 def quantize_gguf(bin_dir: Path, src: Path, fmt: str, out: Path, requantize: bool) -> Path:
     dst = out / f"model-{fmt}.gguf"
-    if not dst.exists():
-        cmd = [str(bin_dir / "llama-quantize"), *(["--allow-requantize"] if requantize else []), str(src), str(dst),
-               fmt, str(machine()["cores"])]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [str(bin_dir / "llama-quantize"), *(["--allow-requantize"] if requantize else []), str(src), str(dst),
+           fmt, str(machine()["cores"])]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return dst
 
 
@@ -180,7 +179,8 @@ def main() -> None:
     ap.add_argument("--formats", default=",".join(FORMATS), help="llama.cpp formats (llama-quantize names)")
     ap.add_argument("--llama-cpp", type=Path, help="a llama.cpp bin/ dir with llama-bench and llama-quantize "
                     "(default: build the pinned one into the trit-tvm cache)")
-    ap.add_argument("--workdir", type=Path, help="keep the models here (default: a temporary dir)")
+    ap.add_argument("--workdir", type=Path, help="where the temporary models go (default: the system temp dir; "
+                    "the 3B shape needs tens of GB)")
     args = ap.parse_args()
 
     from codec.checkpoint import write_trit_checkpoint
@@ -194,6 +194,8 @@ def main() -> None:
     systems = [(int(d), False) for d in args.depths.split(",") if d]
     systems += [(int(d), True) for d in args.head_depths.split(",") if d]
     formats = [f for f in args.formats.split(",") if f]
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="trit-peer-", dir=args.workdir) as tmp:
         tmp = Path(tmp)
         ggufs: dict[str, Path] = {}

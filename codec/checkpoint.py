@@ -6,10 +6,12 @@ temporary sibling dir and renamed into place at the end, so a failure never leav
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,7 +23,7 @@ from .errors import CodecError, read_json
 from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
 from .calibration import Calibration, collect_hessians, read_text
 from .gguf_source import hf_source
-from .gptq import gptq_matrix, loss_increase_by_depth
+from .gptq import gptq_depths, gptq_matrix, loss_increase
 from .mixed import allocate, check_budget, parse_overrides, pinned_depths
 from .quantize import CODEBOOK_SIZE, DEPTHS, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
@@ -130,15 +132,38 @@ class QuantizePlan:
     bpw: float | None = None
     output_grad_sq: dict[str, np.ndarray] | None = None
     quantize_head: bool = False
+    measured: "MeasuredDepths | None" = None
 
     def depth_of(self, name: str) -> int:
         return self.depths[name] if self.depths is not None else self.depth
 
     def quantize(self, w: np.ndarray, name: str) -> QuantizedMatrix:
         depth = self.depth_of(name)
+        if self.measured is not None and name in self.measured:
+            return self.measured.get(name, depth, w.shape[1])
         if self.hessians is not None and name in self.hessians:
             return gptq_matrix(w, self.hessians[name], depth, name)
         return quantize_matrix(w, depth, self.mode, name)
+
+
+class MeasuredDepths:
+    """Each matrix's GPTQ result at every depth, packed, in a temporary directory: mixed depth measures them all
+    to choose, and then writes the chosen one as measured instead of running its GPTQ sweep again."""
+
+    def __init__(self, root: Path):
+        self.root, self.files = root, {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def put(self, name: str, results: dict[int, QuantizedMatrix]) -> None:
+        self.files[name] = self.root / f"{len(self.files)}.npz"
+        np.savez(self.files[name], **{f"{key}_{d}": arr for d, qm in results.items()
+                                      for key, arr in pack_matrix(qm).items()})
+
+    def get(self, name: str, depth: int, n_in: int) -> QuantizedMatrix:
+        with np.load(self.files[name]) as f:
+            return unpack_matrix({key: f[f"{key}_{depth}"] for key in (CODES, SCALES, CODEBOOK)}, n_in, name)
 
 
 def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse", recover: bool = False,
@@ -171,9 +196,14 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
                 hf, calibration, samples, progress=_stage_progress(progress, "calibration"),
                 output_gradients=bpw is not None)
             plan.hessians, plan.record, plan.output_grad_sq = calib.hessians, calib.settings, calib.output_grad_sq
-        if not recover and (bpw is not None or overrides):
-            plan.depths = _plan_depths(hf, plan, bpw, overrides, progress)
-        return _write_trit_checkpoint(hf, out, plan, recover, force, shard_bytes, progress)
+        with contextlib.ExitStack() as stack:
+            if not recover and (bpw is not None or overrides):
+                if bpw is not None and plan.hessians is not None:
+                    Path(out).parent.mkdir(parents=True, exist_ok=True)
+                    plan.measured = MeasuredDepths(Path(stack.enter_context(
+                        tempfile.TemporaryDirectory(prefix=".trit-depths-", dir=Path(out).parent))))
+                plan.depths = _plan_depths(hf, plan, bpw, overrides, progress)
+            return _write_trit_checkpoint(hf, out, plan, recover, force, shard_bytes, progress)
 
 
 def _stage_progress(progress: Progress | None, stage: str):
@@ -194,7 +224,11 @@ def _plan_depths(src: Path, plan: QuantizePlan, bpw: float | None, overrides: li
         w = to_float32(f.read(name), f.tensors[name].dtype)
         shapes[name] = tuple(w.shape)
         if plan.hessians is not None and name in plan.hessians:
-            errors[name] = loss_increase_by_depth(w, plan.hessians[name], plan.output_grad_sq[name], DEPTHS, name)
+            results = gptq_depths(w, plan.hessians[name], DEPTHS, name)
+            errors[name] = {d: loss_increase(w, qm, plan.hessians[name], plan.output_grad_sq[name])
+                            for d, qm in results.items()}
+            if plan.measured is not None:
+                plan.measured.put(name, results)
         else:
             w64 = w.astype(np.float64)
             errors[name] = {d: float(np.sum((w64 - quantize_matrix(w, d, plan.mode, name).dequantize(np.float64))

@@ -96,9 +96,14 @@ def gptq_matrix(w: np.ndarray, h: np.ndarray, depth: int, name: str = "weight") 
 
 def loss_increase_by_depth(w: np.ndarray, h: np.ndarray, output_grad_sq: np.ndarray, depths: tuple[int, ...],
                            name: str = "weight") -> dict[int, float]:
-    """Per depth, the loss increase of w's GPTQ quantization to second order, the Fisher information taken as a
-    Kronecker product (K-FAC): Σₒ gₒ (ΔW H ΔWᵀ)ₒₒ, gₒ the summed squared loss gradient at output o."""
-    return {d: float(output_error_rows(w, qm, h) @ output_grad_sq) for d, qm in gptq_depths(w, h, depths, name).items()}
+    """Per depth, the loss increase of w's GPTQ quantization to second order (see loss_increase)."""
+    return {d: loss_increase(w, qm, h, output_grad_sq) for d, qm in gptq_depths(w, h, depths, name).items()}
+
+
+def loss_increase(w: np.ndarray, qm: QuantizedMatrix, h: np.ndarray, output_grad_sq: np.ndarray) -> float:
+    """The loss increase of quantizing w as qm to second order, the Fisher information taken as a Kronecker
+    product (K-FAC): Σₒ gₒ (ΔW H ΔWᵀ)ₒₒ, gₒ the summed squared loss gradient at output o."""
+    return float(output_error_rows(w, qm, h) @ output_grad_sq)
 
 
 def output_error(w: np.ndarray, qm: QuantizedMatrix, h: np.ndarray) -> float:

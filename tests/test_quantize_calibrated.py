@@ -110,6 +110,28 @@ def test_calibrated_checkpoint_records_its_calibration_and_runs_token_exact(tiny
     assert model.generate(prompt, 24).tokens == ids[len(prompt):]
 
 
+def test_mixed_depth_writes_the_gptq_results_it_measured(tiny_hf, calib_text, tmp_path, monkeypatch):
+    """One GPTQ sweep per matrix (all depths, measured for the choice), and the matrix written at the chosen depth
+    is exactly GPTQ at that depth: no second sweep."""
+    import codec.checkpoint as checkpoint
+    from codec.calibration import collect_hessians
+    from codec.safetensors_io import SafetensorsFile, iter_checkpoint_files
+    calib = collect_hessians(tiny_hf, calib_text, 2, output_gradients=True)
+    swept = []
+    sweep = checkpoint.gptq_depths
+    monkeypatch.setattr(checkpoint, "gptq_depths", lambda w, h, depths, name: swept.append(name) or sweep(w, h, depths, name))
+    monkeypatch.setattr(checkpoint, "gptq_matrix", lambda *_: pytest.fail("a second GPTQ sweep"))
+    manifest = checkpoint.write_trit_checkpoint(tiny_hf, tmp_path / "trit", calibration=calib, bpw=4.4)
+    assert sorted(swept) == sorted(manifest["quantized"])
+    written = load_trit_checkpoint(tmp_path / "trit")
+    source = {name: f for f in map(SafetensorsFile, iter_checkpoint_files(tiny_hf)) for name in f.tensors}
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        w = np.asarray(source[name].read(name), np.float32)
+        expected = gptq_matrix(w, calib.hessians[name], manifest["quantized"][name]["depth"], name)
+        np.testing.assert_array_equal(written.matrix(name).codes, expected.codes)
+        np.testing.assert_array_equal(written.matrix(name).scale_idx, expected.scale_idx)
+
+
 def test_tensor_depth_overrides_a_uniform_depth(tiny_hf, tmp_path):
     assert quantize_main([str(tiny_hf), str(tmp_path / "t"), "--depth", "2", "--tensor-depth",
                           "model.layers.1.*=3", "--tensor-depth", "*.o_proj.weight=1"]) == 0
