@@ -212,8 +212,9 @@ def _stage_progress(progress: Progress | None, stage: str):
 
 def _plan_depths(src: Path, plan: QuantizePlan, bpw: float | None, overrides: list, progress) -> dict[str, int]:
     """Per-matrix depths: the overrides, and with a budget the sensitivity allocation. Each matrix's error at
-    each depth: with calibration, the loss increase Σₒ gₒ (ΔW H ΔWᵀ)ₒₒ of its GPTQ quantization at that depth
-    (codec.calibration; all depths in one sweep); without, its squared weight error Σ ΔW² (data-free)."""
+    each depth: with calibration, the loss increase Σₒ gₒ (ΔW H ΔWᵀ)ₒₒ of its GPTQ quantization at that
+    depth (codec.calibration; all depths in one sweep, kept in plan.measured for the writing); without, its
+    squared weight error Σ ΔW² (data-free)."""
     _, files = read_source(src)
     weights = {name: f for name, f in _source_tensors(files) if is_quantized_tensor(name, f.tensors[name].shape)}
     pinned = pinned_depths(list(weights), overrides)

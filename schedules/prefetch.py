@@ -178,7 +178,8 @@ def prefetch_trit_weights(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext)
     for gv, func in mod.functions.items():
         if is_trit_decode_matmul(func) and layout_rows(func) > 0 and row_count(func) == 1:
             func = prefetch_weights(func)
-        elif isinstance(func, tirx.PrimFunc) and func.attrs is not None and func.attrs.get(KERNEL_ATTR) == LOGITS_KERNEL:
+        elif isinstance(func, tirx.PrimFunc) and func.attrs is not None \
+                and func.attrs.get(KERNEL_ATTR) == LOGITS_KERNEL:
             func = prefetch_logits_rows(func)
         functions[gv] = func
     return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)

@@ -31,7 +31,8 @@ def test_gemv_prefetches_its_weights_and_matches_reference(depth, n_out, n_in, r
     packed = pack_matrix(quantize_matrix(rng.standard_normal((n_out, n_in)).astype(np.float32), depth))
     x = rng.standard_normal((1, n_in)).astype(np.float32)
     ref = reference_decode_matmul(x, packed["trit_codes"], packed["trit_scales"], packed["trit_codebook"])
-    args = [x, layout.repack_codes(packed["trit_codes"], n_in), layout.repack_scales(packed["trit_scales"], n_in, depth),
+    args = [x, layout.repack_codes(packed["trit_codes"], n_in),
+            layout.repack_scales(packed["trit_scales"], n_in, depth),
             layout.repack_codebook(packed["trit_codebook"])]
     out = tvm.runtime.tensor(np.zeros((1, n_out), np.float32), tvm.cpu())
     tvm.compile(tvm.IRModule({"main": func}), target=LLVM)(*[tvm.runtime.tensor(a, tvm.cpu()) for a in args], out)
@@ -66,7 +67,8 @@ def test_dense_output_head_prefetches_rows_ahead():
         mod = schedule_pass(LLVM)(tvm.IRModule({"main": func}))
     assert _prefetch_count(mod["main"], "w") == hidden * 2 // LINE_BYTES
     rng = np.random.default_rng(0)
-    xs, ws = rng.standard_normal((1, 1, hidden)).astype(np.float32), rng.standard_normal((vocab, hidden)).astype(np.float16)
+    xs = rng.standard_normal((1, 1, hidden)).astype(np.float32)
+    ws = rng.standard_normal((vocab, hidden)).astype(np.float16)
     out = tvm.runtime.tensor(np.zeros((1, 1, vocab), np.float32), tvm.cpu())
     tvm.compile(mod, target=LLVM)(tvm.runtime.tensor(xs, tvm.cpu()), tvm.runtime.tensor(ws, tvm.cpu()), out)
     np.testing.assert_allclose(out.numpy()[0, 0], ws.astype(np.float64) @ xs[0, 0], rtol=1e-4, atol=1e-4)

@@ -119,7 +119,8 @@ def test_mixed_depth_writes_the_gptq_results_it_measured(tiny_hf, calib_text, tm
     calib = collect_hessians(tiny_hf, calib_text, 2, output_gradients=True)
     swept = []
     sweep = checkpoint.gptq_depths
-    monkeypatch.setattr(checkpoint, "gptq_depths", lambda w, h, depths, name: swept.append(name) or sweep(w, h, depths, name))
+    monkeypatch.setattr(checkpoint, "gptq_depths",
+                        lambda w, h, depths, name: swept.append(name) or sweep(w, h, depths, name))
     monkeypatch.setattr(checkpoint, "gptq_matrix", lambda *_: pytest.fail("a second GPTQ sweep"))
     manifest = checkpoint.write_trit_checkpoint(tiny_hf, tmp_path / "trit", calibration=calib, bpw=4.4)
     assert sorted(swept) == sorted(manifest["quantized"])
