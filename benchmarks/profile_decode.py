@@ -6,6 +6,7 @@ allocations and builtins, the embedding lookup), each as a share of the time ins
 more here than they do in the plain step.
 
     python -m benchmarks.profile_decode [--model 0.5B|smollm2] [--depth 3] [--quantize-head] [--steps 16]
+                                        [--prefill]
 
 Prints one JSON line: milliseconds and shares per group, and the slowest kernels.
 """
@@ -35,15 +36,23 @@ def group_of(symbol: str) -> str:
     return next((g for g, keys in GROUPS if any(k in s for k in keys)), "other")
 
 
-def profile(model, prompt: list[int], steps: int) -> dict:
-    """Per-symbol seconds summed over `steps` decode steps, and the plain steps' seconds."""
+def profile(model, prompt: list[int], steps: int, prefill: bool = False) -> dict:
+    """Per-symbol seconds summed over `steps` decode steps (or prefills of the prompt), and the plain steps'
+    seconds."""
     import tvm
+    ids = np.asarray(prompt, np.int64)
     kv = model._new_cache(len(prompt) + 2 * steps + 1)
-    model._prefill(kv, np.asarray(prompt, np.int64))
+    model._prefill(kv, ids)
     token = np.array([int(prompt[-1])])
+
+    def step():
+        if prefill:
+            model._prefill(model._new_cache(len(prompt) + 1), ids)
+        else:
+            model._forward(kv, "decode", token)
     t0 = time.perf_counter()
     for _ in range(steps):
-        model._forward(kv, "decode", token)
+        step()
     plain = (time.perf_counter() - t0) / steps
 
     per_symbol: dict[str, float] = defaultdict(float)
@@ -65,7 +74,7 @@ def profile(model, prompt: list[int], steps: int) -> dict:
     try:
         t0 = time.perf_counter()
         for _ in range(steps):
-            model._forward(kv, "decode", token)
+            step()
         instrumented = (time.perf_counter() - t0) / steps
     finally:
         model.vm.set_instrument(None)
@@ -80,6 +89,7 @@ def main() -> None:
     ap.add_argument("--quantize-head", action="store_true", help="the output head as depth-4 trits")
     ap.add_argument("--steps", type=int, default=16, help="decode steps averaged")
     ap.add_argument("--layers", type=int, help="fewer layers than the real model (quick runs)")
+    ap.add_argument("--prefill", action="store_true", help="profile the 128-token prefill instead of decode steps")
     args = ap.parse_args()
 
     from benchmarks.bench_peer import write_random_qwen
@@ -102,14 +112,15 @@ def main() -> None:
         model = TritModel(tmp / "art")
         prompt = np.random.default_rng(0).integers(0, 32000, size=128).tolist()
         model.generate(prompt[:8], 2)  # warm-up
-        result = profile(model, prompt, args.steps)
+        result = profile(model, prompt, args.steps, args.prefill)
     groups: dict[str, float] = defaultdict(float)
     for symbol, s in result["per_symbol_s"].items():
         groups[group_of(symbol)] += s
     inside = sum(groups.values())
     top = sorted(result["per_symbol_s"].items(), key=lambda kv: -kv[1])[:8]
     print(json.dumps({
-        "bench": "profile_decode", "model": description, "depth": args.depth, "quantized_head": args.quantize_head,
+        "bench": "profile_decode", "model": description, "phase": "prefill" if args.prefill else "decode",
+        "depth": args.depth, "quantized_head": args.quantize_head,
         **machine(), "step_ms": round(result["plain_step_s"] * 1e3, 2),
         "instrumented_step_ms": round(result["instrumented_step_s"] * 1e3, 2),
         "ms": {g: round(s * 1e3, 2) for g, s in groups.items()},

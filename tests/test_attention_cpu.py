@@ -94,3 +94,28 @@ def test_decode_refuses_inline_rope(decode_kernel):
         decode_kernel(z(1, H_Q, D), z(1, 2, H_KV, PAGE_SIZE, D), z(2, dt=np.int32), z(1, dt=np.int32),
                       z(1, dt=np.int32), z(1, dt=np.int32), z(1, dt=np.int32), z(1, H_Q, D), z(1, H_Q),
                       1, 1.0, 1e4, 1.0)
+
+
+@pytest.mark.parametrize("scaling", [{}, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+@pytest.mark.parametrize("apply_rope", [1, 0])
+def test_rope_kernel_matches_tvms(scaling, apply_rope):
+    """Our split-and-rotate kernel gives TVM's llama_rope_with_position_map's q, k, v (positions past a
+    cached prefix, default and llama3 frequencies, rope on and off)."""
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+    from trit_tvm.attention_cpu import rope_kernel
+    n = 37
+    ours = tvm.compile(tvm.IRModule({"main": rope_kernel(H_KV, H_Q, D, "float32", 5e5, scaling)}), target="llvm")
+    theirs = tvm.compile(tvm.IRModule({"main": llama_rope_with_position_map(5e5, 1.0, D, H_Q, H_KV, "float32",
+                                                                             scaling)}), target="llvm")
+    rng = np.random.default_rng(apply_rope)
+    qkv = rng.standard_normal((n, H_Q + 2 * H_KV, D)).astype(np.float32)
+    positions = (np.arange(n) + 1000).astype(np.int32)
+    results = []
+    for lib in (ours, theirs):
+        outs = [tvm.runtime.tensor(np.zeros((n, h, D), np.float32)) for h in (H_Q, H_KV, H_KV)]
+        lib(tvm.runtime.tensor(qkv), tvm.runtime.tensor(positions), *outs, apply_rope)
+        results.append([o.numpy() for o in outs])
+    for mine, ref in zip(*results):
+        np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=2e-5)

@@ -26,6 +26,8 @@ import math
 import tvm
 from tvm.script import tirx as T
 
+from . import fastmath
+
 KERNEL_SYMBOL = "batch_prefill_ragged_kv"  # TVM's name for it; the KV cache calls it by its GlobalVar
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"  # TVM's CPU decode kernel (without a sliding window)
 PAGE_SIZE = 16  # tokens per KV-cache page: what TVM's CPU kernels are built for, and trit_tvm.runtime uses
@@ -74,7 +76,10 @@ def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tir
                     key_tiles = T.sblock_alloc_buffer(((kv_len + LANES - 1) // LANES, d, LANES), "float32")
                     scores = T.sblock_alloc_buffer(((kv_len + LANES - 1) // LANES * LANES,), "float32")
                     query = T.sblock_alloc_buffer((d,), "float32")
-                    acc = T.sblock_alloc_buffer((d,), "float32")
+                    acc = T.sblock_alloc_buffer((d,), "float32", scope="local")
+                    tile = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
+                    peak = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
+                    sums = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
                     best = T.sblock_alloc_buffer((1,), "float32")
                     total = T.sblock_alloc_buffer((1,), "float32")
                     q0: T.let[T.int32] = q_indptr[b]
@@ -93,23 +98,39 @@ def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tir
                         seen: T.let[T.int32] = T.if_then_else(causal > 0, T.min(nk - nq + i + 1, nk), nk)
                         for c in T.vectorized(d):
                             query[c] = T.Cast("float32", q[q0 + i, h, c]) * (sm_scale * T.float32(log2e))
+                        # scores of 16 keys per vector (the keys past `seen` at -inf), their maximum
+                        for ji in T.vectorized(LANES):
+                            peak[ji] = T.float32(-3.0e38)
                         for jo in T.serial((seen + LANES - 1) // LANES):
                             for ji in T.vectorized(LANES):
-                                scores[jo * LANES + ji] = T.float32(0)
+                                tile[ji] = T.float32(0)
                             for c in T.serial(d):
                                 for ji in T.vectorized(LANES):
-                                    scores[jo * LANES + ji] += query[c] * key_tiles[jo, c, ji]
+                                    tile[ji] += query[c] * key_tiles[jo, c, ji]
+                            for ji in T.vectorized(LANES):
+                                scores[jo * LANES + ji] = T.if_then_else(jo * LANES + ji < seen, tile[ji],
+                                                                         T.float32(-3.0e38))
+                                peak[ji] = T.max(peak[ji], scores[jo * LANES + ji])
                         best[0] = T.float32(-3.0e38)
-                        for j in T.serial(seen):
-                            best[0] = T.max(best[0], scores[j])
+                        for ji in T.serial(LANES):
+                            best[0] = T.max(best[0], peak[ji])
+                        # the softmax weights, 16 per vector (fastmath.exp2: libm's would be a call per key)
+                        for ji in T.vectorized(LANES):
+                            sums[ji] = T.float32(0)
+                        for jo in T.serial((seen + LANES - 1) // LANES):
+                            for ji in T.vectorized(LANES):
+                                scores[jo * LANES + ji] = T.if_then_else(
+                                    jo * LANES + ji < seen, fastmath.exp2(scores[jo * LANES + ji] - best[0]),
+                                    T.float32(0))
+                                sums[ji] += scores[jo * LANES + ji]
                         total[0] = T.float32(0)
+                        for ji in T.serial(LANES):
+                            total[0] += sums[ji]
                         for c in T.vectorized(d):
                             acc[c] = T.float32(0)
                         for j in T.serial(seen):
-                            weight: T.let[T.float32] = T.exp2(scores[j] - best[0])
-                            total[0] += weight
                             for c in T.vectorized(d):
-                                acc[c] += weight * T.Cast("float32", v[k0 + j, hk, c])
+                                acc[c] += scores[j] * T.Cast("float32", v[k0 + j, hk, c])
                         for c in T.vectorized(d):
                             output[q0 + i, h, c] = T.Cast(dtype, acc[c] / total[0])
                         lse[q0 + i, h] = best[0] + T.log2(total[0])
@@ -162,7 +183,10 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                     key_tiles = T.sblock_alloc_buffer((max_num_pages, d, page_size), "float32")
                     scores = T.sblock_alloc_buffer((max_num_pages * page_size,), "float32")
                     query = T.sblock_alloc_buffer((d,), "float32")
-                    acc = T.sblock_alloc_buffer((d,), "float32")
+                    acc = T.sblock_alloc_buffer((d,), "float32", scope="local")
+                    tile = T.sblock_alloc_buffer((page_size,), "float32", scope="local")
+                    peak = T.sblock_alloc_buffer((page_size,), "float32", scope="local")
+                    sums = T.sblock_alloc_buffer((page_size,), "float32", scope="local")
                     best = T.sblock_alloc_buffer((1,), "float32")
                     total = T.sblock_alloc_buffer((1,), "float32")
                     p0: T.let[T.int32] = page_indptr[b]
@@ -174,24 +198,38 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                         h: T.let[T.int32] = hk * group + g
                         for c in T.vectorized(d):
                             query[c] = T.Cast("float32", q[b, h, c]) * (sm_scale * T.float32(log2e))
+                        for ji in T.vectorized(page_size):
+                            peak[ji] = T.float32(-3.0e38)
                         for pj in T.serial(n_pages):  # scores of a page's keys, one vector per page
                             for ji in T.vectorized(page_size):
-                                scores[pj * page_size + ji] = T.float32(0)
+                                tile[ji] = T.float32(0)
                             for c in T.serial(d):
                                 for ji in T.vectorized(page_size):
-                                    scores[pj * page_size + ji] += query[c] * key_tiles[pj, c, ji]
+                                    tile[ji] += query[c] * key_tiles[pj, c, ji]
+                            for ji in T.vectorized(page_size):  # past the last page's end: -inf
+                                scores[pj * page_size + ji] = T.if_then_else(pj * page_size + ji < n, tile[ji],
+                                                                             T.float32(-3.0e38))
+                                peak[ji] = T.max(peak[ji], scores[pj * page_size + ji])
                         best[0] = T.float32(-3.0e38)
-                        for j in T.serial(n):
-                            best[0] = T.max(best[0], scores[j])
+                        for ji in T.serial(page_size):
+                            best[0] = T.max(best[0], peak[ji])
+                        for ji in T.vectorized(page_size):  # the softmax weights, a page per vector
+                            sums[ji] = T.float32(0)
+                        for pj in T.serial(n_pages):
+                            for ji in T.vectorized(page_size):
+                                scores[pj * page_size + ji] = T.if_then_else(
+                                    pj * page_size + ji < n, fastmath.exp2(scores[pj * page_size + ji] - best[0]),
+                                    T.float32(0))
+                                sums[ji] += scores[pj * page_size + ji]
                         total[0] = T.float32(0)
+                        for ji in T.serial(page_size):
+                            total[0] += sums[ji]
                         for c in T.vectorized(d):
                             acc[c] = T.float32(0)
                         for j in T.serial(n):
-                            weight: T.let[T.float32] = T.exp2(scores[j] - best[0])
                             value_page: T.let[T.int32] = page_values[p0 + j // page_size]
-                            total[0] += weight
                             for c in T.vectorized(d):
-                                acc[c] += weight * T.Cast("float32", pages[value_page, 1, hk, j % page_size, c])
+                                acc[c] += scores[j] * T.Cast("float32", pages[value_page, 1, hk, j % page_size, c])
                         for c in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
                             output[b, h, c] = T.Cast(dtype, acc[c] / T.max(total[0], T.float32(1e-30)))
                         lse[b, h] = best[0] + T.log2(T.max(total[0], T.float32(1e-30)))
@@ -199,12 +237,77 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
     return batch_decode_paged_kv
 
 
-def use_cpu_attention(mod: tvm.IRModule, h_kv: int, h_q: int, d: int, dtype: str) -> tvm.IRModule:
-    """A CPU build's module with TVM's ragged prefill and paged decode attention replaced by ours (same
-    GlobalVars, so the KV cache calls these)."""
+ROPE_SYMBOL = "fused_rope"  # TVM's name for the KV cache's RoPE kernel (llama_rope_with_position_map)
+ROPE_TYPES = (None, "default", "llama3")  # the inverse frequency depends on the dimension d only via 2d mod d_rot
+
+
+def rope_kernel(h_kv: int, h_q: int, d: int, dtype: str, theta: float, rope_scaling: dict) -> tvm.tirx.PrimFunc:
+    """The KV cache's split-and-rotate kernel (q/k/v out of the fused qkv, RoPE on q and k), in place of
+    TVM's `llama_rope_with_position_map`, whose every element computes its own power, cosine and sine (scalar
+    libm calls, a sixth of a SmolLM2 prefill here). Per token: the cosines and sines of the d/2 frequencies
+    once, from the same expressions TVM's kernel uses (switch_rope_freq_func), then every head rotated with
+    them, vectorized; tokens in parallel."""
+    from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
+    half, fused = d // 2, h_q + 2 * h_kv
+    freq_of = switch_rope_freq_func(rope_scaling)
+
+    def cos_sin(pos, i, which: int):
+        *values, var_map = freq_of(pos, i, d, theta, "float32")
+        value = values[which]
+        for var, bound in var_map.items():
+            value = tvm.tirx.Let(var, bound, value)
+        return value
+
+    @T.prim_func(s_tir=True)
+    def fused_rope(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle,
+                   var_v: T.handle, apply_rope: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        seq_len = T.int32()
+        position_map_elem_offset = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, fused, d), dtype)
+        q = T.match_buffer(var_q, (seq_len, h_q, d), dtype)
+        k = T.match_buffer(var_k, (seq_len, h_kv, d), dtype)
+        v = T.match_buffer(var_v, (seq_len, h_kv, d), dtype)
+        position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
+        for s in T.parallel(seq_len):
+            with T.sblock("rope"):
+                T.reads(qkv[s, 0:fused, 0:d], position_map[s])
+                T.writes(q[s, 0:h_q, 0:d], k[s, 0:h_kv, 0:d], v[s, 0:h_kv, 0:d])
+                cos_t = T.sblock_alloc_buffer((half,), "float32")
+                sin_t = T.sblock_alloc_buffer((half,), "float32")
+                pos: T.let[T.float32] = T.Cast("float32", position_map[s])
+                for i in T.serial(half):
+                    cos_t[i] = T.if_then_else(apply_rope > 0, cos_sin(pos, i, 0), T.float32(1))
+                    sin_t[i] = T.if_then_else(apply_rope > 0, cos_sin(pos, i, 1), T.float32(0))
+                for h, i in T.grid(h_q, half):
+                    q[s, h, i] = T.Cast(dtype, T.Cast("float32", qkv[s, h, i]) * cos_t[i]
+                                        - T.Cast("float32", qkv[s, h, i + half]) * sin_t[i])
+                    q[s, h, i + half] = T.Cast(dtype, T.Cast("float32", qkv[s, h, i + half]) * cos_t[i]
+                                               + T.Cast("float32", qkv[s, h, i]) * sin_t[i])
+                for h, i in T.grid(h_kv, half):
+                    k[s, h, i] = T.Cast(dtype, T.Cast("float32", qkv[s, h_q + h, i]) * cos_t[i]
+                                        - T.Cast("float32", qkv[s, h_q + h, i + half]) * sin_t[i])
+                    k[s, h, i + half] = T.Cast(dtype, T.Cast("float32", qkv[s, h_q + h, i + half]) * cos_t[i]
+                                               + T.Cast("float32", qkv[s, h_q + h, i]) * sin_t[i])
+                for h, c in T.grid(h_kv, d):
+                    v[s, h, c] = qkv[s, h_q + h_kv + h, c]
+
+    return fused_rope
+
+
+def use_cpu_attention(mod: tvm.IRModule, h_kv: int, h_q: int, d: int, dtype: str, theta: float = 10000.0,
+                      rope_scaling: dict | None = None) -> tvm.IRModule:
+    """A CPU build's module with TVM's ragged prefill and paged decode attention, and its RoPE kernel where
+    the rope scaling is one rope_kernel handles, replaced by ours (same GlobalVars, so the KV cache calls
+    these)."""
     kernels = {KERNEL_SYMBOL: ragged_prefill_attention, DECODE_SYMBOL: paged_decode_attention}
+    rope_scaling = dict(rope_scaling or {})
     for gv, func in list(mod.functions.items()):
-        symbol = func.attrs.get("global_symbol") if isinstance(func, tvm.tirx.PrimFunc) and func.attrs else None
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        symbol = func.attrs.get("global_symbol") if func.attrs else None
         if symbol in kernels:
             mod[gv] = kernels[symbol](h_kv, h_q, d, dtype)
+        elif symbol == ROPE_SYMBOL and rope_scaling.get("rope_type") in ROPE_TYPES:
+            mod[gv] = rope_kernel(h_kv, h_q, d, dtype, theta, rope_scaling)
     return mod

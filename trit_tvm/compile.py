@@ -156,7 +156,8 @@ def export_model(arch: Architecture, cfg: DecoderConfig, depth_of: DepthOf, targ
     model = quantizer.visit("", arch.model(cfg, dtype, target, embed_dtype))
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     if target_device_kind(target) == "cpu":
-        mod = use_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, dtype)
+        mod = use_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, dtype,
+                                cfg.rope_theta, cfg.rope_scaling)
     return ExportedModel(mod, named_params, layout, dtype, quantizer)
 
 
