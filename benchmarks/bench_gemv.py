@@ -1,10 +1,13 @@
 """trit_decode_matmul as a decode GEMV (rows = 1) at Qwen2.5-3B shapes, d=3, against baselines measured
 in the same run: torch FP32 `x @ W.T`, and the same TVM pipeline (dlight) on dense FP32 weights.
 
-    python benchmarks/bench_gemv.py [--target llvm] [--plot benchmarks/gemv_bandwidth.png]
+    python benchmarks/bench_gemv.py [--target llvm] [--plot benchmarks/gemv_bandwidth.png] [--cold 64]
 
 Prints one JSON line. Effective bandwidth = the checkpoint's packed bytes (codes + scales + codebook) / time;
 run_time_layout_bytes is what the kernel reads (on CPUs the 16-bit word layout: at d=3 11% more).
+The kernel's timings reuse one copy of the weights, which then stays in cache; `--cold N` also times it cycling
+through N copies (so the weights come from memory, as in a model), with and without the weight prefetches
+(schedules/prefetch.py): `cold_us`, `cold_no_prefetch_us`.
 On CUDA the same shapes, with FP16 baselines (TVM dense through dlight, torch/cuBLAS) and the card's
 copy bandwidth, are the `gemv` step of scripts/gpu_check.py (built here, run with TVM's runtime there).
 """
@@ -27,16 +30,33 @@ SHAPES_3B = [(2048, 2560, "qkv", (2048, 256, 256)), (2048, 2048, "o_proj", ()), 
              (11008, 2048, "down_proj", ())]
 
 
-def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
+def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target, prefetch: bool = True):
     """Schedule one PrimFunc exactly as trit-compile does (schedules/ rules, then dlight), and build it."""
     mod = tvm.IRModule({"main": func})
     with target:
-        mod = schedule_pass(target)(mod)
+        mod = schedule_pass(target, prefetch)(mod)
     return tvm.compile(mod, target=target)
 
 
-def trit_kernel(n_in: int, n_out: int, depth: int, layout: WeightLayout, target, parts: tuple[int, ...] = ()):
-    return build(trit_decode_matmul_func(n_out, n_in, depth, layout, rows=1, parts=parts), target)
+def trit_kernel(n_in: int, n_out: int, depth: int, layout: WeightLayout, target, parts: tuple[int, ...] = (),
+                prefetch: bool = True):
+    return build(trit_decode_matmul_func(n_out, n_in, depth, layout, rows=1, parts=parts), target, prefetch)
+
+
+def cold_seconds(lib, x, run_time: tuple, out, copies: int, repeat: int = 5) -> float:
+    """Best mean time per call over `copies` copies of the weights taken in turn (none stays cached)."""
+    import time
+    dev = tvm.cpu(0)
+    sets = [[tvm.runtime.tensor(a, dev) for a in run_time] for _ in range(copies)]
+    f = lib["main"]
+    f(x, *sets[0], out)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for s in sets:
+            f(x, *s, out)
+        best = min(best, (time.perf_counter() - t0) / copies)
+    return best
 
 
 def dense_func(n_in: int, n_out: int, dtype: str = "float32") -> tvm.tirx.PrimFunc:
@@ -67,6 +87,8 @@ def main() -> None:
     ap.add_argument("--target", default="llvm")
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--plot", help="write a PNG of effective bandwidth per shape")
+    ap.add_argument("--cold", type=int, default=0, metavar="N",
+                    help="also time the kernel over N copies of the weights, with and without the prefetches")
     args = ap.parse_args()
     target = parse_target(args.target)
     on_gpu = target.kind.name == "cuda"
@@ -101,6 +123,10 @@ def main() -> None:
         t_torch = torch_seconds(n_in, n_out)
         row.update({"torch_fp32_us": round(t_torch * 1e6, 1), "x_torch_fp32": round(t_torch / t_trit, 2),
                     "frac_stream": round(nbytes / t_trit / 1e9 / stream, 3)})
+        if args.cold:
+            plain = trit_kernel(n_in, n_out, args.depth, layout, target, parts, prefetch=False)
+            row["cold_us"] = round(cold_seconds(lib, targs[0], run_time, out, args.cold) * 1e6, 1)
+            row["cold_no_prefetch_us"] = round(cold_seconds(plain, targs[0], run_time, out, args.cold) * 1e6, 1)
         rows.append(row)
     geo = lambda key: round(float(np.exp(np.mean([np.log(r[key]) for r in rows]))), 2)  # noqa: E731
     result = {"bench": "gemv", "target": target.kind.name, "depth": args.depth, "weight_layout": layout.name,

@@ -13,16 +13,18 @@ from schedules import rules_for_target
 from schedules.prefetch import prefetch_trit_weights
 
 
-def schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:
+def schedule_pass(target: tvm.target.Target, prefetch: bool = True) -> tvm.transform.Pass:
     """schedules/ rules for this target first, dlight's defaults for everything else; on CPUs then the
-    decode GEMVs' weight prefetches (schedules/prefetch.py), also into kernels scheduled from tuning records."""
+    decode GEMVs' weight prefetches (schedules/prefetch.py), also into kernels scheduled from tuning records
+    (prefetch=False: without them, for benchmarks that compare)."""
     rules = list(rules_for_target(target))
     if target.kind.name == "cuda":
         rules += [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                   dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
         return dlight.ApplyDefaultSchedule(*rules)
     rules += [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
-    return tvm.transform.Sequential([dlight.ApplyDefaultSchedule(*rules), prefetch_trit_weights])
+    passes = [dlight.ApplyDefaultSchedule(*rules)]
+    return tvm.transform.Sequential(passes + [prefetch_trit_weights] if prefetch else passes)
 
 
 def fusion_passes() -> list[tvm.transform.Pass]:
