@@ -27,6 +27,8 @@ def test_gemv_prefetches_its_weights_and_matches_reference(depth, n_out, n_in, r
         func = schedule_pass(LLVM)(mod)["main"]
     # one prefetch per cache line of a block's codes in a row panel (16 words of `rows` lanes), and its scales
     assert _prefetch_count(func) == max(1, 16 * rows * 2 // LINE_BYTES) and _prefetch_count(func, "scales") >= 1
+    with LLVM:  # what bench_gemv --cold compares against
+        assert _prefetch_count(schedule_pass(LLVM, prefetch=False)(mod)["main"]) == 0
     rng = np.random.default_rng(depth + n_out)
     packed = pack_matrix(quantize_matrix(rng.standard_normal((n_out, n_in)).astype(np.float32), depth))
     x = rng.standard_normal((1, n_in)).astype(np.float32)
