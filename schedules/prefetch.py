@@ -41,27 +41,22 @@ def _weights_read(block: s_tir.stmt.SBlock, reader: str):
     return next((r.source for r in block.reads if len(r.source.shape) == 3 and "int" in str(r.source.dtype)), None)
 
 
-def _find_buffers(stmt, found: dict) -> None:
-    """The codes and scales buffers, read by the blocks of the nest, and the loop variable over weight blocks
-    (what the accumulation block binds its first reduction axis to); walks For / SeqStmt / blocks only."""
-    if isinstance(stmt, tirx.For):
-        _find_buffers(stmt.body, found)
-    elif isinstance(stmt, tirx.SeqStmt):
-        for s in stmt.seq:
-            _find_buffers(s, found)
-    elif isinstance(stmt, s_tir.stmt.SBlockRealize):
-        block = stmt.block
+def _find_buffers(func: tirx.PrimFunc) -> dict:
+    """The codes and scales buffers, read by the operator's blocks, and the loop variable over weight blocks
+    (what the accumulation block binds its first reduction axis to)."""
+    found: dict = {}
+    for realize in _realizes(func.body):
+        block = realize.block
         if block.name_hint == "trit_matmul":
-            reduce = [v for iv, v in zip(block.iter_vars, stmt.iter_values) if iv.iter_type == tirx.IterVar.CommReduce]
+            reduce = [v for iv, v in zip(block.iter_vars, realize.iter_values)
+                      if iv.iter_type == tirx.IterVar.CommReduce]
             if reduce and isinstance(reduce[0], tirx.Var):
                 found.setdefault("block_loop", reduce[0])
-        _find_buffers(block, found)
-    elif isinstance(stmt, s_tir.stmt.SBlock):
         for name, reader in WEIGHT_READERS.items():
-            buf = _weights_read(stmt, reader)
+            buf = _weights_read(block, reader)
             if buf is not None:
                 found.setdefault(name, buf)
-        _find_buffers(stmt.body, found)
+    return found
 
 
 def _prefetch(buf: tirx.Buffer, flat: tirx.PrimExpr) -> tirx.Stmt:
@@ -129,8 +124,7 @@ def _with_prefetches(func: tirx.PrimFunc, make) -> tirx.PrimFunc:
 
 def prefetch_weights(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """The scheduled GEMV with weight prefetches; unchanged when its loop nest is not the expected one."""
-    found: dict = {}
-    _find_buffers(func.body, found)
+    found = _find_buffers(func)
     if set(found) != {"codes", "scales", "block_loop"}:
         return func
 
@@ -145,9 +139,9 @@ def prefetch_logits_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """The dense output head (DenseLogitsCPU: one vocabulary row per parallel iteration): the row
     PREFETCH_ROWS ahead prefetched at the top of each."""
     weight = None
-    for block in _blocks(func.body):
-        if block.name_hint == "logits_rf":
-            weight = next((r.source for r in block.reads if len(r.source.shape) == 2), None)
+    for realize in _realizes(func.body):
+        if realize.block.name_hint == "logits_rf":
+            weight = next((r.source for r in realize.block.reads if len(r.source.shape) == 2), None)
     if weight is None:
         return func
     vocab, hidden = (int(e) for e in weight.shape)
@@ -159,16 +153,16 @@ def prefetch_logits_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return _with_prefetches(func, make)
 
 
-def _blocks(stmt):
-    """The blocks of a For / SeqStmt / block nest."""
+def _realizes(stmt):
+    """The block realizations of a For / SeqStmt / block nest (what scheduled kernels are made of)."""
     if isinstance(stmt, tirx.For):
-        yield from _blocks(stmt.body)
+        yield from _realizes(stmt.body)
     elif isinstance(stmt, tirx.SeqStmt):
         for s in stmt.seq:
-            yield from _blocks(s)
+            yield from _realizes(s)
     elif isinstance(stmt, s_tir.stmt.SBlockRealize):
-        yield stmt.block
-        yield from _blocks(stmt.block.body)
+        yield stmt
+        yield from _realizes(stmt.block.body)
 
 
 @tvm.transform.module_pass(opt_level=0, name="PrefetchTritWeights")

@@ -34,6 +34,37 @@ PAGE_SIZE = 16  # tokens per KV-cache page: what TVM's CPU kernels are built for
 LANES = 16
 
 
+@T.macro
+def _softmax_weights(query, key_tiles, scores, tile, peak, sums, best, total, n_keys, d):
+    """Both kernels' softmax in log2 space: scores[j] = query · key j for the n_keys keys (16 per vector, from
+    key tiles [tiles, d, 16]), then scores[j] = 2^(score - best), their sum in total[0] and the maximum in
+    best[0]; the lanes past n_keys are -inf, then 0 (fastmath.exp2: libm's would be a call per key)."""
+    for ji in T.vectorized(LANES):
+        peak[ji] = T.float32(-3.0e38)
+    for jo in T.serial((n_keys + LANES - 1) // LANES):
+        for ji in T.vectorized(LANES):
+            tile[ji] = T.float32(0)
+        for c in T.serial(d):
+            for ji in T.vectorized(LANES):
+                tile[ji] += query[c] * key_tiles[jo, c, ji]
+        for ji in T.vectorized(LANES):
+            scores[jo * LANES + ji] = T.if_then_else(jo * LANES + ji < n_keys, tile[ji], T.float32(-3.0e38))
+            peak[ji] = T.max(peak[ji], scores[jo * LANES + ji])
+    best[0] = T.float32(-3.0e38)
+    for ji in T.serial(LANES):
+        best[0] = T.max(best[0], peak[ji])
+    for ji in T.vectorized(LANES):
+        sums[ji] = T.float32(0)
+    for jo in T.serial((n_keys + LANES - 1) // LANES):
+        for ji in T.vectorized(LANES):
+            scores[jo * LANES + ji] = T.if_then_else(
+                jo * LANES + ji < n_keys, fastmath.exp2(scores[jo * LANES + ji] - best[0]), T.float32(0))
+            sums[ji] += scores[jo * LANES + ji]
+    total[0] = T.float32(0)
+    for ji in T.serial(LANES):
+        total[0] += sums[ji]
+
+
 def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tirx.PrimFunc:
     """The kernel for h_q query heads sharing h_kv key/value heads of size d (GQA), activations in dtype."""
     group = h_q // h_kv
@@ -98,34 +129,7 @@ def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tir
                         seen: T.let[T.int32] = T.if_then_else(causal > 0, T.min(nk - nq + i + 1, nk), nk)
                         for c in T.vectorized(d):
                             query[c] = T.Cast("float32", q[q0 + i, h, c]) * (sm_scale * T.float32(log2e))
-                        # scores of 16 keys per vector (the keys past `seen` at -inf), their maximum
-                        for ji in T.vectorized(LANES):
-                            peak[ji] = T.float32(-3.0e38)
-                        for jo in T.serial((seen + LANES - 1) // LANES):
-                            for ji in T.vectorized(LANES):
-                                tile[ji] = T.float32(0)
-                            for c in T.serial(d):
-                                for ji in T.vectorized(LANES):
-                                    tile[ji] += query[c] * key_tiles[jo, c, ji]
-                            for ji in T.vectorized(LANES):
-                                scores[jo * LANES + ji] = T.if_then_else(jo * LANES + ji < seen, tile[ji],
-                                                                         T.float32(-3.0e38))
-                                peak[ji] = T.max(peak[ji], scores[jo * LANES + ji])
-                        best[0] = T.float32(-3.0e38)
-                        for ji in T.serial(LANES):
-                            best[0] = T.max(best[0], peak[ji])
-                        # the softmax weights, 16 per vector (fastmath.exp2: libm's would be a call per key)
-                        for ji in T.vectorized(LANES):
-                            sums[ji] = T.float32(0)
-                        for jo in T.serial((seen + LANES - 1) // LANES):
-                            for ji in T.vectorized(LANES):
-                                scores[jo * LANES + ji] = T.if_then_else(
-                                    jo * LANES + ji < seen, fastmath.exp2(scores[jo * LANES + ji] - best[0]),
-                                    T.float32(0))
-                                sums[ji] += scores[jo * LANES + ji]
-                        total[0] = T.float32(0)
-                        for ji in T.serial(LANES):
-                            total[0] += sums[ji]
+                        _softmax_weights(query, key_tiles, scores, tile, peak, sums, best, total, seen, d)
                         for c in T.vectorized(d):
                             acc[c] = T.float32(0)
                         for j in T.serial(seen):
@@ -142,6 +146,7 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
     """The decode kernel (one query per sequence) for h_q query heads sharing h_kv key/value heads of size d."""
     group = h_q // h_kv
     log2e = math.log2(math.e)
+    assert page_size == LANES, "a page's keys are one 16-key tile of _softmax_weights"
 
     # pylint: disable=too-many-locals
     @T.prim_func(s_tir=True)
@@ -198,32 +203,8 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                         h: T.let[T.int32] = hk * group + g
                         for c in T.vectorized(d):
                             query[c] = T.Cast("float32", q[b, h, c]) * (sm_scale * T.float32(log2e))
-                        for ji in T.vectorized(page_size):
-                            peak[ji] = T.float32(-3.0e38)
-                        for pj in T.serial(n_pages):  # scores of a page's keys, one vector per page
-                            for ji in T.vectorized(page_size):
-                                tile[ji] = T.float32(0)
-                            for c in T.serial(d):
-                                for ji in T.vectorized(page_size):
-                                    tile[ji] += query[c] * key_tiles[pj, c, ji]
-                            for ji in T.vectorized(page_size):  # past the last page's end: -inf
-                                scores[pj * page_size + ji] = T.if_then_else(pj * page_size + ji < n, tile[ji],
-                                                                             T.float32(-3.0e38))
-                                peak[ji] = T.max(peak[ji], scores[pj * page_size + ji])
-                        best[0] = T.float32(-3.0e38)
-                        for ji in T.serial(page_size):
-                            best[0] = T.max(best[0], peak[ji])
-                        for ji in T.vectorized(page_size):  # the softmax weights, a page per vector
-                            sums[ji] = T.float32(0)
-                        for pj in T.serial(n_pages):
-                            for ji in T.vectorized(page_size):
-                                scores[pj * page_size + ji] = T.if_then_else(
-                                    pj * page_size + ji < n, fastmath.exp2(scores[pj * page_size + ji] - best[0]),
-                                    T.float32(0))
-                                sums[ji] += scores[pj * page_size + ji]
-                        total[0] = T.float32(0)
-                        for ji in T.serial(page_size):
-                            total[0] += sums[ji]
+                        # a page's keys are one tile of the macro's 16
+                        _softmax_weights(query, key_tiles, scores, tile, peak, sums, best, total, n, d)
                         for c in T.vectorized(d):
                             acc[c] = T.float32(0)
                         for j in T.serial(n):
