@@ -6,7 +6,7 @@ allocations and builtins, the embedding lookup), each as a share of the time ins
 more here than they do in the plain step.
 
     python -m benchmarks.profile_decode [--model 0.5B|smollm2] [--depth 3] [--quantize-head] [--steps 16]
-                                        [--prefill]
+                                        [--prefill] [--int8-activations]
 
 Prints one JSON line: milliseconds and shares per group, and the slowest kernels.
 """
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--model", default="0.5B", choices=["0.5B", "1.5B", "3B", "smollm2"])
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--quantize-head", action="store_true", help="the output head as depth-4 trits")
+    ap.add_argument("--int8-activations", action="store_true", help="compile with 8-bit activations (trit-compile's)")
     ap.add_argument("--steps", type=int, default=16, help="decode steps averaged")
     ap.add_argument("--layers", type=int, help="fewer layers than the real model (quick runs)")
     ap.add_argument("--prefill", action="store_true", help="profile the 128-token prefill instead of decode steps")
@@ -108,7 +109,8 @@ def main() -> None:
             src, _ = write_random_qwen(args.model, tmp, args.layers)
             description = f"Qwen2.5-{args.model} shape, random weights"
         write_trit_checkpoint(src, tmp / "trit", depth=args.depth, quantize_head=args.quantize_head)
-        compile_model(tmp / "trit", parse_target("llvm"), tmp / "art", stage=lambda _m: None)
+        compile_model(tmp / "trit", parse_target("llvm"), tmp / "art", stage=lambda _m: None,
+                      int8_activations=args.int8_activations)
         model = TritModel(tmp / "art")
         prompt = np.random.default_rng(0).integers(0, 32000, size=128).tolist()
         model.generate(prompt[:8], 2)  # warm-up
@@ -121,6 +123,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "profile_decode", "model": description, "phase": "prefill" if args.prefill else "decode",
         "depth": args.depth, "quantized_head": args.quantize_head,
+        "activations": "int8" if args.int8_activations else "float",
         **machine(), "step_ms": round(result["plain_step_s"] * 1e3, 2),
         "instrumented_step_ms": round(result["instrumented_step_s"] * 1e3, 2),
         "ms": {g: round(s * 1e3, 2) for g, s in groups.items()},

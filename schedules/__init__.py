@@ -8,12 +8,13 @@ from __future__ import annotations
 import tvm
 
 from .base import DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, is_trit_decode_matmul
-from .cpu import DenseLogitsCPU, TritGEMMCPU, TritGEMVCPU
+from .cpu import DenseLogitsCPU, TritGEMMCPU, TritGEMVCPU, TritGEMVVNNI
 from .cpu_attention import PagedPrefillAttentionCPU
 from .cpu_rows import ElementwiseCPU, RowReductionCPU
 from .cuda import TritGEMMCuda, TritGEMVCuda
+from .x86_vnni import ROWS as VNNI_ROWS
 
-__all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "PagedPrefillAttentionCPU", "RowReductionCPU", "TritGEMMCPU", "TritGEMMCuda", "TritGEMVCPU", "TritGEMVCuda", "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target",
+__all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "PagedPrefillAttentionCPU", "RowReductionCPU", "TritGEMMCPU", "TritGEMMCuda", "TritGEMVCPU", "TritGEMVCuda", "TritGEMVVNNI", "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target",
            "rules_for_target"]
 
 LAYOUT_ROWS = 32  # x86: 32 rows x 16-bit lanes = one AVX-512 register; CUDA: one warp reads 32 rows' bytes
@@ -23,15 +24,18 @@ LAYOUT_ROWS_ARM = 8  # aarch64: 8 rows x 16-bit lanes = one 128-bit NEON registe
 def rules_for_target(target: tvm.target.Target) -> list:
     if target.kind.name == "cuda":
         return [TritGEMVCuda(), TritGEMMCuda()]
-    return [TritGEMVCPU(), TritGEMMCPU(), DenseLogitsCPU(), RowReductionCPU(), ElementwiseCPU(),
+    return [TritGEMVVNNI(), TritGEMVCPU(), TritGEMMCPU(), DenseLogitsCPU(), RowReductionCPU(), ElementwiseCPU(),
             PagedPrefillAttentionCPU()]
 
 
-def layout_rows_for_target(target: tvm.target.Target) -> int:
+def layout_rows_for_target(target: tvm.target.Target, int8_activations: bool = False) -> int:
     """Rows interleaved in the run-time weight layout the rules expect (0 = the checkpoint's planes):
-    one SIMD register of 16-bit lanes on CPUs, one warp on GPUs."""
+    one SIMD register of 16-bit lanes on CPUs, one warp on GPUs; with int8 activations on x86, the 16
+    int32 lanes of the VNNI kernel's accumulators (schedules/x86_vnni.py)."""
     triple = str(target.attrs.get("mtriple", "")) if target.kind.name == "llvm" else ""
-    return LAYOUT_ROWS_ARM if triple.startswith(("aarch64", "arm64")) else LAYOUT_ROWS
+    if triple.startswith(("aarch64", "arm64")):
+        return LAYOUT_ROWS_ARM
+    return VNNI_ROWS if int8_activations and target.kind.name == "llvm" else LAYOUT_ROWS
 
 
 def decode_for_target(target: tvm.target.Target) -> str:

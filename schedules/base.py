@@ -5,13 +5,16 @@ from tvm import s_tir, tirx
 
 TRIT_OP_ATTR = "trit.op"  # set by trit_tvm.operator.trit_op_attrs
 LAYOUT_ROWS_ATTR = "trit.layout_rows"
+PARTS_ATTR = "trit.parts"  # row counts of the matrices stacked into the operator (one entry when not stacked)
+INT8_ACTIVATIONS_ATTR = "trit.int8_activations"  # 1: x is quantized per group of 16 (the operator's int8 form)
 KERNEL_ATTR = "trit.kernel"  # other kernels the model emits with a rule of their own
 LOGITS_KERNEL = "logits_nt"  # rows interleaved in the weight layout (0: checkpoint planes)
 DECODE_SIMD16 = "simd16"  # CPUs: digits by multiply-and-shift in 16-bit SIMD lanes
 DECODE_INT32 = "int32"  # GPUs: the same multiply-and-shift digits in 32-bit integers
 DECODE_TABLE32 = "table32"  # GPUs: 32-bit integers, a byte's 5 digits from a 256-entry table (shared memory)
+ACT_MAX = 127  # int8 activations: x / scale rounded into [-127, 127], scale = max |x| of its group of 16 / 127
 PREFILL_ROW_TILE = 8  # CPU prefill GEMM: rows of x per inner loop (the operator pads x's rows to a multiple)
-BLOCK_NAMES = ("trit_digit_table", "trit_x_padded", "trit_decode", "trit_xsum", "trit_group_dot", "trit_step_index", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail",
+BLOCK_NAMES = ("trit_digit_table", "trit_x_peak", "trit_x_padded", "trit_decode", "trit_xsum", "trit_group_dot", "trit_step_index", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail",
                "trit_out")
 
 

@@ -10,9 +10,12 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .base import KERNEL_ATTR, LOGITS_KERNEL, PREFILL_ROW_TILE, is_trit_decode_matmul, layout_rows, row_count, split_loops, \
-    static_extent, trit_blocks, vectorize_lanes
+from .base import INT8_ACTIVATIONS_ATTR, KERNEL_ATTR, LOGITS_KERNEL, PARTS_ATTR, PREFILL_ROW_TILE, is_trit_decode_matmul, \
+    layout_rows, row_count, split_loops, static_extent, trit_blocks, vectorize_lanes
 from .x86_lookup import LANES, permute_lookup_intrin
+from .x86_vnni import ROWS as VNNI_ROWS
+from .x86_vnni import supports as vnni_supported
+from .x86_vnni import vnni_gemv_func
 
 
 def _applies(func, target: Target) -> bool:
@@ -112,11 +115,32 @@ class TritGEMVCPU(ScheduleRule):
         return sch
 
 
-def _pad_rows_over_cores(sch: s_tir.Schedule, block) -> None:
-    """The zero-padded copy of x (before the row panels, which all read it): rows over the cores."""
-    *rows, k = sch.get_loops(block)
-    sch.parallel(sch.fuse(*rows))
+class TritGEMVVNNI(ScheduleRule):
+    """Decode with int8 activations on AVX-512 VNNI: the operator's int8-activation form on one row of x,
+    16-row panels, becomes the hand-written integer kernel of schedules/x86_vnni.py (same parameters)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not (_applies(func, target) and int(func.attrs.get(INT8_ACTIVATIONS_ATTR, 0))
+                and layout_rows(func) == VNNI_ROWS and row_count(func) == 1 and vnni_supported(target)):
+            return None
+        params = list(func.params)  # buffers: x, codes, scales, codebook, [bias], out
+        x, out = params[0], params[-1]
+        kernel = vnni_gemv_func(int(func.attrs["trit.n_out"]), int(func.attrs["trit.n_in"]),
+                                int(func.attrs["trit.depth"]), tuple(int(p) for p in func.attrs[PARTS_ATTR]),
+                                bias=len(params) == 6, dtype=str(x.dtype), x_shape=tuple(int(d) for d in x.shape),
+                                out_shape=tuple(int(d) for d in out.shape))
+        return s_tir.Schedule(kernel)
+
+
+def _pad_rows_over_cores(sch: s_tir.Schedule, b: dict) -> None:
+    """The zero-padded copy of x (before the row panels, which all read it): rows over the cores, with the
+    int8 form's group maxima of each row computed in that row's task."""
+    *rows, k = sch.get_loops(b["trit_x_padded"])
+    row = sch.fuse(*rows)
+    sch.parallel(row)
     vectorize_lanes(sch, k)
+    if "trit_x_peak" in b:
+        sch.compute_at(b["trit_x_peak"], row, preserve_unit_loops=True)
 
 
 class TritGEMMCPU(ScheduleRule):
@@ -149,7 +173,7 @@ class TritGEMMCPU(ScheduleRule):
         sch.unroll(pos)
         sch.vectorize(lane)
         _output_at(sch, b, nb)
-        _pad_rows_over_cores(sch, b["trit_x_padded"])
+        _pad_rows_over_cores(sch, b)
         # the tile with its rows innermost: every read of it is one contiguous vector (rows first, it was
         # a 32-element gather per multiply-add, 5x slower)
         sch.transform_layout(b["trit_decode"], ("write", 0), lambda n, blk, pos, j: (blk, pos, j, n))

@@ -42,6 +42,10 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-head", action="store_true",
                    help="store the output head as trits too (depth 4: decodes read a third of its 16-bit bytes); "
                         "for an HF/GGUF MODEL, else MODEL must be a trit checkpoint quantized with it")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="quantize each linear's input to 8 bits per group of 16 weights, so decode runs integer "
+                        "dot products (AVX-512 VNNI; elsewhere the same numbers in float); off by default: "
+                        "float activations match transformers exactly")
     p.add_argument("--force", action="store_true", help="replace the output dir if it exists")
     p.add_argument("--tuning-logs", type=Path, default=None,
                    help="root of tuning records (default: the repository's tuning_logs/); records under "
@@ -81,7 +85,7 @@ def _compile(args: argparse.Namespace) -> int:
         out = args.output or Path(f"{name}-{target_label(target)}")
         logs = None if args.no_tuning_logs else (args.tuning_logs or DEFAULT_LOGS)
         manifest = compile_model(model, target, out, args.depth, args.mode, args.force, stage, logs,
-                                 args.quantize_head)
+                                 args.quantize_head, args.int8_activations)
     log.info("wrote %s: %s %s, %d trit kernels (%d from tuning records), weights resident %.2f MB packed trits + "
              "%.2f MB kept (packed checkpoint %.2f MB), %.1f s", out, manifest["architecture"], target.kind.name,
              manifest["trit_kernels"], len(manifest["tuned_kernels"]),

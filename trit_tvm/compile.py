@@ -148,10 +148,11 @@ class ExportedModel:
 
 
 def export_model(arch: Architecture, cfg: DecoderConfig, depth_of: DepthOf, target: tvm.target.Target,
-                 embed_dtype: str | None = None) -> ExportedModel:
-    """The architecture's plain model, its linears swapped for trit operators per depth_of, as Relax."""
+                 embed_dtype: str | None = None, int8_activations: bool = False) -> ExportedModel:
+    """The architecture's plain model, its linears swapped for trit operators per depth_of, as Relax;
+    int8_activations: the operators quantize their inputs to 8 bits per group of 16 (WeightLayout)."""
     dtype = model_dtype_for(target)
-    layout = layout_for_target(target)
+    layout = layout_for_target(target, int8_activations)
     quantizer = TritQuantizer(depth_of, layout, source_names)
     model = quantizer.visit("", arch.model(cfg, dtype, target, embed_dtype))
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
@@ -163,12 +164,12 @@ def export_model(arch: Architecture, cfg: DecoderConfig, depth_of: DepthOf, targ
 
 def build_library(arch: Architecture, cfg: DecoderConfig, depth_of: DepthOf, target: tvm.target.Target,
                   embed_dtype: str | None = None, tuning_logs: Path | None = DEFAULT_LOGS,
-                  stage: Stage = log.info) -> dict:
+                  stage: Stage = log.info, int8_activations: bool = False) -> dict:
     """Relax import + compile for `target`: {exe, exported, tuned, n_trit, compile_s}.
     Tuning records under tuning_logs/<target key>/ schedule the kernels they match; hand rules do the rest."""
-    exported = export_model(arch, cfg, depth_of, target, embed_dtype)
+    exported = export_model(arch, cfg, depth_of, target, embed_dtype, int8_activations)
     stage(f"imported {arch.name} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) into Relax, "
-          f"{exported.dtype}, weights as {exported.layout.name}")
+          f"{exported.dtype}, weights as {exported.layout.name}, {exported.layout.activations} activations")
     n_trit = sum(1 for gv, f in exported.mod.functions.items()
                  if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "trit.op" in f.attrs)
     records = logs_dir(tuning_logs, target) if tuning_logs is not None else None
@@ -218,6 +219,7 @@ def _manifest(target: tvm.target.Target, arch: Architecture, cfg: DecoderConfig,
             "device": target_device_kind(target), "arch": target_arch(target),
             "architecture": arch.name, "config": asdict(cfg), "context_length": cfg.context_length,
             "model_dtype": exported.dtype, "weight_layout": exported.layout.name,
+            "activations": exported.layout.activations,
             "params": [n for n, _ in exported.named_params], **fields,
             "trit_kernels": built["n_trit"], "tuned_kernels": built["tuned"],
             "compile_seconds": round(built["compile_s"], 2)}
@@ -225,9 +227,11 @@ def _manifest(target: tvm.target.Target, arch: Architecture, cfg: DecoderConfig,
 
 def compile_model(model: Path, target: tvm.target.Target, out_dir: Path, depth: int = 3, mode: str = "mse",
                   force: bool = False, stage: Stage = log.info, tuning_logs: Path | None = DEFAULT_LOGS,
-                  quantize_head: bool = False) -> dict:
+                  quantize_head: bool = False, int8_activations: bool = False) -> dict:
     """Build the artifact dir for `target` from a trit checkpoint, HF checkpoint or GGUF file; returns its
-    manifest. quantize_head: quantize an HF/GGUF source's output head too (a trit checkpoint must have it)."""
+    manifest. quantize_head: quantize an HF/GGUF source's output head too (a trit checkpoint must have it).
+    int8_activations: the linears quantize their inputs to 8 bits per group of 16 (integer dot products on
+    CPUs with AVX-512 VNNI; otherwise the same numbers in float)."""
     if Path(out_dir).exists() and not force:  # before minutes of work, not after
         raise CompileError(f"{out_dir}: output directory exists (use --force to replace it)")
     check_toolchain(target)
@@ -238,7 +242,8 @@ def compile_model(model: Path, target: tvm.target.Target, out_dir: Path, depth: 
             config = {**config, "tie_word_embeddings": False}
         arch, cfg = architecture_of(config, str(ckpt.path / "config.json"))
         embed_dtype = embed_dtype_for(ckpt, target)
-        built = build_library(arch, cfg, checkpoint_depths(ckpt), target, embed_dtype, tuning_logs, stage)
+        built = build_library(arch, cfg, checkpoint_depths(ckpt), target, embed_dtype, tuning_logs, stage,
+                              int8_activations)
         exported = built["exported"]
         with atomic_output_dir(out_dir, force) as tmp:
             stage("exporting library and parameters")

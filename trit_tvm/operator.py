@@ -34,8 +34,9 @@ from codec.format import BLOCK, SCALE_DIGITS, code_words, interleave_rows, padde
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
 from schedules import decode_for_target, layout_rows_for_target
-from schedules.base import DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, LAYOUT_ROWS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
-from schedules.x86_lookup import TABLE_WINDOW
+from schedules.base import ACT_MAX, DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, INT8_ACTIVATIONS_ATTR, LAYOUT_ROWS_ATTR, PARTS_ATTR, \
+    PREFILL_ROW_TILE, TRIT_OP_ATTR
+from schedules.x86_lookup import LANES, TABLE_WINDOW
 
 TRIT_OP_NAME = "decode_matmul"
 OP_PATTERN_OPAQUE = 8  # relax FuseOps leaves the call alone: it stays one kernel with its attributes
@@ -136,10 +137,13 @@ class WeightLayout:
     Otherwise (GPUs) the checkpoint's bytes reordered, codes [ceil(N/R), d, Kb, R] and scales
     [ceil(N/R), 3, Gb, R]. Zero rows pad N to a multiple of R.
     decode: how kernels decode digits (DECODE_SIMD16 on CPUs; DECODE_INT32 / DECODE_TABLE32 on GPUs).
+    int8_activations: the operator quantizes x to 8 bits per group of 16 (quantize_activations) before the
+    product, so kernels may compute it with integer dot products (schedules/x86_vnni.py).
     """
     rows: int = 0
     decode: str = DECODE_SIMD16
     permute_steps: bool = False  # x86 AVX-512: group steps by register permutes (schedules/x86_lookup.py)
+    int8_activations: bool = False
 
     @property
     def words(self) -> bool:
@@ -151,6 +155,11 @@ class WeightLayout:
         if self.rows == 0:
             return "trit-planes-v1"
         return f"trit-rows{self.rows}-words-v1" if self.words else f"trit-rows{self.rows}-v1"
+
+    @property
+    def activations(self) -> str:
+        """What x is multiplied as: "int8" (quantized per group of 16) or "float"."""
+        return "int8" if self.int8_activations else "float"
 
     @property
     def unit_dtype(self) -> str:
@@ -203,12 +212,13 @@ class WeightLayout:
 PLANES = WeightLayout(0)
 
 
-def layout_for_target(target) -> WeightLayout:
-    """The run-time layout and decode the target's schedule rules expect."""
-    rows, decode = layout_rows_for_target(target), decode_for_target(target)
-    permute = (target.kind.name == "llvm" and rows == TABLE_WINDOW
+def layout_for_target(target, int8_activations: bool = False) -> WeightLayout:
+    """The run-time layout and decode the target's schedule rules expect (with int8 activations on x86, 16
+    rows per panel: the int32 lanes of vpdpbusd)."""
+    rows, decode = layout_rows_for_target(target, int8_activations), decode_for_target(target)
+    permute = (target.kind.name == "llvm" and rows % LANES == 0
                and bool(tvm.target.codegen.target_has_features("avx512f", target)))
-    return WeightLayout(rows, decode, permute)
+    return WeightLayout(rows, decode, permute, int8_activations)
 
 
 def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:
@@ -231,6 +241,37 @@ def stacked_row_starts(parts: tuple[int, ...]) -> list[int]:
 def _word_digit(word: tirx.PrimExpr, pos, base: int, ndigits: int) -> tirx.PrimExpr:
     """Digit `pos` of a 16-bit word of the words layout (codec.format.values_to_words), as int32."""
     return _chain_digit(word, pos, base, ndigits=ndigits).astype("int32")
+
+
+def _activation_values(x: te.Tensor, int8: bool):
+    """Accessor (index..., k) -> x[..., k] as float32 (k < K), or with int8 its 8-bit quantization per group of
+    16, dequantized: round(x · (127 / peak)) · (peak / 127), peak = max |x| over the group (0 when peak is 0).
+    Integer kernels multiply the rounded values and apply the scale per group (quantize_activations)."""
+    if not int8:
+        return lambda i: x[i].astype("float32")
+    n_in = int(x.shape[-1])
+    j = te.reduce_axis((0, GROUP_SIZE), "xj")
+    peak = te.compute(list(x.shape[:-1]) + [n_in // GROUP_SIZE], lambda *i: te.max(
+        tirx.abs(x[i[:-1] + (i[-1] * GROUP_SIZE + j,)].astype("float32")), axis=j), name="trit_x_peak")
+    limit = tirx.const(float(ACT_MAX), "float32")
+
+    def value(i):
+        top = peak[tuple(i[:-1]) + (tirx.min(i[-1], n_in - 1) // GROUP_SIZE,)]
+        level = tirx.nearbyint(x[i].astype("float32") * (limit / top))
+        return tirx.if_then_else(top > tirx.const(0.0, "float32"), level * (top / limit), tirx.const(0.0, "float32"))
+    return value
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy: x [..., K] -> (int8 levels [..., K], float32 scales [..., K/16]) as the operator's int8 form
+    computes them (float32 arithmetic, round half to even); x ≈ levels · scale of their group."""
+    x = np.asarray(x, np.float32)
+    groups = x.reshape(x.shape[:-1] + (-1, GROUP_SIZE))
+    peak = np.abs(groups).max(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = np.rint(groups * (np.float32(ACT_MAX) / peak)[..., None])
+    levels = np.where(peak[..., None] > 0, levels, 0).astype(np.int8)
+    return levels.reshape(x.shape), (peak / np.float32(ACT_MAX)).astype(np.float32)
 
 
 def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, codebook: te.Tensor,
@@ -292,10 +333,11 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     def u(n, unit, pos, tail=False):  # q + qmax as float
         return to_float(code_value(n, unit, pos, tail))
 
+    x_value = _activation_values(x, layout.int8_activations)
     x_src = x
-    if k_len > n_in and not _dequantized_tiles(layout, lead):
+    if (k_len > n_in or layout.int8_activations) and not _dequantized_tiles(layout, lead):
         x_src = te.compute(lead + [k_len], lambda *i: tirx.if_then_else(
-            i[-1] < n_in, x[i].astype("float32"), tirx.const(0.0, "float32")), name="trit_x_padded")
+            i[-1] < n_in, x_value(i), tirx.const(0.0, "float32")), name="trit_x_padded")
 
     def x_at(i, k):
         return x_src[tuple(i[:-1]) + (k,)].astype("float32")
@@ -322,8 +364,8 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
             # rows padded with zeros to a multiple of the GEMM's row tile: its inner loop needs no bounds check
             padded = lead[:-1] + [(lead[-1] + PREFILL_ROW_TILE - 1) // PREFILL_ROW_TILE * PREFILL_ROW_TILE]
             xp = te.compute(padded + [k_len], lambda *i: tirx.if_then_else(
-                tirx.all(i[-2] < lead[-1], i[-1] < n_in), x[i].astype("float32"), tirx.const(0.0, "float32")),
-                name="trit_x_padded")
+                tirx.all(i[-2] < lead[-1], i[-1] < n_in), x_value(i[:-2] + (tirx.min(i[-2], lead[-1] - 1), i[-1])),
+                tirx.const(0.0, "float32")), name="trit_x_padded")
             acc = te.compute(padded + [n_out], lambda *i: te.sum(
                 xp[tuple(i[:-1]) + (kb * block + kp * GROUP_SIZE + kj,)] * w[i[-1], kb, kp, kj],
                 axis=[kb, kp, kj]), name="trit_matmul")
@@ -362,10 +404,13 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     return te.compute(lead + [n_out], finish, name="trit_out")
 
 
-def trit_op_attrs(n_out: int, n_in: int, depth: int, has_bias: bool, layout: WeightLayout = PLANES) -> dict:
-    """PrimFunc attributes: the tag schedule rules match, the static weight shape, layout, op pattern."""
+def trit_op_attrs(n_out: int, n_in: int, depth: int, has_bias: bool, layout: WeightLayout = PLANES,
+                  parts: tuple[int, ...] = ()) -> dict:
+    """PrimFunc attributes: the tag schedule rules match, the static weight shape, stacked matrices, layout,
+    activation mode, op pattern."""
     return {TRIT_OP_ATTR: TRIT_OP_NAME, "trit.n_out": n_out, "trit.n_in": n_in, "trit.depth": depth,
-            "trit.bias": int(has_bias), LAYOUT_ROWS_ATTR: layout.rows, "op_pattern": OP_PATTERN_OPAQUE}
+            "trit.bias": int(has_bias), PARTS_ATTR: list(parts or (n_out,)), LAYOUT_ROWS_ATTR: layout.rows,
+            INT8_ACTIVATIONS_ATTR: int(layout.int8_activations), "op_pattern": OP_PATTERN_OPAQUE}
 
 
 def trit_decode_matmul_func(n_out: int, n_in: int, depth: int, layout: WeightLayout = PLANES, rows: int | None = None,
@@ -378,13 +423,18 @@ def trit_decode_matmul_func(n_out: int, n_in: int, depth: int, layout: WeightLay
     codebook = te.placeholder((layout.codebook_size(max(len(parts), 1)),), "float32", "codebook")
     args = [x, codes, scales, codebook] + ([te.placeholder((n_out,), dtype, "bias")] if bias else [])
     y = trit_decode_matmul_te(*args, n_out=n_out, depth=depth, layout=layout, parts=parts)
-    return te.create_prim_func(args + [y]).with_attr(trit_op_attrs(n_out, n_in, depth, bias, layout))
+    return te.create_prim_func(args + [y]).with_attr(trit_op_attrs(n_out, n_in, depth, bias, layout, parts))
 
 
 def reference_decode_matmul(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, codebook: np.ndarray,
-                            bias: np.ndarray | None = None, parts: tuple[int, ...] = ()) -> np.ndarray:
+                            bias: np.ndarray | None = None, parts: tuple[int, ...] = (),
+                            int8_activations: bool = False) -> np.ndarray:
     """numpy: x @ Ŵᵀ (+ bias) in float64, Ŵ unpacked by the codec (the operator's specification);
-    with parts, the stacked matrices are unpacked one by one, each with its own codebook."""
+    with parts, the stacked matrices are unpacked one by one, each with its own codebook; with
+    int8_activations, x is first quantized as the operator's int8 form does (quantize_activations)."""
+    if int8_activations:
+        levels, scale = quantize_activations(x)
+        x = (levels.reshape(scale.shape + (GROUP_SIZE,)) * scale[..., None].astype(np.float64)).reshape(x.shape)
     starts = [0, *stacked_row_starts(parts), codes.shape[0]]
     w = np.concatenate([unpack_matrix({"trit_codes": codes[a:b], "trit_scales": scales[a:b],
                                        "trit_codebook": codebook[CODEBOOK_SIZE * i:CODEBOOK_SIZE * (i + 1)]},

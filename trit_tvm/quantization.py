@@ -45,7 +45,7 @@ class TritLinear(nn.Module):
                                     layout=self.layout, parts=self.parts)
         return op.tensor_expr_op(te_func, "trit_decode_matmul", args,
                                  attrs=trit_op_attrs(self.out_features, self.in_features, self.depth,
-                                                     self.bias is not None, self.layout))
+                                                     self.bias is not None, self.layout, self.parts))
 
 
 class ConcatLinears(nn.Module):

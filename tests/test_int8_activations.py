@@ -1,0 +1,106 @@
+"""The int8-activation form of trit_decode_matmul (x quantized to 8 bits per group of 16) against the numpy
+reference that models that quantization: through the generic CPU rules on every depth and odd shapes, and
+as the AVX-512 VNNI integer kernel where this CPU has one."""
+import numpy as np
+import pytest
+import tvm
+
+from schedules import TritGEMMCPU, TritGEMVCPU, TritGEMVVNNI
+from schedules.x86_vnni import supports as vnni_supported
+from tests.test_operator import SHAPES, STACKS, _inputs, _stacked_inputs
+from trit_tvm.operator import WeightLayout, layout_for_target, quantize_activations, reference_decode_matmul, \
+    trit_decode_matmul_func
+from trit_tvm.targets import parse_target
+
+LLVM = tvm.target.Target({"kind": "llvm"})
+INT8 = WeightLayout(16, int8_activations=True)
+ICELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})  # AVX-512 VNNI and VBMI
+INT8_PERMUTE = WeightLayout(16, permute_steps=True, int8_activations=True)
+HOST = parse_target("llvm")
+HOST_HAS_VNNI = vnni_supported(HOST)
+
+
+def test_quantize_activations_rounds_each_group_to_127_levels():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 64)).astype(np.float32) * np.float32([[1], [1e-3], [50]])
+    x[1, 16:32] = 0  # an all-zero group: scale 0, levels 0
+    levels, scale = quantize_activations(x)
+    assert levels.dtype == np.int8 and scale.shape == (3, 4)
+    groups = levels.reshape(3, 4, 16).astype(np.int32)
+    assert np.abs(groups).max(-1)[scale > 0].min() == 127 and not groups[1, 1].any() and scale[1, 1] == 0
+    error = np.abs(groups * scale[..., None] - x.reshape(3, 4, 16))
+    assert (error <= scale[..., None] * 0.5 + 1e-7).all()
+
+
+def _run(lib, layout, arrays, n_in, depth, rows, n_out):
+    arrays = list(arrays)
+    arrays[1:4] = (layout.repack_codes(arrays[1], n_in), layout.repack_scales(arrays[2], n_in, depth),
+                   layout.repack_codebook(arrays[3]))
+    out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), tvm.cpu())
+    lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in arrays], out)
+    return out.numpy()
+
+
+def _assert_int8_result(got, arrays, parts=()):
+    """got equals the int8-activation reference and not the float one (the quantization is not ignored)."""
+    kwargs = {"parts": parts} if parts else {}
+    ref = reference_decode_matmul(*arrays, int8_activations=True, **kwargs)
+    exact = reference_decode_matmul(*arrays, **kwargs)
+    tol = 2e-6 * np.abs(ref).max()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=tol)
+    assert np.abs(exact - ref).max() > 20 * tol
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_out,n_in", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_form_through_cpu_rules_matches_reference(depth, n_out, n_in, bias):
+    """The operator's int8 form, decode (TritGEMVCPU) and prefill (TritGEMMCPU, 1 and 7 rows) on a generic
+    x86-64 target: float arithmetic on the quantized activations."""
+    gemv = TritGEMVCPU().apply(trit_decode_matmul_func(n_out, n_in, depth, INT8, rows=1, bias=bias), LLVM, False)
+    gemm = TritGEMMCPU().apply(trit_decode_matmul_func(n_out, n_in, depth, INT8, bias=bias), LLVM, False)
+    for rows, sch in ((1, gemv), (1, gemm), (7, gemm)):
+        arrays = _inputs(n_out, n_in, depth, rows, bias, seed=depth * 100 + rows + n_out)
+        got = _run(tvm.compile(sch.mod["main"], target=LLVM), INT8, arrays, n_in, depth, rows, n_out)
+        _assert_int8_result(got, arrays)
+
+
+def test_layout_for_int8_activations_has_16_row_panels():
+    assert layout_for_target(ICELAKE, int8_activations=True) == INT8_PERMUTE
+    assert layout_for_target(ICELAKE).rows == 32 and not layout_for_target(ICELAKE).int8_activations
+    arm = layout_for_target(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}), True)
+    assert arm.rows == 8 and arm.int8_activations
+
+
+def test_vnni_rule_takes_only_the_int8_decode_on_vnni_cpus():
+    func = trit_decode_matmul_func(64, 96, 3, INT8_PERMUTE, rows=1)
+    assert TritGEMVVNNI().apply(func, ICELAKE, False) is not None
+    assert TritGEMVVNNI().apply(func, tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}), False) is None
+    assert TritGEMVVNNI().apply(trit_decode_matmul_func(64, 96, 3, INT8_PERMUTE), ICELAKE, False) is None  # prefill
+    float_form = trit_decode_matmul_func(64, 96, 3, WeightLayout(16, permute_steps=True), rows=1)
+    assert TritGEMVVNNI().apply(float_form, ICELAKE, False) is None
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI / VBMI")
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_out,n_in", SHAPES + [(300, 16 * 61)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_vnni_kernel_matches_reference(depth, n_out, n_in, bias):
+    """Integer dot products (vpdpbusd) on odd shapes: N not a multiple of the 16-row panel, K not a multiple
+    of the word block (the layout pads it), one group, and K long enough for the weight prefetches."""
+    sch = TritGEMVVNNI().apply(trit_decode_matmul_func(n_out, n_in, depth, INT8_PERMUTE, rows=1, bias=bias),
+                               HOST, False)
+    lib = tvm.compile(sch.mod["main"], target=HOST)
+    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+    arrays = _inputs(n_out, n_in, depth, 1, bias, seed=depth * 100 + n_out)
+    _assert_int8_result(_run(lib, INT8_PERMUTE, arrays, n_in, depth, 1, n_out), arrays)
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI / VBMI")
+@pytest.mark.parametrize("parts", STACKS)
+def test_vnni_kernel_reads_each_stacked_matrix_codebook(parts):
+    n_out, n_in = sum(parts), 16 * 13
+    sch = TritGEMVVNNI().apply(trit_decode_matmul_func(n_out, n_in, 3, INT8_PERMUTE, rows=1, parts=parts), HOST, False)
+    x, codes, scales, codebook = _stacked_inputs(parts, n_in, 3, 1, seed=len(parts))
+    got = _run(tvm.compile(sch.mod["main"], target=HOST), INT8_PERMUTE, [x, codes, scales, codebook], n_in, 3, 1, n_out)
+    _assert_int8_result(got, [x, codes, scales, codebook], parts)
