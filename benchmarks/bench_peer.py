@@ -5,7 +5,8 @@ llama.cpp, GGML_NATIVE) and cached; the model is written once as GGUF F16 and `l
 format. Repetitions alternate between systems so a noisy machine hits all of them alike.
 
     python -m benchmarks.bench_peer [--model 0.5B|3B|smollm2] [--rounds 3] [--depths 1,2,3] [--head-depths 1,3]
-                                    [--formats Q4_K_M,Q4_0,Q8_0,TQ1_0,TQ2_0] [--llama-cpp BIN_DIR]
+                                    [--activations float,int8] [--formats Q4_K_M,Q4_0,Q8_0,TQ1_0,TQ2_0]
+                                    [--llama-cpp BIN_DIR]
 
 Models: a Qwen2.5 shape with random weights (F16, the same values in the trit checkpoint and the GGUF; a
 vocabulary-free GGUF, llama-bench feeds random token ids), or SmolLM2-135M-Instruct (its shipped Q4_1 GGUF
@@ -33,7 +34,8 @@ LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built (pinn
 FORMATS = ("Q4_K_M", "Q4_0", "Q8_0", "TQ1_0", "TQ2_0")
 PROMPT, NEW = 128, 32
 # (trit system, llama.cpp format it is judged against): the decode goals
-PAIRS = (("d=3", "Q4_K_M"), ("d=1", "TQ1_0"), ("d=3 +head", "Q4_K_M"), ("d=1 +head", "TQ1_0"), ("d=2", "Q4_0"))
+PAIRS = tuple((system + suffix, fmt) for suffix in ("", " int8") for system, fmt in (
+    ("d=3", "Q4_K_M"), ("d=1", "TQ1_0"), ("d=3 +head", "Q4_K_M"), ("d=1 +head", "TQ1_0"), ("d=2", "Q4_0")))
 
 
 def log(msg: str) -> None:
@@ -176,6 +178,8 @@ def main() -> None:
     ap.add_argument("--depths", default="1,2,3", help="trit depths to compile")
     ap.add_argument("--head-depths", default="1,3", help="trit depths also compiled with --quantize-head "
                     "(the output head as depth-4 trits); empty for none")
+    ap.add_argument("--activations", default="float,int8",
+                    help="trit-tvm activation modes to compile every system in (int8: trit-compile --int8-activations)")
     ap.add_argument("--formats", default=",".join(FORMATS), help="llama.cpp formats (llama-quantize names)")
     ap.add_argument("--llama-cpp", type=Path, help="a llama.cpp bin/ dir with llama-bench and llama-quantize "
                     "(default: build the pinned one into the trit-tvm cache)")
@@ -191,6 +195,9 @@ def main() -> None:
 
     bin_dir = args.llama_cpp or llama_cpp_tools(cache_dir())
     threads = machine()["cores"]
+    modes = [m for m in args.activations.split(",") if m]
+    if not set(modes) <= {"float", "int8"}:
+        raise SystemExit(f"bench_peer: --activations takes float and/or int8, not {args.activations!r}")
     systems = [(int(d), False) for d in args.depths.split(",") if d]
     systems += [(int(d), True) for d in args.head_depths.split(",") if d]
     formats = [f for f in args.formats.split(",") if f]
@@ -214,12 +221,15 @@ def main() -> None:
             ggufs[fmt] = quantize_gguf(bin_dir, base, fmt, tmp, requantize=args.model == "smollm2")
         models = {}
         for d, head in systems:
-            name = f"d={d}" + (" +head" if head else "")
-            log(f"trit-quantize and compile {name}")
             key = f"d{d}" + ("-head" if head else "")
+            log(f"trit-quantize {key}")
             write_trit_checkpoint(src, tmp / f"trit-{key}", depth=d, quantize_head=head)
-            compile_model(tmp / f"trit-{key}", parse_target("llvm"), tmp / f"art-{key}", stage=lambda _m: None)
-            models[f"trit-tvm {name}"] = TritModel(tmp / f"art-{key}")
+            for mode in modes:
+                name = f"d={d}" + (" +head" if head else "") + (" int8" if mode == "int8" else "")
+                log(f"compile {name}")
+                compile_model(tmp / f"trit-{key}", parse_target("llvm"), tmp / f"art-{key}-{mode}",
+                              stage=lambda _m: None, int8_activations=mode == "int8")
+                models[f"trit-tvm {name}"] = TritModel(tmp / f"art-{key}-{mode}")
         prompt = np.random.default_rng(0).integers(0, 32000, size=PROMPT).tolist()
         for m in models.values():
             m.generate(prompt[:8], 2)  # warm-up

@@ -1,8 +1,8 @@
-"""The decode GEMV with 8-bit activations on AVX-512 VNNI: integer dot products on the trit digits.
+"""trit_decode_matmul with 8-bit activations on AVX-512 VNNI: integer dot products on the trit digits.
 
 The operator's int8-activation form (trit_tvm.operator, `WeightLayout.int8_activations`) states y = x̂ @ Ŵᵀ
-with x̂ = x quantized per group of 16 (scale max|x|/127, nearest integer). On one row of x this kernel
-computes exactly that with integers: per panel of 16 rows and group g,
+with x̂ = x quantized per group of 16 (scale max|x|/127, nearest integer). These kernels compute exactly that
+with integers: per panel of 16 rows and group g,
     dot[r]  = Σ_j xq[16g+j] · u[r, 16g+j] − qmax · Σ_j xq[16g+j]        (int32, exact)
     y[r]   += float(dot[r]) · step[r, g] · scale_x[g]
 with u = q + qmax ∈ [0, 3^d) as unsigned bytes and xq signed bytes: `vpdpbusd` does 64 such products (16
@@ -11,15 +11,20 @@ load holds 2 weights × 16 rows of 16-bit words, and each of its m base-3^d digi
 with a multiply-high (and a wrapping multiply for the next digit), as in the FP32 kernels. `vpermt2b` then
 gathers the low bytes of two such registers into the 16 rows × 4 weights byte order `vpdpbusd` reads.
 
-Per 256 weights this is ~34 instructions against ~64 for the FP32 GEMV (digits widened to float and one FMA
-per 16 weights): the FP32 decode of a cached d=1 matrix is instruction-bound, not memory-bound.
-The kernel is hand-written TVMScript; TritGEMVVNNI (schedules/cpu.py) substitutes it for the operator's
-int8-activation decode GEMV on targets with avx512vnni and avx512vbmi. The quantization of x runs once per
-call on the calling thread (K/16 groups, scalar), before the parallel loop over panels.
+Decode (one row of x, `vnni_gemv_func`): the digits go straight into the dot products, ~34 instructions per
+256 weights against ~64 for the FP32 GEMV (digits widened to float, one FMA per 16 weights), whose decode of
+a cached d=1 matrix is instruction-bound. Prefill (`vnni_gemm_func`): each panel's weights are decoded once
+into a byte tile (and its steps into a float tile), then every ROW_TILE rows of x share each tile load:
+4 `vpdpbusd` per 256 multiply-adds where the FP32 GEMM needs 16 FMAs.
+The kernels are hand-written TVMScript; TritGEMVVNNI / TritGEMMVNNI (schedules/cpu.py) substitute them for
+the operator's int8 form on targets with avx512vnni and avx512vbmi. x is quantized first, per row (over the
+cores for a prefill), before the parallel loop over panels.
 """
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import dataclass
 
 import tvm
 from tvm import tirx
@@ -32,9 +37,11 @@ from .base import ACT_MAX
 from .prefetch import LINE_BYTES, PREFETCH_BLOCKS
 from .x86_lookup import TABLE_WINDOW, _permute_lookup
 
-ROWS = 16  # rows per panel: the int32 lanes of one 512-bit register
+ROWS = 16  # weight rows per panel: the int32 lanes of one 512-bit register
 WORD_PAIRS = 8  # 512-bit loads per block and panel: 16 weights x 16 rows of 16-bit words, 2 weights each
 CHUNKS = GROUP_SIZE // 4  # vpdpbusd instructions per group and panel (4 weights each)
+TILE_BYTES = 64  # one chunk of a panel's byte tile: 16 rows x 4 weights
+ROW_TILE = 8  # prefill: rows of x per pass over a panel's tile (their accumulators stay in registers)
 
 
 def required_features() -> tuple[str, ...]:
@@ -42,7 +49,7 @@ def required_features() -> tuple[str, ...]:
 
 
 def supports(target: tvm.target.Target) -> bool:
-    """The target's CPU has the instructions this kernel uses."""
+    """The target's CPU has the instructions these kernels use."""
     return target.kind.name == "llvm" and all(
         bool(tvm.target.codegen.target_has_features(f, target)) for f in required_features())
 
@@ -51,9 +58,8 @@ def _byte_order() -> tirx.PrimExpr:
     """vpermt2b indices: byte 4t+q of the result = the low byte of weight q of row t, where the first source
     holds weights 0, 1 and the second weights 2, 3 (16 rows each, 16-bit words): 2t + 32q."""
     lane = tirx.Ramp(tirx.const(0, "int8"), tirx.const(1, "int8"), 64)
-    three = tirx.Broadcast(tirx.const(3, "int8"), 64)
-    two = tirx.Broadcast(tirx.const(2, "int8"), 64)
-    return tirx.shift_right(lane, two) * two + tirx.bitwise_and(lane, three) * tirx.Broadcast(tirx.const(32, "int8"), 64)
+    two, three, stride = (tirx.Broadcast(tirx.const(v, "int8"), 64) for v in (2, 3, 32))
+    return tirx.shift_right(lane, two) * two + tirx.bitwise_and(lane, three) * stride
 
 
 def _weight_bytes(low: tirx.PrimExpr, high: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -76,83 +82,159 @@ def _dot(acc: tirx.PrimExpr, weights: tirx.PrimExpr, x4: tirx.PrimExpr) -> tirx.
                                       tirx.reinterpret("int8x64", tirx.Broadcast(x4, 16)))
 
 
-def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (), bias: bool = False,
-                   dtype: str = "float32", x_shape: tuple[int, ...] | None = None,
-                   out_shape: tuple[int, ...] | None = None) -> tirx.PrimFunc:
-    """The kernel for one row of x (x_shape, default [1, n_in]; leading dims of 1) and a words layout of 16
-    rows per panel (codes [ceil(n_out/16), 16·B, 16], scales [ceil(n_out/16), ceil(m·B/3), 16]), with the
-    operator's parameters (x, codes, scales, codebook, [bias], out); parts: row counts of stacked matrices."""
-    m, _ = word_block(depth)
-    n_blocks = padded_blocks(n_in, depth)
-    groups, real_groups = n_blocks * m, n_in // GROUP_SIZE
-    panels = -(-n_out // ROWS)
-    scale_m = word_digits(CODEBOOK_SIZE)
-    scale_words = -(-groups // scale_m)
-    table = -(-CODEBOOK_SIZE * max(len(parts), 1) // TABLE_WINDOW) * TABLE_WINDOW
-    base, qmax = 3 ** depth, qmax_of(depth)
-    starts = list(itertools.accumulate(parts[:-1]))
-    units = n_blocks * GROUP_SIZE
-    x_shape, out_shape = x_shape or (1, n_in), out_shape or (1, n_out)
-    ahead = PREFETCH_BLOCKS * GROUP_SIZE * ROWS  # words: the block PREFETCH_BLOCKS iterations ahead
+def _prefetch(buf, offset) -> tirx.PrimExpr:
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(buf[offset]),
+                                 tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32"))
 
-    def codebook_base(row):
+
+@dataclass(frozen=True)
+class _Sizes:
+    """A matrix's sizes in the 16-row words layout."""
+    n_out: int
+    n_in: int
+    depth: int
+    parts: tuple[int, ...]
+
+    @property
+    def m(self) -> int:  # digits (groups) per word
+        return word_block(self.depth)[0]
+
+    @property
+    def blocks(self) -> int:
+        return padded_blocks(self.n_in, self.depth)
+
+    @property
+    def groups(self) -> int:  # of the padded K
+        return self.blocks * self.m
+
+    @property
+    def panels(self) -> int:
+        return -(-self.n_out // ROWS)
+
+    @property
+    def units(self) -> int:  # 16-bit words per row
+        return self.blocks * GROUP_SIZE
+
+    @property
+    def scale_words(self) -> int:
+        return -(-self.groups // word_digits(CODEBOOK_SIZE))
+
+    @property
+    def table(self) -> int:  # codebook entries, padded for the permutes
+        return -(-CODEBOOK_SIZE * max(len(self.parts), 1) // TABLE_WINDOW) * TABLE_WINDOW
+
+    def codebook_base(self, row) -> tirx.PrimExpr:
         """Offset of the row's matrix's codebook in the concatenated codebooks (stacked matrices)."""
         total = tirx.const(0, "int32")
-        for start in starts:
+        for start in itertools.accumulate(self.parts[:-1]):
             total = total + tirx.Select(row >= start, tirx.const(CODEBOOK_SIZE, "int32"), tirx.const(0, "int32"))
         return total
 
-    def scale_digit(word, g):
-        """Digit g % 3 (most significant first) of 16-bit scale words, in int32 lanes: the high half of
-        27·(word·27^(g%3) mod 2^16), as codec.format.chain_digits."""
+    def step_index(self, scales_flat, panel, g, offset) -> tirx.PrimExpr:
+        """Codebook indices of group g for the panel's 16 rows (int32x16): digit g % 3 (most significant
+        first) of the 16-bit scale words, the high half of 27·(word·27^(g%3) mod 2^16) as
+        codec.format.chain_digits, plus the rows' codebook offsets."""
+        scale_m = word_digits(CODEBOOK_SIZE)
+        word = tirx.Cast("int32x16", scales_flat[tirx.Ramp((panel * self.scale_words + g // scale_m) * ROWS, 1, ROWS)])
         k = tirx.truncmod(g, scale_m)
         mult = tirx.Select(k == 0, tirx.const(1, "int32"),
                            tirx.Select(k == 1, tirx.const(CODEBOOK_SIZE, "int32"),
                                        tirx.const(CODEBOOK_SIZE ** 2 % 65536, "int32")))
         t = tirx.bitwise_and(word * tirx.Broadcast(mult, ROWS), tirx.Broadcast(tirx.const(0xFFFF, "int32"), ROWS))
         return tirx.shift_right(t * tirx.Broadcast(tirx.const(CODEBOOK_SIZE, "int32"), ROWS),
-                                tirx.Broadcast(tirx.const(16, "int32"), ROWS))
+                                tirx.Broadcast(tirx.const(16, "int32"), ROWS)) + offset[tirx.Ramp(0, 1, ROWS)]
 
-    def prefetch(buf, offset):
-        return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(buf[offset]),
-                                     tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32"))
+
+@T.macro
+def quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, total, word):
+    """Row `row` of x to int8 per group of 16 (trit_tvm.operator.quantize_activations): 4 levels per int32 in
+    xq4, the scale and −qmax·Σ levels per group; the groups past K (the layout's padding) are zeros."""
+    for g in T.serial(s.groups):
+        peak[0] = T.float32(0)
+        total[0] = 0
+        if g < s.n_in // GROUP_SIZE:
+            for j in T.serial(GROUP_SIZE):
+                peak[0] = T.max(peak[0], T.fabs(T.Cast("float32", x_flat[row * s.n_in + g * GROUP_SIZE + j])))
+        x_scale[row * s.groups + g] = peak[0] / T.float32(ACT_MAX)
+        for c in T.serial(CHUNKS):
+            word[0] = 0
+            if peak[0] > T.float32(0):
+                for q in T.unroll(4):
+                    level: T.let[T.int32] = T.Cast("int32", T.nearbyint(
+                        T.Cast("float32", x_flat[row * s.n_in + g * GROUP_SIZE + c * 4 + q])
+                        * (T.float32(ACT_MAX) / peak[0])))
+                    total[0] += level
+                    word[0] = T.bitwise_or(word[0], T.shift_left(T.bitwise_and(level, 255), q * 8))
+            xq4[(row * s.groups + g) * CHUNKS + c] = word[0]
+        x_corr[row * s.groups + g] = total[0] * (-qmax_of(s.depth))
+
+
+@T.macro
+def load_block(s, codes_flat, words, panel, b):
+    """The block's 16 weights x 16 rows of 16-bit words into `words` (8 registers), after prefetching the
+    words PREFETCH_BLOCKS blocks ahead in memory (into the next panels when K is short: a core's panels are
+    consecutive), 8 lines of codes and one of scales."""
+    for line in T.unroll(GROUP_SIZE * ROWS * 2 // LINE_BYTES):
+        T.evaluate(_prefetch(codes_flat, T.min((panel * s.units + (b + PREFETCH_BLOCKS) * GROUP_SIZE) * ROWS
+                                               + line * (LINE_BYTES // 2), s.panels * s.units * ROWS - 1)))
+    for v in T.unroll(WORD_PAIRS):
+        words[T.ramp(v * 32, 1, 32)] = codes_flat[T.ramp((panel * s.units + b * GROUP_SIZE + v * 2) * ROWS, 1, 32)]
+
+
+@T.macro
+def next_digit(s, words, p):
+    """T_p+1 = T_p · 3^d mod 2^16 in every word (after the block's last digit: nothing)."""
+    if p < s.m - 1:
+        for v in T.unroll(WORD_PAIRS):
+            words[T.ramp(v * 32, 1, 32)] = words[T.ramp(v * 32, 1, 32)] * T.Broadcast(T.uint16(3 ** s.depth), 32)
+
+
+def _signature(s: _Sizes, bias: bool, dtype: str, x_shape, out_shape, body) -> tirx.PrimFunc:
+    """The operator's parameter list (x, codes, scales, codebook, [bias], out) around a kernel body."""
+    code_shape, scale_shape = (s.panels, s.units, ROWS), (s.panels, s.scale_words, ROWS)
+    if bias:
+        @T.prim_func(s_tir=True)
+        def with_bias(x: T.Buffer(x_shape, dtype), codes: T.Buffer(code_shape, "uint16"),
+                      scales: T.Buffer(scale_shape, "uint16"), codebook: T.Buffer((s.table,), "float32"),
+                      b: T.Buffer((s.n_out,), dtype), out: T.Buffer(out_shape, dtype)):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            body(x, codes, scales, codebook, out, lambda n: T.Cast("float32", b[n]))
+        return with_bias
+
+    @T.prim_func(s_tir=True)
+    def without_bias(x: T.Buffer(x_shape, dtype), codes: T.Buffer(code_shape, "uint16"),
+                     scales: T.Buffer(scale_shape, "uint16"), codebook: T.Buffer((s.table,), "float32"),
+                     out: T.Buffer(out_shape, dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        body(x, codes, scales, codebook, out, lambda n: T.float32(0))
+    return without_bias
+
+
+def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (), bias: bool = False,
+                   dtype: str = "float32", x_shape: tuple | None = None, out_shape: tuple | None = None) -> tirx.PrimFunc:
+    """The decode kernel: one row of x (x_shape, default [1, n_in]; leading dims of 1), a words layout of 16
+    rows per panel (codes [ceil(n_out/16), 16·B, 16], scales [ceil(n_out/16), ceil(m·B/3), 16]), the
+    operator's parameters (x, codes, scales, codebook, [bias], out); parts: row counts of stacked matrices."""
+    s = _Sizes(n_out, n_in, depth, tuple(parts))
 
     @T.macro
     def body(x, codes, scales, codebook, out, bias_at):
         x_flat = T.decl_buffer((n_in,), dtype, data=x.data)
         out_flat = T.decl_buffer((n_out,), dtype, data=out.data)
-        codes_flat = T.decl_buffer((panels * units * ROWS,), "uint16", data=codes.data)
-        scales_flat = T.decl_buffer((panels * scale_words * ROWS,), "uint16", data=scales.data)
-        xq4 = T.alloc_buffer((groups * CHUNKS,), "int32")
-        x_scale = T.alloc_buffer((groups,), "float32")
-        x_corr = T.alloc_buffer((groups,), "int32")
+        codes_flat = T.decl_buffer((s.panels * s.units * ROWS,), "uint16", data=codes.data)
+        scales_flat = T.decl_buffer((s.panels * s.scale_words * ROWS,), "uint16", data=scales.data)
+        xq4 = T.alloc_buffer((s.groups * CHUNKS,), "int32")
+        x_scale = T.alloc_buffer((s.groups,), "float32")
+        x_corr = T.alloc_buffer((s.groups,), "int32")
         peak = T.alloc_buffer((1,), "float32")
         total = T.alloc_buffer((1,), "int32")
         word = T.alloc_buffer((1,), "int32")
-        # x to int8 per group of 16 (trit_tvm.operator.quantize_activations), 4 levels per int32; the groups
-        # past K (the layout's padding) are zeros
-        for g in T.serial(groups):
-            peak[0] = T.float32(0)
-            total[0] = 0
-            if g < real_groups:
-                for j in T.serial(GROUP_SIZE):
-                    peak[0] = T.max(peak[0], T.fabs(T.Cast("float32", x_flat[g * GROUP_SIZE + j])))
-            x_scale[g] = peak[0] / T.float32(ACT_MAX)
-            for c in T.serial(CHUNKS):
-                word[0] = 0
-                if peak[0] > T.float32(0):
-                    for q in T.unroll(4):
-                        level: T.let[T.int32] = T.Cast("int32", T.nearbyint(
-                            T.Cast("float32", x_flat[g * GROUP_SIZE + c * 4 + q]) * (T.float32(ACT_MAX) / peak[0])))
-                        total[0] += level
-                        word[0] = T.bitwise_or(word[0], T.shift_left(T.bitwise_and(level, 255), q * 8))
-                xq4[g * CHUNKS + c] = word[0]
-            x_corr[g] = total[0] * (-qmax)
-        for panel in T.parallel(panels):
-            with T.sblock("trit_vnni_panel"):
-                T.reads(codes_flat[panel * units * ROWS:(panel + 1) * units * ROWS],
-                        scales_flat[panel * scale_words * ROWS:(panel + 1) * scale_words * ROWS],
-                        xq4[0:groups * CHUNKS], x_scale[0:groups], x_corr[0:groups], codebook[0:table])
+        quantize_row(s, x_flat, 0, xq4, x_scale, x_corr, peak, total, word)
+        for panel in T.parallel(s.panels):
+            with T.sblock("trit_vnni_gemv"):
+                T.reads(codes_flat[panel * s.units * ROWS:(panel + 1) * s.units * ROWS],
+                        scales_flat[panel * s.scale_words * ROWS:(panel + 1) * s.scale_words * ROWS],
+                        xq4[0:s.groups * CHUNKS], x_scale[0:s.groups], x_corr[0:s.groups], codebook[0:s.table])
                 T.writes(out_flat[panel * ROWS:T.min(panel * ROWS + ROWS, n_out)])
                 acc = T.sblock_alloc_buffer((ROWS,), "float32", scope="local")
                 dot = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
@@ -161,52 +243,101 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
                 words = T.sblock_alloc_buffer((WORD_PAIRS * 32,), "uint16", scope="local")
                 for r in T.vectorized(ROWS):
                     acc[r] = T.float32(0)
-                    offset[r] = codebook_base(panel * ROWS + r)
-                for b in T.serial(n_blocks):
-                    if b + PREFETCH_BLOCKS < n_blocks:  # 512 bytes of codes per block: 8 lines
-                        for line in T.unroll(GROUP_SIZE * ROWS * 2 // LINE_BYTES):
-                            T.evaluate(prefetch(codes_flat, (panel * units + b * GROUP_SIZE) * ROWS + ahead
-                                                + line * (LINE_BYTES // 2)))
-                        T.evaluate(prefetch(scales_flat, (panel * scale_words + (b + PREFETCH_BLOCKS) * m // scale_m)
-                                            * ROWS))
-                    for v in T.unroll(WORD_PAIRS):
-                        words[T.ramp(v * 32, 1, 32)] = codes_flat[T.ramp((panel * units + b * GROUP_SIZE + v * 2)
-                                                                         * ROWS, 1, 32)]
-                    for p in T.unroll(m):
-                        dot[T.ramp(0, 1, ROWS)] = T.Broadcast(x_corr[b * m + p], ROWS)
+                    offset[r] = s.codebook_base(panel * ROWS + r)
+                for b in T.serial(s.blocks):
+                    load_block(s, codes_flat, words, panel, b)
+                    for p in T.unroll(s.m):
+                        dot[T.ramp(0, 1, ROWS)] = T.Broadcast(x_corr[b * s.m + p], ROWS)
                         for c in T.unroll(CHUNKS):
                             dot[T.ramp(0, 1, ROWS)] = _dot(
                                 dot[T.ramp(0, 1, ROWS)],
-                                _weight_bytes(_mulhi(words[T.ramp(c * 64, 1, 32)], base),
-                                              _mulhi(words[T.ramp(c * 64 + 32, 1, 32)], base)),
-                                xq4[(b * m + p) * CHUNKS + c])
-                        if p < m - 1:  # the next digit: T_p+1 = T_p · 3^d mod 2^16
-                            for v in T.unroll(WORD_PAIRS):
-                                words[T.ramp(v * 32, 1, 32)] = words[T.ramp(v * 32, 1, 32)] * T.Broadcast(
-                                    T.uint16(base), 32)
-                        index[T.ramp(0, 1, ROWS)] = scale_digit(T.Cast("int32x16", scales_flat[T.ramp(
-                            (panel * scale_words + (b * m + p) // scale_m) * ROWS, 1, ROWS)]), b * m + p) \
-                            + offset[T.ramp(0, 1, ROWS)]
+                                _weight_bytes(_mulhi(words[T.ramp(c * 64, 1, 32)], 3 ** depth),
+                                              _mulhi(words[T.ramp(c * 64 + 32, 1, 32)], 3 ** depth)),
+                                xq4[(b * s.m + p) * CHUNKS + c])
+                        next_digit(s, words, p)
+                        index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, b * s.m + p, offset)
                         acc[T.ramp(0, 1, ROWS)] = acc[T.ramp(0, 1, ROWS)] + T.Cast(
                             "float32x16", dot[T.ramp(0, 1, ROWS)]) * (
-                            _permute_lookup(codebook, index) * T.Broadcast(x_scale[b * m + p], ROWS))
+                            _permute_lookup(codebook, index) * T.Broadcast(x_scale[b * s.m + p], ROWS))
                 for r in T.serial(ROWS):
                     if panel * ROWS + r < n_out:
                         out_flat[panel * ROWS + r] = T.Cast(dtype, acc[r] + bias_at(panel * ROWS + r))
 
-    if bias:
-        @T.prim_func(s_tir=True)
-        def with_bias(x: T.Buffer(x_shape, dtype), codes: T.Buffer((panels, units, ROWS), "uint16"),
-                      scales: T.Buffer((panels, scale_words, ROWS), "uint16"), codebook: T.Buffer((table,), "float32"),
-                      b: T.Buffer((n_out,), dtype), out: T.Buffer(out_shape, dtype)):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            body(x, codes, scales, codebook, out, lambda n: T.Cast("float32", b[n]))
-        return with_bias
+    return _signature(s, bias, dtype, x_shape or (1, n_in), out_shape or (1, n_out), body)
 
-    @T.prim_func(s_tir=True)
-    def without_bias(x: T.Buffer(x_shape, dtype), codes: T.Buffer((panels, units, ROWS), "uint16"),
-                     scales: T.Buffer((panels, scale_words, ROWS), "uint16"), codebook: T.Buffer((table,), "float32"),
-                     out: T.Buffer(out_shape, dtype)):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        body(x, codes, scales, codebook, out, lambda n: T.float32(0))
-    return without_bias
+
+def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bias: bool, dtype: str,
+                   x_shape: tuple, out_shape: tuple) -> tirx.PrimFunc:
+    """The prefill kernel: any number of rows of x (x_shape [..., n_in], symbolic dims allowed), the same
+    layout and parameters as vnni_gemv_func."""
+    s = _Sizes(n_out, n_in, depth, tuple(parts))
+    n_rows = tirx.Cast("int32", math.prod(x_shape[:-1]))
+    tile_len = s.groups * CHUNKS * TILE_BYTES
+
+    @T.macro
+    def body(x, codes, scales, codebook, out, bias_at):
+        x_flat = T.decl_buffer((n_rows * n_in,), dtype, data=x.data)
+        out_flat = T.decl_buffer((n_rows * n_out,), dtype, data=out.data)
+        codes_flat = T.decl_buffer((s.panels * s.units * ROWS,), "uint16", data=codes.data)
+        scales_flat = T.decl_buffer((s.panels * s.scale_words * ROWS,), "uint16", data=scales.data)
+        xq4 = T.alloc_buffer((n_rows * s.groups * CHUNKS,), "int32")
+        x_scale = T.alloc_buffer((n_rows * s.groups,), "float32")
+        x_corr = T.alloc_buffer((n_rows * s.groups,), "int32")
+        for row in T.parallel(n_rows):
+            with T.sblock("trit_vnni_quantize"):
+                T.reads(x_flat[row * n_in:(row + 1) * n_in])
+                T.writes(xq4[row * s.groups * CHUNKS:(row + 1) * s.groups * CHUNKS],
+                         x_scale[row * s.groups:(row + 1) * s.groups], x_corr[row * s.groups:(row + 1) * s.groups])
+                peak = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                total = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                word = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, total, word)
+        for panel in T.parallel(s.panels):
+            with T.sblock("trit_vnni_gemm"):
+                T.reads(codes_flat[panel * s.units * ROWS:(panel + 1) * s.units * ROWS],
+                        scales_flat[panel * s.scale_words * ROWS:(panel + 1) * s.scale_words * ROWS],
+                        xq4[0:n_rows * s.groups * CHUNKS], x_scale[0:n_rows * s.groups],
+                        x_corr[0:n_rows * s.groups], codebook[0:s.table])
+                T.writes(out_flat[0:n_rows * n_out])
+                tile = T.sblock_alloc_buffer((tile_len,), "int8")
+                steps = T.sblock_alloc_buffer((s.groups * ROWS,), "float32")
+                acc = T.sblock_alloc_buffer((ROW_TILE * ROWS,), "float32", scope="local")
+                dot = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
+                index = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
+                offset = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
+                words = T.sblock_alloc_buffer((WORD_PAIRS * 32,), "uint16", scope="local")
+                for r in T.vectorized(ROWS):
+                    offset[r] = s.codebook_base(panel * ROWS + r)
+                # the panel's weights as bytes in vpdpbusd's order and its group steps, once
+                for b in T.serial(s.blocks):
+                    load_block(s, codes_flat, words, panel, b)
+                    for p in T.unroll(s.m):
+                        for c in T.unroll(CHUNKS):
+                            tile[T.ramp(((b * s.m + p) * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _weight_bytes(
+                                _mulhi(words[T.ramp(c * 64, 1, 32)], 3 ** depth),
+                                _mulhi(words[T.ramp(c * 64 + 32, 1, 32)], 3 ** depth))
+                        next_digit(s, words, p)
+                        index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, b * s.m + p, offset)
+                        steps[T.ramp((b * s.m + p) * ROWS, 1, ROWS)] = _permute_lookup(codebook, index)
+                # ROW_TILE rows of x at a time over the tile, each tile vector feeding all of them
+                for rt in T.serial((n_rows + ROW_TILE - 1) // ROW_TILE):
+                    for i in T.vectorized(ROW_TILE * ROWS):
+                        acc[i] = T.float32(0)
+                    for g in T.serial(s.groups):
+                        for r in T.unroll(ROW_TILE):
+                            row: T.let[T.int32] = T.min(rt * ROW_TILE + r, n_rows - 1)
+                            dot[T.ramp(0, 1, ROWS)] = T.Broadcast(x_corr[row * s.groups + g], ROWS)
+                            for c in T.unroll(CHUNKS):
+                                dot[T.ramp(0, 1, ROWS)] = _dot(
+                                    dot[T.ramp(0, 1, ROWS)],
+                                    tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)],
+                                    xq4[(row * s.groups + g) * CHUNKS + c])
+                            acc[T.ramp(r * ROWS, 1, ROWS)] = acc[T.ramp(r * ROWS, 1, ROWS)] + T.Cast(
+                                "float32x16", dot[T.ramp(0, 1, ROWS)]) * (
+                                steps[T.ramp(g * ROWS, 1, ROWS)] * T.Broadcast(x_scale[row * s.groups + g], ROWS))
+                    for r, t in T.grid(ROW_TILE, ROWS):
+                        if rt * ROW_TILE + r < n_rows and panel * ROWS + t < n_out:
+                            out_flat[(rt * ROW_TILE + r) * n_out + panel * ROWS + t] = T.Cast(
+                                dtype, acc[r * ROWS + t] + bias_at(panel * ROWS + t))
+
+    return _signature(s, bias, dtype, x_shape, out_shape, body)
