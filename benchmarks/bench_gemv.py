@@ -1,13 +1,15 @@
 """trit_decode_matmul as a decode GEMV (rows = 1) at Qwen2.5-3B shapes, d=3, against baselines measured
 in the same run: torch FP32 `x @ W.T`, and the same TVM pipeline (dlight) on dense FP32 weights.
 
-    python benchmarks/bench_gemv.py [--target llvm] [--plot benchmarks/gemv_bandwidth.png] [--cold 64]
+    python benchmarks/bench_gemv.py [--target llvm] [--plot benchmarks/gemv_bandwidth.png] [--cold 64] [--int8]
 
 Prints one JSON line. Effective bandwidth = the checkpoint's packed bytes (codes + scales + codebook) / time;
 run_time_layout_bytes is what the kernel reads (on CPUs the 16-bit word layout: at d=3 11% more).
 The kernel's timings reuse one copy of the weights, which then stays in cache; `--cold N` also times it cycling
 through N copies (so the weights come from memory, as in a model), with and without the weight prefetches
-(schedules/prefetch.py): `cold_us`, `cold_no_prefetch_us`.
+(schedules/prefetch.py): `cold_us`, `cold_no_prefetch_us`. `--int8` adds the int8-activation kernels
+(schedules/x86_vnni.py where the CPU has VNNI) beside the float ones: `gemv_*` and `gemm128_*` times, ratios
+`*_x_int8` (float time / int8 time) and their error against the int8 reference.
 On CUDA the same shapes, with FP16 baselines (TVM dense through dlight, torch/cuBLAS) and the card's
 copy bandwidth, are the `gemv` step of scripts/gpu_check.py (built here, run with TVM's runtime there).
 """
@@ -82,6 +84,41 @@ def torch_seconds(n_in: int, n_out: int) -> float:
     return best_seconds(lambda: x @ w.T)
 
 
+PREFILL_ROWS = 128
+
+
+def int8_comparison(n_in: int, n_out: int, depth: int, parts: tuple[int, ...], packed: dict, target,
+                    cold: int) -> dict:
+    """The int8-activation kernels against the float ones on the same weights: the decode GEMV (cached, and
+    over `cold` copies of the weights when cold > 0) and a prefill GEMM of PREFILL_ROWS rows."""
+    dev = tvm.cpu(0)
+    result = {}
+    for rows in (1, PREFILL_ROWS):
+        x = np.random.default_rng(3).standard_normal((rows, n_in)).astype(np.float32)
+        out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), dev)
+        times = {}
+        for mode, layout in (("float", layout_for_target(target)), ("int8", layout_for_target(target, True))):
+            lib = build(trit_decode_matmul_func(n_out, n_in, depth, layout, rows=rows, parts=parts), target)
+            run_time = (layout.repack_codes(packed["trit_codes"], n_in),
+                        layout.repack_scales(packed["trit_scales"], n_in, depth),
+                        layout.repack_codebook(packed["trit_codebook"]))
+            args = [tvm.runtime.tensor(a, dev) for a in (x, *run_time)] + [out]
+            times[mode] = tvm_seconds(lib, dev, args, repeat=5, number=3 if rows > 1 else 10)
+            if mode == "int8":
+                ref = reference_decode_matmul(x, packed["trit_codes"], packed["trit_scales"], packed["trit_codebook"],
+                                              parts=parts, int8_activations=True)
+                result[f"int8_max_rel_err_{rows}"] = float(np.abs(out.numpy() - ref).max() / np.abs(ref).max())
+            if rows == 1 and cold:
+                times[f"{mode}_cold"] = cold_seconds(lib, args[0], run_time, out, cold)
+        key = "gemv" if rows == 1 else f"gemm{rows}"
+        for name, t in times.items():
+            result[f"{key}_{name}_us"] = round(t * 1e6, 1)
+        result[f"{key}_x_int8"] = round(times["float"] / times["int8"], 2)
+        if "int8_cold" in times:
+            result[f"{key}_cold_x_int8"] = round(times["float_cold"] / times["int8_cold"], 2)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="llvm")
@@ -89,6 +126,9 @@ def main() -> None:
     ap.add_argument("--plot", help="write a PNG of effective bandwidth per shape")
     ap.add_argument("--cold", type=int, default=0, metavar="N",
                     help="also time the kernel over N copies of the weights, with and without the prefetches")
+    ap.add_argument("--int8", action="store_true",
+                    help="also the int8-activation kernels (trit-compile --int8-activations), decode and a prefill "
+                         f"of {PREFILL_ROWS} rows, beside the float ones")
     args = ap.parse_args()
     target = parse_target(args.target)
     on_gpu = target.kind.name == "cuda"
@@ -127,6 +167,8 @@ def main() -> None:
             plain = trit_kernel(n_in, n_out, args.depth, layout, target, parts, prefetch=False)
             row["cold_us"] = round(cold_seconds(lib, targs[0], run_time, out, args.cold) * 1e6, 1)
             row["cold_no_prefetch_us"] = round(cold_seconds(plain, targs[0], run_time, out, args.cold) * 1e6, 1)
+        if args.int8:
+            row.update(int8_comparison(n_in, n_out, args.depth, parts, packed, target, args.cold))
         rows.append(row)
     geo = lambda key: round(float(np.exp(np.mean([np.log(r[key]) for r in rows]))), 2)  # noqa: E731
     result = {"bench": "gemv", "target": target.kind.name, "depth": args.depth, "weight_layout": layout.name,

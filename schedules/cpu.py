@@ -1,8 +1,9 @@
 """CPU (llvm: x86 and ARM) rules for trit_decode_matmul on the row-interleaved weight layout.
 
-Both vectorize over the R interleaved rows (one SIMD load = the same 16-bit word of R rows), decode each
-weight with a multiply-high in 16-bit lanes, multiply each group's dot product by its step once, and
-spread row panels over the cores.
+The float rules vectorize over the R interleaved rows (one SIMD load = the same 16-bit word of R rows), decode
+each weight with a multiply-high in 16-bit lanes, multiply each group's dot product by its step once, and
+spread row panels over the cores. The VNNI rules hand the operator's int8-activation form to the integer
+kernels of x86_vnni.py on CPUs that have the instructions (elsewhere the float rules take that form too).
 """
 from __future__ import annotations
 

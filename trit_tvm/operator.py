@@ -34,8 +34,8 @@ from codec.format import BLOCK, SCALE_DIGITS, code_words, interleave_rows, padde
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
 from schedules import decode_for_target, layout_rows_for_target
-from schedules.base import ACT_MAX, DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, INT8_ACTIVATIONS_ATTR, LAYOUT_ROWS_ATTR, PARTS_ATTR, \
-    PREFILL_ROW_TILE, TRIT_OP_ATTR
+from schedules.base import ACT_MAX, DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, INT8_ACTIVATIONS_ATTR, \
+    LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
 from schedules.x86_lookup import LANES, TABLE_WINDOW
 
 TRIT_OP_NAME = "decode_matmul"
@@ -406,11 +406,14 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
 
 def trit_op_attrs(n_out: int, n_in: int, depth: int, has_bias: bool, layout: WeightLayout = PLANES,
                   parts: tuple[int, ...] = ()) -> dict:
-    """PrimFunc attributes: the tag schedule rules match, the static weight shape, stacked matrices, layout,
-    activation mode, op pattern."""
-    return {TRIT_OP_ATTR: TRIT_OP_NAME, "trit.n_out": n_out, "trit.n_in": n_in, "trit.depth": depth,
-            "trit.bias": int(has_bias), PARTS_ATTR: list(parts or (n_out,)), LAYOUT_ROWS_ATTR: layout.rows,
-            INT8_ACTIVATIONS_ATTR: int(layout.int8_activations), "op_pattern": OP_PATTERN_OPAQUE}
+    """PrimFunc attributes: the tag schedule rules match, the static weight shape, layout, op pattern; with
+    int8 activations also the mode and the stacked matrices' rows (what the VNNI kernels are built from; the
+    float form keeps the attributes its tuning records were taken with, as they match on them)."""
+    attrs = {TRIT_OP_ATTR: TRIT_OP_NAME, "trit.n_out": n_out, "trit.n_in": n_in, "trit.depth": depth,
+             "trit.bias": int(has_bias), LAYOUT_ROWS_ATTR: layout.rows, "op_pattern": OP_PATTERN_OPAQUE}
+    if layout.int8_activations:
+        attrs.update({INT8_ACTIVATIONS_ATTR: 1, PARTS_ATTR: list(parts or (n_out,))})
+    return attrs
 
 
 def trit_decode_matmul_func(n_out: int, n_in: int, depth: int, layout: WeightLayout = PLANES, rows: int | None = None,
