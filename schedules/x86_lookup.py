@@ -18,7 +18,7 @@ LANES = 16  # one 512-bit register of float32
 TABLE_WINDOW = 32  # entries one vpermi2ps chooses from
 
 
-def _permute_lookup(table, idx):
+def permute_lookup(table, idx) -> tirx.PrimExpr:
     """Vector expression: table[idx[0:16]] for a table of a multiple of 32 entries (idx < its size)."""
     index = idx.vload([0], f"int32x{LANES}")
     result = None
@@ -63,7 +63,7 @@ def permute_lookup_intrin(table_size: int, index_dtype: str = "int32") -> str:
         with T.sblock("root"):
             T.reads(idx[0:lanes], table[0:size])
             T.writes(out[0:lanes])
-            out[T.ramp(T.int32(0), 1, LANES)] = out[T.ramp(T.int32(0), 1, LANES)] + _permute_lookup(table, idx)
+            out[T.ramp(T.int32(0), 1, LANES)] = out[T.ramp(T.int32(0), 1, LANES)] + permute_lookup(table, idx)
 
     TensorIntrin.register(name, desc, impl)
     return name

@@ -12,10 +12,10 @@ with a multiply-high (and a wrapping multiply for the next digit), as in the FP3
 gathers the low bytes of two such registers into the 16 rows × 4 weights byte order `vpdpbusd` reads.
 
 Decode (one row of x, `vnni_gemv_func`): the digits go straight into the dot products, ~34 instructions per
-256 weights against ~64 for the FP32 GEMV (digits widened to float, one FMA per 16 weights), whose decode of
-a cached d=1 matrix is instruction-bound. Prefill (`vnni_gemm_func`): each panel's weights are decoded once
-into a byte tile (and its steps into a float tile), then every ROW_TILE rows of x share each tile load:
-4 `vpdpbusd` per 256 multiply-adds where the FP32 GEMM needs 16 FMAs.
+256 weights against ~64 for the FP32 GEMV (digits widened to float, one FMA per weight and 16 rows), whose
+decode of a cached d=1 matrix is instruction-bound. Prefill (`vnni_gemm_func`): each panel's weights are
+decoded once into a byte tile (and its steps into a float tile), then every ROW_TILE rows of x share each tile
+load: 4 `vpdpbusd` per 256 multiply-adds where the FP32 GEMM needs 16 FMAs.
 The kernels are hand-written TVMScript; TritGEMVVNNI / TritGEMMVNNI (schedules/cpu.py) substitute them for
 the operator's int8 form on targets with avx512vnni and avx512vbmi. x is quantized first, per row (over the
 cores for a prefill), before the parallel loop over panels.
@@ -35,7 +35,7 @@ from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 
 from .base import ACT_MAX
 from .prefetch import LINE_BYTES, PREFETCH_BLOCKS
-from .x86_lookup import TABLE_WINDOW, _permute_lookup
+from .x86_lookup import TABLE_WINDOW, permute_lookup
 
 ROWS = 16  # weight rows per panel: the int32 lanes of one 512-bit register
 WORD_PAIRS = 8  # 512-bit loads per block and panel: 16 weights x 16 rows of 16-bit words, 2 weights each
@@ -44,14 +44,13 @@ TILE_BYTES = 64  # one chunk of a panel's byte tile: 16 rows x 4 weights
 ROW_TILE = 8  # prefill: rows of x per pass over a panel's tile (their accumulators stay in registers)
 
 
-def required_features() -> tuple[str, ...]:
-    return ("avx512bw", "avx512vnni", "avx512vbmi")
+REQUIRED_FEATURES = ("avx512bw", "avx512vnni", "avx512vbmi")  # 16-bit multiplies, vpdpbusd, vpermt2b
 
 
 def supports(target: tvm.target.Target) -> bool:
     """The target's CPU has the instructions these kernels use."""
     return target.kind.name == "llvm" and all(
-        bool(tvm.target.codegen.target_has_features(f, target)) for f in required_features())
+        bool(tvm.target.codegen.target_has_features(f, target)) for f in REQUIRED_FEATURES)
 
 
 def _byte_order() -> tirx.PrimExpr:
@@ -146,7 +145,7 @@ class _Sizes:
 
 
 @T.macro
-def quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, total, word):
+def _quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, total, word):
     """Row `row` of x to int8 per group of 16 (trit_tvm.operator.quantize_activations): 4 levels per int32 in
     xq4, the scale and −qmax·Σ levels per group; the groups past K (the layout's padding) are zeros."""
     for g in T.serial(s.groups):
@@ -170,10 +169,10 @@ def quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, total, word):
 
 
 @T.macro
-def load_block(s, codes_flat, words, panel, b):
+def _load_block(s, codes_flat, words, panel, b):
     """The block's 16 weights x 16 rows of 16-bit words into `words` (8 registers), after prefetching the
-    words PREFETCH_BLOCKS blocks ahead in memory (into the next panels when K is short: a core's panels are
-    consecutive), 8 lines of codes and one of scales."""
+    codes PREFETCH_BLOCKS blocks ahead in memory, 8 lines (into the next panels when K is short: a core's
+    panels are consecutive; the scales, 1/16 of the bytes, are left to the hardware prefetcher)."""
     for line in T.unroll(GROUP_SIZE * ROWS * 2 // LINE_BYTES):
         T.evaluate(_prefetch(codes_flat, T.min((panel * s.units + (b + PREFETCH_BLOCKS) * GROUP_SIZE) * ROWS
                                                + line * (LINE_BYTES // 2), s.panels * s.units * ROWS - 1)))
@@ -182,7 +181,7 @@ def load_block(s, codes_flat, words, panel, b):
 
 
 @T.macro
-def next_digit(s, words, p):
+def _next_digit(s, words, p):
     """T_p+1 = T_p · 3^d mod 2^16 in every word (after the block's last digit: nothing)."""
     if p < s.m - 1:
         for v in T.unroll(WORD_PAIRS):
@@ -211,7 +210,8 @@ def _signature(s: _Sizes, bias: bool, dtype: str, x_shape, out_shape, body) -> t
 
 
 def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (), bias: bool = False,
-                   dtype: str = "float32", x_shape: tuple | None = None, out_shape: tuple | None = None) -> tirx.PrimFunc:
+                   dtype: str = "float32", x_shape: tuple | None = None,
+                   out_shape: tuple | None = None) -> tirx.PrimFunc:
     """The decode kernel: one row of x (x_shape, default [1, n_in]; leading dims of 1), a words layout of 16
     rows per panel (codes [ceil(n_out/16), 16·B, 16], scales [ceil(n_out/16), ceil(m·B/3), 16]), the
     operator's parameters (x, codes, scales, codebook, [bias], out); parts: row counts of stacked matrices."""
@@ -229,7 +229,7 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
         peak = T.alloc_buffer((1,), "float32")
         total = T.alloc_buffer((1,), "int32")
         word = T.alloc_buffer((1,), "int32")
-        quantize_row(s, x_flat, 0, xq4, x_scale, x_corr, peak, total, word)
+        _quantize_row(s, x_flat, 0, xq4, x_scale, x_corr, peak, total, word)
         for panel in T.parallel(s.panels):
             with T.sblock("trit_vnni_gemv"):
                 T.reads(codes_flat[panel * s.units * ROWS:(panel + 1) * s.units * ROWS],
@@ -245,7 +245,7 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
                     acc[r] = T.float32(0)
                     offset[r] = s.codebook_base(panel * ROWS + r)
                 for b in T.serial(s.blocks):
-                    load_block(s, codes_flat, words, panel, b)
+                    _load_block(s, codes_flat, words, panel, b)
                     for p in T.unroll(s.m):
                         dot[T.ramp(0, 1, ROWS)] = T.Broadcast(x_corr[b * s.m + p], ROWS)
                         for c in T.unroll(CHUNKS):
@@ -254,11 +254,11 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
                                 _weight_bytes(_mulhi(words[T.ramp(c * 64, 1, 32)], 3 ** depth),
                                               _mulhi(words[T.ramp(c * 64 + 32, 1, 32)], 3 ** depth)),
                                 xq4[(b * s.m + p) * CHUNKS + c])
-                        next_digit(s, words, p)
+                        _next_digit(s, words, p)
                         index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, b * s.m + p, offset)
                         acc[T.ramp(0, 1, ROWS)] = acc[T.ramp(0, 1, ROWS)] + T.Cast(
                             "float32x16", dot[T.ramp(0, 1, ROWS)]) * (
-                            _permute_lookup(codebook, index) * T.Broadcast(x_scale[b * s.m + p], ROWS))
+                            permute_lookup(codebook, index) * T.Broadcast(x_scale[b * s.m + p], ROWS))
                 for r in T.serial(ROWS):
                     if panel * ROWS + r < n_out:
                         out_flat[panel * ROWS + r] = T.Cast(dtype, acc[r] + bias_at(panel * ROWS + r))
@@ -291,7 +291,7 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                 peak = T.sblock_alloc_buffer((1,), "float32", scope="local")
                 total = T.sblock_alloc_buffer((1,), "int32", scope="local")
                 word = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, total, word)
+                _quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, total, word)
         for panel in T.parallel(s.panels):
             with T.sblock("trit_vnni_gemm"):
                 T.reads(codes_flat[panel * s.units * ROWS:(panel + 1) * s.units * ROWS],
@@ -310,15 +310,15 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                     offset[r] = s.codebook_base(panel * ROWS + r)
                 # the panel's weights as bytes in vpdpbusd's order and its group steps, once
                 for b in T.serial(s.blocks):
-                    load_block(s, codes_flat, words, panel, b)
+                    _load_block(s, codes_flat, words, panel, b)
                     for p in T.unroll(s.m):
                         for c in T.unroll(CHUNKS):
                             tile[T.ramp(((b * s.m + p) * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _weight_bytes(
                                 _mulhi(words[T.ramp(c * 64, 1, 32)], 3 ** depth),
                                 _mulhi(words[T.ramp(c * 64 + 32, 1, 32)], 3 ** depth))
-                        next_digit(s, words, p)
+                        _next_digit(s, words, p)
                         index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, b * s.m + p, offset)
-                        steps[T.ramp((b * s.m + p) * ROWS, 1, ROWS)] = _permute_lookup(codebook, index)
+                        steps[T.ramp((b * s.m + p) * ROWS, 1, ROWS)] = permute_lookup(codebook, index)
                 # ROW_TILE rows of x at a time over the tile, each tile vector feeding all of them
                 for rt in T.serial((n_rows + ROW_TILE - 1) // ROW_TILE):
                     for i in T.vectorized(ROW_TILE * ROWS):

@@ -45,9 +45,8 @@ def _run(lib, layout, arrays, n_in, depth, rows, n_out):
 
 def _assert_int8_result(got, arrays, parts=()):
     """got equals the int8-activation reference and not the float one (the quantization is not ignored)."""
-    kwargs = {"parts": parts} if parts else {}
-    ref = reference_decode_matmul(*arrays, int8_activations=True, **kwargs)
-    exact = reference_decode_matmul(*arrays, **kwargs)
+    ref = reference_decode_matmul(*arrays, parts=parts, int8_activations=True)
+    exact = reference_decode_matmul(*arrays, parts=parts)
     tol = 2e-6 * np.abs(ref).max()
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=tol)
     assert np.abs(exact - ref).max() > 20 * tol
@@ -79,9 +78,11 @@ def test_vnni_rules_take_only_the_int8_form_on_vnni_cpus():
     prefill = trit_decode_matmul_func(64, 96, 3, INT8_PERMUTE)
     assert TritGEMVVNNI().apply(decode, ICELAKE, False) is not None
     assert TritGEMMVNNI().apply(prefill, ICELAKE, False) is not None
-    assert TritGEMVVNNI().apply(prefill, ICELAKE, False) is None and TritGEMMVNNI().apply(decode, ICELAKE, False) is None
+    assert TritGEMVVNNI().apply(prefill, ICELAKE, False) is None
+    assert TritGEMMVNNI().apply(decode, ICELAKE, False) is None
     no_vnni = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
-    assert TritGEMVVNNI().apply(decode, no_vnni, False) is None and TritGEMMVNNI().apply(prefill, no_vnni, False) is None
+    assert TritGEMVVNNI().apply(decode, no_vnni, False) is None
+    assert TritGEMMVNNI().apply(prefill, no_vnni, False) is None
     float_form = trit_decode_matmul_func(64, 96, 3, WeightLayout(16, permute_steps=True), rows=1)
     assert TritGEMVVNNI().apply(float_form, ICELAKE, False) is None
 
