@@ -120,6 +120,13 @@ def test_unknown_target(trit_ckpt, tmp_path, capsys):
     assert code == 2 and "unknown target 'quantum-abacus'" in err and "llvm" in err
 
 
+def test_int8_activations_need_a_cpu_target(trit_ckpt, tmp_path, capsys):
+    code, err = _err(compile_main, [trit_ckpt, "--target", "cuda", "--int8-activations", "-o", tmp_path / "o"],
+                     capsys)
+    assert code == 2 and "--int8-activations: for CPU targets" in err and "cuda" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_artifact_for_another_target(cuda_artifact, tmp_path, capsys):
     if tvm.cuda(0).exist:
         pytest.skip("a GPU is present, so the CUDA artifact is runnable here")

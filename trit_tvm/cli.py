@@ -43,9 +43,9 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="store the output head as trits too (depth 4: decodes read a third of its 16-bit bytes); "
                         "for an HF/GGUF MODEL, else MODEL must be a trit checkpoint quantized with it")
     p.add_argument("--int8-activations", action="store_true",
-                   help="quantize each linear's input to 8 bits per group of 16 weights, so decode runs integer "
-                        "dot products (AVX-512 VNNI; elsewhere the same numbers in float); off by default: "
-                        "float activations match transformers exactly")
+                   help="CPU targets: quantize each linear's input to 8 bits per group of 16 weights, so decode and "
+                        "prefill run integer dot products (AVX-512 VNNI; elsewhere the same numbers in float); off "
+                        "by default: float activations match transformers exactly")
     p.add_argument("--force", action="store_true", help="replace the output dir if it exists")
     p.add_argument("--tuning-logs", type=Path, default=None,
                    help="root of tuning records (default: the repository's tuning_logs/); records under "

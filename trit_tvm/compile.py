@@ -234,6 +234,9 @@ def compile_model(model: Path, target: tvm.target.Target, out_dir: Path, depth: 
     CPUs with AVX-512 VNNI; otherwise the same numbers in float)."""
     if Path(out_dir).exists() and not force:  # before minutes of work, not after
         raise CompileError(f"{out_dir}: output directory exists (use --force to replace it)")
+    if int8_activations and target.kind.name != "llvm":
+        raise CompileError(f"--int8-activations: for CPU targets (llvm, aarch64), not {target.kind.name}: the "
+                           "GPU kernels have no int8 form")
     check_toolchain(target)
     with tempfile.TemporaryDirectory(prefix="trit-compile-") as work:
         ckpt = open_model(model, Path(work), depth, mode, stage, quantize_head)
