@@ -88,16 +88,19 @@ PREFILL_ROWS = 128
 
 
 def int8_comparison(n_in: int, n_out: int, depth: int, parts: tuple[int, ...], packed: dict, target,
-                    cold: int) -> dict:
+                    cold: int, float_gemv: dict) -> dict:
     """The int8-activation kernels against the float ones on the same weights: the decode GEMV (cached, and
-    over `cold` copies of the weights when cold > 0) and a prefill GEMM of PREFILL_ROWS rows."""
+    over `cold` copies of the weights when cold > 0; float_gemv: the float GEMV's times main() measured,
+    {"float": s[, "float_cold": s]}) and a prefill GEMM of PREFILL_ROWS rows."""
     dev = tvm.cpu(0)
     result = {}
     for rows in (1, PREFILL_ROWS):
         x = np.random.default_rng(3).standard_normal((rows, n_in)).astype(np.float32)
         out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), dev)
-        times = {}
-        for mode, layout in (("float", layout_for_target(target)), ("int8", layout_for_target(target, True))):
+        times = dict(float_gemv) if rows == 1 else {}
+        modes = ("int8",) if rows == 1 else ("float", "int8")
+        for mode in modes:
+            layout = layout_for_target(target, mode == "int8")
             lib = build(trit_decode_matmul_func(n_out, n_in, depth, layout, rows=rows, parts=parts), target)
             run_time = (layout.repack_codes(packed["trit_codes"], n_in),
                         layout.repack_scales(packed["trit_scales"], n_in, depth),
@@ -163,12 +166,14 @@ def main() -> None:
         t_torch = torch_seconds(n_in, n_out)
         row.update({"torch_fp32_us": round(t_torch * 1e6, 1), "x_torch_fp32": round(t_torch / t_trit, 2),
                     "frac_stream": round(nbytes / t_trit / 1e9 / stream, 3)})
+        float_gemv = {"float": t_trit}
         if args.cold:
             plain = trit_kernel(n_in, n_out, args.depth, layout, target, parts, prefetch=False)
-            row["cold_us"] = round(cold_seconds(lib, targs[0], run_time, out, args.cold) * 1e6, 1)
+            float_gemv["float_cold"] = cold_seconds(lib, targs[0], run_time, out, args.cold)
+            row["cold_us"] = round(float_gemv["float_cold"] * 1e6, 1)
             row["cold_no_prefetch_us"] = round(cold_seconds(plain, targs[0], run_time, out, args.cold) * 1e6, 1)
         if args.int8:
-            row.update(int8_comparison(n_in, n_out, args.depth, parts, packed, target, args.cold))
+            row.update(int8_comparison(n_in, n_out, args.depth, parts, packed, target, args.cold, float_gemv))
         rows.append(row)
     geo = lambda key: round(float(np.exp(np.mean([np.log(r[key]) for r in rows]))), 2)  # noqa: E731
     result = {"bench": "gemv", "target": target.kind.name, "depth": args.depth, "weight_layout": layout.name,

@@ -59,24 +59,25 @@ def _find_buffers(func: tirx.PrimFunc) -> dict:
     return found
 
 
-def _prefetch(buf: tirx.Buffer, flat: tirx.PrimExpr) -> tirx.Stmt:
+def prefetch_call(buf: tirx.Buffer, flat: tirx.PrimExpr) -> tirx.PrimExpr:
     """Prefetch (read, into all cache levels) of buffer element `flat` in row-major order, clamped to the
-    buffer's last element."""
+    buffer's last element (also what the hand-written kernels of x86_vnni.py call)."""
     shape = [int(e) for e in buf.shape]
     rest, index = tirx.min(flat, math.prod(shape) - 1), []
     for extent in reversed(shape[1:]):
         index.append(tirx.floormod(rest, extent))
         rest = tirx.floordiv(rest, extent)
     address = tirx.address_of(tirx.BufferLoad(buf, [rest] + list(reversed(index))))
-    return tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, tirx.const(0, "int32"),
-                                               tirx.const(3, "int32"), tirx.const(1, "int32")))
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, tirx.const(0, "int32"),
+                                 tirx.const(3, "int32"), tirx.const(1, "int32"))
+
 
 
 def _lines(buf: tirx.Buffer, first: tirx.PrimExpr, elems: int) -> list[tirx.Stmt]:
     """Prefetches of the cache lines of `elems` elements of buf from element `first` on."""
     elem_bytes = tvm.DataType(buf.dtype).bits // 8
     lines = max(1, elems * elem_bytes // LINE_BYTES)
-    return [_prefetch(buf, first + line * (LINE_BYTES // elem_bytes)) for line in range(lines)]
+    return [tirx.Evaluate(prefetch_call(buf, first + line * (LINE_BYTES // elem_bytes))) for line in range(lines)]
 
 
 def _block_prefetches(codes: tirx.Buffer, scales: tirx.Buffer, panel: tirx.PrimExpr, block: tirx.Var,

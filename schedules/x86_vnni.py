@@ -34,7 +34,7 @@ from codec.format import padded_blocks, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 
 from .base import ACT_MAX
-from .prefetch import LINE_BYTES, PREFETCH_BLOCKS
+from .prefetch import LINE_BYTES, PREFETCH_BLOCKS, prefetch_call
 from .x86_lookup import TABLE_WINDOW, permute_lookup
 
 ROWS = 16  # weight rows per panel: the int32 lanes of one 512-bit register
@@ -79,11 +79,6 @@ def _dot(acc: tirx.PrimExpr, weights: tirx.PrimExpr, x4: tirx.PrimExpr) -> tirx.
     """acc[t] += Σ_q u8(weights[t].byte q) · s8(x4.byte q), 16 lanes (vpdpbusd)."""
     return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, weights,
                                       tirx.reinterpret("int8x64", tirx.Broadcast(x4, 16)))
-
-
-def _prefetch(buf, offset) -> tirx.PrimExpr:
-    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(buf[offset]),
-                                 tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32"))
 
 
 @dataclass(frozen=True)
@@ -174,8 +169,8 @@ def _load_block(s, codes_flat, words, panel, b):
     codes PREFETCH_BLOCKS blocks ahead in memory, 8 lines (into the next panels when K is short: a core's
     panels are consecutive; the scales, 1/16 of the bytes, are left to the hardware prefetcher)."""
     for line in T.unroll(GROUP_SIZE * ROWS * 2 // LINE_BYTES):
-        T.evaluate(_prefetch(codes_flat, T.min((panel * s.units + (b + PREFETCH_BLOCKS) * GROUP_SIZE) * ROWS
-                                               + line * (LINE_BYTES // 2), s.panels * s.units * ROWS - 1)))
+        T.evaluate(prefetch_call(codes_flat, (panel * s.units + (b + PREFETCH_BLOCKS) * GROUP_SIZE) * ROWS
+                                 + line * (LINE_BYTES // 2)))
     for v in T.unroll(WORD_PAIRS):
         words[T.ramp(v * 32, 1, 32)] = codes_flat[T.ramp((panel * s.units + b * GROUP_SIZE + v * 2) * ROWS, 1, 32)]
 

@@ -1,5 +1,5 @@
 """What several test modules share: a checkpoint compiled beside transformers on the same weights, greedy
-decoding in transformers, the trained MiniLM matrices."""
+decoding in transformers, the trained MiniLM matrices, the operator tests' random matrices and shapes."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,6 +8,8 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+
+from codec import pack_matrix, quantize_matrix
 
 
 def compile_with_reference(src: pathlib.Path, root: pathlib.Path, depth: int, flags: tuple[str, ...] = ()):
@@ -42,3 +44,29 @@ def minilm_matrices(limit: int | None = None) -> list[np.ndarray]:
     f = SafetensorsFile(pathlib.Path(spec.origin).parent / "model" / "model.safetensors")
     names = [n for n in f.keys() if n.endswith("weight") and len(f.tensors[n].shape) == 2 and "embeddings" not in n]
     return [to_float32(f.read(n), f.tensors[n].dtype) for n in names[:limit]]
+
+
+SHAPES = [(37, 16 * 5), (131, 16 * 21), (7, 16), (64, 16 * 7)]  # N prime or small; K = 16·odd; tails
+STACKS = [(37, 16, 16), (896, 128, 128), (40, 40)]  # rows of stacked matrices (q/k/v-like, gate/up-like)
+
+
+def operator_inputs(n_out: int, n_in: int, depth: int, rows: int, bias: bool, seed: int) -> list[np.ndarray]:
+    """x [rows, n_in], the packed arrays of a random [n_out, n_in] matrix at depth, and a bias if asked."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    packed = pack_matrix(quantize_matrix(w, depth))
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    arrays = [x, packed["trit_codes"], packed["trit_scales"], packed["trit_codebook"]]
+    if bias:
+        arrays.append(rng.standard_normal(n_out).astype(np.float32))
+    return arrays
+
+
+def stacked_operator_inputs(parts: tuple[int, ...], n_in: int, depth: int, rows: int,
+                            seed: int) -> list[np.ndarray]:
+    """x and the stacked packed arrays of len(parts) matrices, each quantized with its own codebook."""
+    rng = np.random.default_rng(seed)
+    packs = [pack_matrix(quantize_matrix(rng.standard_normal((n, n_in)).astype(np.float32) * (i + 1), depth))
+             for i, n in enumerate(parts)]
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    return [x] + [np.concatenate([p[key] for p in packs]) for key in ("trit_codes", "trit_scales", "trit_codebook")]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tvm
 
+from helpers import SHAPES, STACKS, operator_inputs, stacked_operator_inputs
 from schedules import TritGEMMCPU, TritGEMMVNNI, TritGEMVCPU, TritGEMVVNNI
 from schedules.x86_vnni import supports as vnni_supported
-from tests.test_operator import SHAPES, STACKS, _inputs, _stacked_inputs
 from trit_tvm.operator import WeightLayout, layout_for_target, quantize_activations, reference_decode_matmul, \
     trit_decode_matmul_func
 from trit_tvm.targets import parse_target
@@ -61,7 +61,7 @@ def test_int8_form_through_cpu_rules_matches_reference(depth, n_out, n_in, bias)
     gemv = TritGEMVCPU().apply(trit_decode_matmul_func(n_out, n_in, depth, INT8, rows=1, bias=bias), LLVM, False)
     gemm = TritGEMMCPU().apply(trit_decode_matmul_func(n_out, n_in, depth, INT8, bias=bias), LLVM, False)
     for rows, sch in ((1, gemv), (1, gemm), (7, gemm)):
-        arrays = _inputs(n_out, n_in, depth, rows, bias, seed=depth * 100 + rows + n_out)
+        arrays = operator_inputs(n_out, n_in, depth, rows, bias, seed=depth * 100 + rows + n_out)
         got = _run(tvm.compile(sch.mod["main"], target=LLVM), INT8, arrays, n_in, depth, rows, n_out)
         _assert_int8_result(got, arrays)
 
@@ -107,7 +107,7 @@ def test_vnni_kernels_match_reference(depth, n_out, n_in, bias):
     kernel on 1, 7 and 13 rows (not a multiple of its row tile)."""
     gemv, gemm = _vnni_libs(n_out, n_in, depth, bias)
     for lib, rows in ((gemv, 1), (gemm, 1), (gemm, 7), (gemm, 13)):
-        arrays = _inputs(n_out, n_in, depth, rows, bias, seed=depth * 100 + n_out + rows)
+        arrays = operator_inputs(n_out, n_in, depth, rows, bias, seed=depth * 100 + n_out + rows)
         _assert_int8_result(_run(lib, INT8_PERMUTE, arrays, n_in, depth, rows, n_out), arrays)
 
 
@@ -116,7 +116,7 @@ def test_vnni_kernels_match_reference(depth, n_out, n_in, bias):
 def test_vnni_kernels_read_each_stacked_matrix_codebook(parts):
     n_out, n_in = sum(parts), 16 * 13
     for lib, rows in zip(_vnni_libs(n_out, n_in, 3, parts=parts), (1, 7)):
-        x, codes, scales, codebook = _stacked_inputs(parts, n_in, 3, rows, seed=len(parts) + rows)
+        x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, 3, rows, seed=len(parts) + rows)
         got = _run(lib, INT8_PERMUTE, [x, codes, scales, codebook], n_in, 3, rows, n_out)
         _assert_int8_result(got, [x, codes, scales, codebook], parts)
 

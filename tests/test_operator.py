@@ -7,6 +7,7 @@ import pytest
 import tvm
 
 from codec import pack_matrix, quantize_matrix
+from helpers import SHAPES, STACKS, operator_inputs, stacked_operator_inputs
 from schedules import TritGEMMCPU, TritGEMMCuda, TritGEMVCPU, TritGEMVCuda
 from trit_tvm.operator import DECODE_INT32, DECODE_TABLE32, PLANES, WeightLayout, layout_for_target, reference_decode_matmul, \
     trit_decode_matmul_func
@@ -15,26 +16,14 @@ from trit_tvm.targets import parse_target
 ROWS32 = WeightLayout(32)
 CUDA_LAYOUT = WeightLayout(32, DECODE_TABLE32)
 LLVM = tvm.target.Target({"kind": "llvm"})
-SHAPES = [(37, 16 * 5), (131, 16 * 21), (7, 16), (64, 16 * 7)]  # N prime or small; K = 16·odd; tails
 
 
 def _prim_func(n_out, n_in, depth, bias, layout, rows=None, dtype="float32"):
     return trit_decode_matmul_func(n_out, n_in, depth, layout, rows=rows, bias=bias, dtype=dtype)
 
 
-def _inputs(n_out, n_in, depth, rows, bias, seed):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
-    packed = pack_matrix(quantize_matrix(w, depth))
-    x = rng.standard_normal((rows, n_in)).astype(np.float32)
-    arrays = [x, packed["trit_codes"], packed["trit_scales"], packed["trit_codebook"]]
-    if bias:
-        arrays.append(rng.standard_normal(n_out).astype(np.float32))
-    return arrays
-
-
 def _check(lib, dev, layout, n_out, n_in, depth, rows, bias, atol_scale=1e-5):
-    arrays = _inputs(n_out, n_in, depth, rows, bias, seed=depth * 100 + rows + n_out)
+    arrays = operator_inputs(n_out, n_in, depth, rows, bias, seed=depth * 100 + rows + n_out)
     ref = reference_decode_matmul(*arrays)
     arrays[1:4] = (layout.repack_codes(arrays[1], n_in), layout.repack_scales(arrays[2], n_in, depth),
                    layout.repack_codebook(arrays[3]))
@@ -76,18 +65,6 @@ def test_cpu_rules_match_reference(depth, n_out, n_in, bias):
         _check(lib, tvm.cpu(), ROWS32, n_out, n_in, depth, rows, bias)
 
 
-STACKS = [(37, 16, 16), (896, 128, 128), (40, 40)]  # rows of stacked matrices (q/k/v-like, gate/up-like)
-
-
-def _stacked_inputs(parts, n_in, depth, rows, seed):
-    """x and the stacked packed arrays of len(parts) matrices, each quantized with its own codebook."""
-    rng = np.random.default_rng(seed)
-    packs = [pack_matrix(quantize_matrix(rng.standard_normal((n, n_in)).astype(np.float32) * (i + 1), depth))
-             for i, n in enumerate(parts)]
-    x = rng.standard_normal((rows, n_in)).astype(np.float32)
-    return [x] + [np.concatenate([p[key] for p in packs]) for key in ("trit_codes", "trit_scales", "trit_codebook")]
-
-
 @pytest.mark.parametrize("parts", STACKS)
 @pytest.mark.parametrize("layout,rules", [(PLANES, (None, None)), (ROWS32, (TritGEMVCPU(), TritGEMMCPU())),
                                           (CUDA_LAYOUT, (None, None))])
@@ -98,7 +75,7 @@ def test_stacked_matrices_read_their_own_codebooks(parts, layout, rules):
     for rows, rule in ((1, rules[0]), (7, rules[1])):
         func = trit_decode_matmul_func(n_out, n_in, 3, layout, rows=1 if rows == 1 else None, parts=parts)
         lib = tvm.compile(rule.apply(func, LLVM, False).mod["main"] if rule else func, target=LLVM)
-        x, codes, scales, codebook = _stacked_inputs(parts, n_in, 3, rows, seed=len(parts) + rows)
+        x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, 3, rows, seed=len(parts) + rows)
         ref = reference_decode_matmul(x, codes, scales, codebook, parts=parts)
         out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), tvm.cpu())
         lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, layout.repack_codes(codes, n_in), layout.repack_scales(scales, n_in, 3),
@@ -127,7 +104,8 @@ def test_avx512_permute_lookup_matches_reference(depth, n_out, n_in, parts):
         func = trit_decode_matmul_func(n_out, n_in, depth, PERMUTE, rows=1 if rows == 1 else None, parts=parts)
         lib = tvm.compile(rule.apply(func, AVX512, False).mod["main"], target=AVX512)
         assert "vpermi2ps" in lib.mod.inspect_source("asm") or "vpermt2ps" in lib.mod.inspect_source("asm")
-        x, codes, scales, codebook = _stacked_inputs(parts or (n_out,), n_in, depth, rows, seed=n_out + rows)
+        x, codes, scales, codebook = stacked_operator_inputs(parts or (n_out,), n_in, depth, rows,
+                                                             seed=n_out + rows)
         ref = reference_decode_matmul(x, codes, scales, codebook, parts=parts)
         out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), tvm.cpu())
         lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, PERMUTE.repack_codes(codes, n_in),
