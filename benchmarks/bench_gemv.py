@@ -22,10 +22,11 @@ import numpy as np
 import tvm
 from tvm import te
 
-from benchmarks.common import machine, random_packed, streaming_read_gbps, tvm_seconds
+from benchmarks.common import machine, random_packed, tvm_seconds
 from trit_tvm.operator import WeightLayout, layout_for_target, reference_decode_matmul, trit_decode_matmul_func
 from trit_tvm.pipeline import schedule_pass
 from trit_tvm.targets import parse_target
+from trit_tvm.variant_tuning import streaming_read_gbps
 
 # (in, out, name, stacked matrices): q/k/v and gate/up are one operator each in the compiled model
 SHAPES_3B = [(2048, 2560, "qkv", (2048, 256, 256)), (2048, 2048, "o_proj", ()), (2048, 22016, "gate_up", (11008, 11008)),

@@ -25,19 +25,6 @@ def machine() -> dict:
     return {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d")}
 
 
-def streaming_read_gbps(nbytes: int = 1 << 30, repeat: int = 5) -> float:
-    """This machine's streaming read bandwidth: best of a multithreaded torch sum over a 1 GiB array."""
-    import torch
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    a = torch.ones(nbytes // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
-
-
 def best_seconds(fn, repeat: int = 7, number: int = 5) -> float:
     fn()
     best = float("inf")

@@ -23,10 +23,11 @@ LAYOUT_ROWS = 32  # x86: 32 rows x 16-bit lanes = one AVX-512 register; CUDA: on
 LAYOUT_ROWS_ARM = 8  # aarch64: 8 rows x 16-bit lanes = one 128-bit NEON register
 
 
-def rules_for_target(target: tvm.target.Target) -> list:
+def rules_for_target(target: tvm.target.Target, choices: dict[str, dict] | None = None) -> list:
+    """choices: trit-tune's per-kernel variant and knobs for the hand-written kernels (TritGEMVVNNI)."""
     if target.kind.name == "cuda":
         return [TritGEMVCuda(), TritGEMMCuda()]
-    return [TritGEMVVNNI(), TritGEMMVNNI(), TritGEMVCPU(), TritGEMMCPU(), DenseLogitsCPU(), RowReductionCPU(),
+    return [TritGEMVVNNI(choices), TritGEMMVNNI(choices), TritGEMVCPU(), TritGEMMCPU(), DenseLogitsCPU(), RowReductionCPU(),
             ElementwiseCPU(), PagedPrefillAttentionCPU()]
 
 

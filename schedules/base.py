@@ -38,6 +38,15 @@ def row_count(func: tirx.PrimFunc) -> int | None:
     return total
 
 
+def kernel_key(func: tirx.PrimFunc) -> str:
+    """A trit kernel's identity for the tuning choices kept outside MetaSchedule (trit_tvm/variant_tuning.py):
+    decode (one row of x) or prefill, depth, in->out, the stacked matrices' rows, the activations' form."""
+    rows = "gemv" if row_count(func) == 1 else "gemm"
+    parts = "+".join(str(int(p)) for p in func.attrs.get(PARTS_ATTR, [func.attrs["trit.n_out"]]))
+    form = "int8" if int(func.attrs.get(INT8_ACTIVATIONS_ATTR, 0)) else "float"
+    return f"{rows} d{int(func.attrs['trit.depth'])} {int(func.attrs['trit.n_in'])}->{parts} {form}"
+
+
 def trit_blocks(sch: s_tir.Schedule) -> dict[str, s_tir.schedule.SBlockRV]:
     """The operator's blocks that exist in this instance (the tail ones only when K % 80 != 0)."""
     found = {}

@@ -12,9 +12,11 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from .base import INT8_ACTIVATIONS_ATTR, KERNEL_ATTR, LOGITS_KERNEL, PARTS_ATTR, PREFILL_ROW_TILE, \
-    is_trit_decode_matmul, layout_rows, row_count, split_loops, static_extent, trit_blocks, vectorize_lanes
+    is_trit_decode_matmul, kernel_key, layout_rows, row_count, split_loops, static_extent, trit_blocks, \
+    vectorize_lanes
 from .x86_lookup import LANES, permute_lookup_intrin
 from .x86_vnni import ROWS as VNNI_ROWS
+from .x86_vnni import VNNIKnobs
 from .x86_vnni import supports as vnni_supported
 from .x86_vnni import vnni_gemm_func, vnni_gemv_func
 
@@ -118,21 +120,32 @@ class TritGEMVCPU(ScheduleRule):
 
 class TritGEMVVNNI(ScheduleRule):
     """Decode with int8 activations on AVX-512 VNNI: the operator's int8-activation form on one row of x,
-    16-row panels, becomes the hand-written integer kernel of schedules/x86_vnni.py (same parameters)."""
+    16-row panels, becomes the hand-written integer kernel of schedules/x86_vnni.py (same parameters).
+
+    choices: trit-tune's per-kernel picks by schedules.base.kernel_key, {"variant": "vnni", "knobs": {...}}
+    (VNNIKnobs fields) or {"variant": "float"} (decline: the float rules compute the int8 form instead)."""
 
     single_row = True
+    VARIANTS = ("vnni", "float")
+
+    def __init__(self, choices: dict[str, dict] | None = None):
+        super().__init__()
+        self.choices = choices or {}
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
         if not (_applies(func, target) and int(func.attrs.get(INT8_ACTIVATIONS_ATTR, 0))
                 and layout_rows(func) == VNNI_ROWS and (row_count(func) == 1) == self.single_row
                 and vnni_supported(target)):
             return None
+        choice = self.choices.get(kernel_key(func), {})
+        if choice.get("variant", "vnni") == "float":
+            return None
         params = list(func.params)  # buffers: x, codes, scales, codebook, [bias], out
         x, out = params[0], params[-1]
         kernel = (vnni_gemv_func if self.single_row else vnni_gemm_func)(
             int(func.attrs["trit.n_out"]), int(func.attrs["trit.n_in"]), int(func.attrs["trit.depth"]),
             tuple(int(p) for p in func.attrs[PARTS_ATTR]), bias=len(params) == 6, dtype=str(x.dtype),
-            x_shape=tuple(x.shape), out_shape=tuple(out.shape))
+            x_shape=tuple(x.shape), out_shape=tuple(out.shape), knobs=VNNIKnobs(**choice.get("knobs", {})))
         return s_tir.Schedule(kernel)
 
 

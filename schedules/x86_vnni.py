@@ -22,6 +22,7 @@ cores for a prefill), before the parallel loop over panels.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -42,6 +43,21 @@ WORD_PAIRS = 8  # 512-bit loads per block and panel: 16 weights x 16 rows of 16-
 CHUNKS = GROUP_SIZE // 4  # vpdpbusd instructions per group and panel (4 weights each)
 TILE_BYTES = 64  # one chunk of a panel's byte tile: 16 rows x 4 weights
 ROW_TILE = 8  # prefill: rows of x per pass over a panel's tile (their accumulators stay in registers)
+
+
+@dataclass(frozen=True)
+class VNNIKnobs:
+    """The choices in these kernels that trit-tune may change per kernel (the defaults: the hand-written ones)."""
+    prefetch_blocks: int = PREFETCH_BLOCKS  # weight blocks ahead that each block iteration prefetches (0: none)
+    row_tile: int = ROW_TILE  # prefill: rows of x per pass over a panel's tile, 16 accumulators each
+
+    def __post_init__(self):
+        if not (isinstance(self.prefetch_blocks, int) and self.prefetch_blocks >= 0
+                and isinstance(self.row_tile, int) and 1 <= self.row_tile <= 16):
+            raise ValueError(f"VNNIKnobs: prefetch_blocks >= 0 and row_tile in 1..16 (integers), got {self}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 REQUIRED_FEATURES = ("avx512bw", "avx512vnni", "avx512vbmi")  # 16-bit multiplies, vpdpbusd, vpermt2b
@@ -164,13 +180,14 @@ def _quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, total, word):
 
 
 @T.macro
-def _load_block(s, codes_flat, words, panel, b):
+def _load_block(s, knobs, codes_flat, words, panel, b):
     """The block's 16 weights x 16 rows of 16-bit words into `words` (8 registers), after prefetching the
-    codes PREFETCH_BLOCKS blocks ahead in memory, 8 lines (into the next panels when K is short: a core's
-    panels are consecutive; the scales, 1/16 of the bytes, are left to the hardware prefetcher)."""
-    for line in T.unroll(GROUP_SIZE * ROWS * 2 // LINE_BYTES):
-        T.evaluate(prefetch_call(codes_flat, (panel * s.units + (b + PREFETCH_BLOCKS) * GROUP_SIZE) * ROWS
-                                 + line * (LINE_BYTES // 2)))
+    codes knobs.prefetch_blocks blocks ahead in memory, 8 lines (into the next panels when K is short: a
+    core's panels are consecutive; the scales, 1/16 of the bytes, are left to the hardware prefetcher)."""
+    if knobs.prefetch_blocks > 0:
+        for line in T.unroll(GROUP_SIZE * ROWS * 2 // LINE_BYTES):
+            T.evaluate(prefetch_call(codes_flat, (panel * s.units + (b + knobs.prefetch_blocks) * GROUP_SIZE)
+                                     * ROWS + line * (LINE_BYTES // 2)))
     for v in T.unroll(WORD_PAIRS):
         words[T.ramp(v * 32, 1, 32)] = codes_flat[T.ramp((panel * s.units + b * GROUP_SIZE + v * 2) * ROWS, 1, 32)]
 
@@ -205,8 +222,8 @@ def _signature(s: _Sizes, bias: bool, dtype: str, x_shape, out_shape, body) -> t
 
 
 def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (), bias: bool = False,
-                   dtype: str = "float32", x_shape: tuple | None = None,
-                   out_shape: tuple | None = None) -> tirx.PrimFunc:
+                   dtype: str = "float32", x_shape: tuple | None = None, out_shape: tuple | None = None,
+                   knobs: VNNIKnobs = VNNIKnobs()) -> tirx.PrimFunc:
     """The decode kernel: one row of x (x_shape, default [1, n_in]; leading dims of 1), a words layout of 16
     rows per panel (codes [ceil(n_out/16), 16·B, 16], scales [ceil(n_out/16), ceil(m·B/3), 16]), the
     operator's parameters (x, codes, scales, codebook, [bias], out); parts: row counts of stacked matrices."""
@@ -240,7 +257,7 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
                     acc[r] = T.float32(0)
                     offset[r] = s.codebook_base(panel * ROWS + r)
                 for b in T.serial(s.blocks):
-                    _load_block(s, codes_flat, words, panel, b)
+                    _load_block(s, knobs, codes_flat, words, panel, b)
                     for p in T.unroll(s.m):
                         dot[T.ramp(0, 1, ROWS)] = T.Broadcast(x_corr[b * s.m + p], ROWS)
                         for c in T.unroll(CHUNKS):
@@ -262,10 +279,11 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
 
 
 def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bias: bool, dtype: str,
-                   x_shape: tuple, out_shape: tuple) -> tirx.PrimFunc:
+                   x_shape: tuple, out_shape: tuple, knobs: VNNIKnobs = VNNIKnobs()) -> tirx.PrimFunc:
     """The prefill kernel: any number of rows of x (x_shape [..., n_in], symbolic dims allowed), the same
     layout and parameters as vnni_gemv_func."""
     s = _Sizes(n_out, n_in, depth, tuple(parts))
+    row_tile = knobs.row_tile
     n_rows = tirx.Cast("int32", math.prod(x_shape[:-1]))
     tile_len = s.groups * CHUNKS * TILE_BYTES
 
@@ -296,7 +314,7 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                 T.writes(out_flat[0:n_rows * n_out])
                 tile = T.sblock_alloc_buffer((tile_len,), "int8")
                 steps = T.sblock_alloc_buffer((s.groups * ROWS,), "float32")
-                acc = T.sblock_alloc_buffer((ROW_TILE * ROWS,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((row_tile * ROWS,), "float32", scope="local")
                 dot = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
                 index = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
                 offset = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
@@ -305,7 +323,7 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                     offset[r] = s.codebook_base(panel * ROWS + r)
                 # the panel's weights as bytes in vpdpbusd's order and its group steps, once
                 for b in T.serial(s.blocks):
-                    _load_block(s, codes_flat, words, panel, b)
+                    _load_block(s, knobs, codes_flat, words, panel, b)
                     for p in T.unroll(s.m):
                         for c in T.unroll(CHUNKS):
                             tile[T.ramp(((b * s.m + p) * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _weight_bytes(
@@ -314,13 +332,13 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                         _next_digit(s, words, p)
                         index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, b * s.m + p, offset)
                         steps[T.ramp((b * s.m + p) * ROWS, 1, ROWS)] = permute_lookup(codebook, index)
-                # ROW_TILE rows of x at a time over the tile, each tile vector feeding all of them
-                for rt in T.serial((n_rows + ROW_TILE - 1) // ROW_TILE):
-                    for i in T.vectorized(ROW_TILE * ROWS):
+                # row_tile rows of x at a time over the tile, each tile vector feeding all of them
+                for rt in T.serial((n_rows + row_tile - 1) // row_tile):
+                    for i in T.vectorized(row_tile * ROWS):
                         acc[i] = T.float32(0)
                     for g in T.serial(s.groups):
-                        for r in T.unroll(ROW_TILE):
-                            row: T.let[T.int32] = T.min(rt * ROW_TILE + r, n_rows - 1)
+                        for r in T.unroll(row_tile):
+                            row: T.let[T.int32] = T.min(rt * row_tile + r, n_rows - 1)
                             dot[T.ramp(0, 1, ROWS)] = T.Broadcast(x_corr[row * s.groups + g], ROWS)
                             for c in T.unroll(CHUNKS):
                                 dot[T.ramp(0, 1, ROWS)] = _dot(
@@ -330,9 +348,9 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                             acc[T.ramp(r * ROWS, 1, ROWS)] = acc[T.ramp(r * ROWS, 1, ROWS)] + T.Cast(
                                 "float32x16", dot[T.ramp(0, 1, ROWS)]) * (
                                 steps[T.ramp(g * ROWS, 1, ROWS)] * T.Broadcast(x_scale[row * s.groups + g], ROWS))
-                    for r, t in T.grid(ROW_TILE, ROWS):
-                        if rt * ROW_TILE + r < n_rows and panel * ROWS + t < n_out:
-                            out_flat[(rt * ROW_TILE + r) * n_out + panel * ROWS + t] = T.Cast(
+                    for r, t in T.grid(row_tile, ROWS):
+                        if rt * row_tile + r < n_rows and panel * ROWS + t < n_out:
+                            out_flat[(rt * row_tile + r) * n_out + panel * ROWS + t] = T.Cast(
                                 dtype, acc[r * ROWS + t] + bias_at(panel * ROWS + t))
 
     return _signature(s, bias, dtype, x_shape, out_shape, body)

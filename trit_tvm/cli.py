@@ -290,6 +290,11 @@ def tune_parser() -> argparse.ArgumentParser:
                    help="trit depth of every matrix with --config or an HF checkpoint; a trit checkpoint's own "
                         "depths otherwise (default: 3)")
     p.add_argument("--trials", type=int, default=16, help="measured candidates per kernel (default 16)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="tune the model's int8-activation kernels instead (decode and prefill; as trit-compile "
+                        "--int8-activations builds them): every variant and knob of the AVX-512 VNNI kernels and "
+                        "the float rules on the int8 form, timed here; choices to TUNING_LOGS/<target key>/"
+                        "variants.json (needs a CPU with AVX-512 VNNI and VBMI)")
     p.add_argument("--tuning-logs", type=Path, default=None,
                    help="records root (default: the repository's tuning_logs/)")
     p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its servers")
@@ -325,8 +330,11 @@ def _tune(args: argparse.Namespace) -> int:
 
     target = parse_target(args.target)
     arch, cfg, depth_of = resolve_model_config(args)
-    kernels = decode_gemv_kernels(fused_module(export_model(arch, cfg, depth_of, target).mod))
     out = logs_dir(args.tuning_logs or DEFAULT_LOGS, target)
+    if args.int8_activations:
+        return _tune_int8(fused_module(export_model(arch, cfg, depth_of, target, int8_activations=True).mod),
+                          target, out)
+    kernels = decode_gemv_kernels(fused_module(export_model(arch, cfg, depth_of, target).mod))
     log.info("tuning %d decode kernels x %d trials for %s into %s", len(kernels), args.trials, target.kind.name, out)
     t0 = time.perf_counter()
     tune_kernels(kernels, target, out, args.trials, make_runner(args.rpc_tracker, args.rpc_key))
@@ -338,6 +346,27 @@ def _tune(args: argparse.Namespace) -> int:
             ratio = "no record" if row["tuned_s"] is None else f"{row['hand_s'] / row['tuned_s']:.3f}x the hand rule"
             log.info("%s %s: %s, %s", row["name"], row["kernel"], ratio, verdict)
     log.info("done in %.0f s; trit-compile --target %s applies the records", time.perf_counter() - t0, args.target)
+    return 0
+
+
+def _tune_int8(mod, target, out: Path) -> int:
+    """trit-tune --int8-activations: the integer kernels' variants and knobs (trit_tvm/variant_tuning.py)."""
+    from .variant_tuning import int8_kernels, save_choices, streaming_read_gbps, tune_variants
+
+    kernels = int8_kernels(mod)
+    log.info("tuning %d int8-activation kernels (variants and knobs, timed here) into %s", len(kernels), out)
+    t0 = time.perf_counter()
+    stream = streaming_read_gbps()
+    for row in save_choices(tune_variants(kernels, target, progress=log.info), out):
+        verdict = "kept" if row["kept"] else "not kept: the hand-written default stays"
+        line = f"{row['key']}: best {row['default_s'] / row['best_s']:.3f}x the default, {verdict}"
+        if row["decode"]:  # the weights from memory: how far the default is from reading them at stream speed
+            bound = row["weight_bytes"] / (stream * 1e9)
+            line += (f"; default at {bound / row['default_s']:.0%} of the {stream:.1f} GB/s streaming read "
+                     f"(at most {row['default_s'] / bound:.2f}x to gain)")
+        log.info(line)
+    log.info("done in %.0f s; trit-compile --int8-activations --target %s applies the choices",
+             time.perf_counter() - t0, target.kind.name)
     return 0
 
 

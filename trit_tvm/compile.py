@@ -32,6 +32,8 @@ from codec.errors import read_json
 from codec.format import CODES, SCALES
 from codec.gguf_source import is_gguf
 from codec.safetensors_io import ShardWriter, dtype_name, from_float, to_float32
+from schedules import is_trit_decode_matmul
+from schedules.base import kernel_key
 
 from .attention_cpu import use_cpu_attention
 from .artifact import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, LIBRARY, PARAMS
@@ -42,6 +44,7 @@ from .pipeline import trit_pipeline
 from .quantization import DepthOf, ParamSource, TritQuantizer, uniform_depth
 from .targets import host_arch, target_arch, target_device_kind, target_to_json
 from .tuning import DEFAULT_LOGS, apply_records_pass, logs_dir
+from .variant_tuning import load_choices
 
 log = logging.getLogger("trit")
 
@@ -170,15 +173,16 @@ def build_library(arch: Architecture, cfg: DecoderConfig, depth_of: DepthOf, tar
     exported = export_model(arch, cfg, depth_of, target, embed_dtype, int8_activations)
     stage(f"imported {arch.name} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) into Relax, "
           f"{exported.dtype}, weights as {exported.layout.name}, {exported.layout.activations} activations")
-    n_trit = sum(1 for gv, f in exported.mod.functions.items()
-                 if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "trit.op" in f.attrs)
+    n_trit = sum(1 for f in exported.mod.functions.values() if is_trit_decode_matmul(f))
     records = logs_dir(tuning_logs, target) if tuning_logs is not None else None
-    tuned: list[str] = []
+    choices = load_choices(records)
+    tuned = [gv.name_hint for gv, f in exported.mod.functions.items()
+             if is_trit_decode_matmul(f) and kernel_key(f) in choices]
     stage(f"compiling for {target.kind.name} ({n_trit} trit_decode_matmul kernels"
           + (f"; tuning records from {records}" if records is not None and records.exists() else "") + ")")
     t0 = time.perf_counter()
     with target:
-        pipeline = trit_pipeline(target, apply_records_pass(records, tuned))
+        pipeline = trit_pipeline(target, apply_records_pass(records, tuned), choices)
         exe = tvm.compile(exported.mod, target, relax_pipeline=pipeline)
     return {"exe": exe, "exported": exported, "tuned": tuned, "n_trit": n_trit,
             "compile_s": time.perf_counter() - t0}

@@ -13,11 +13,13 @@ from schedules import rules_for_target
 from schedules.prefetch import prefetch_trit_weights
 
 
-def schedule_pass(target: tvm.target.Target, prefetch: bool = True) -> tvm.transform.Pass:
+def schedule_pass(target: tvm.target.Target, prefetch: bool = True,
+                  choices: dict[str, dict] | None = None) -> tvm.transform.Pass:
     """schedules/ rules for this target first, dlight's defaults for everything else; on CPUs then the
     decode GEMVs' weight prefetches (schedules/prefetch.py), also into kernels scheduled from tuning records
-    (prefetch=False: without them, for benchmarks that compare)."""
-    rules = list(rules_for_target(target))
+    (prefetch=False: without them, for benchmarks that compare). choices: trit-tune's picks for the
+    hand-written kernels (trit_tvm/variant_tuning.py)."""
+    rules = list(rules_for_target(target, choices))
     if target.kind.name == "cuda":
         rules += [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                   dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
@@ -33,14 +35,16 @@ def fusion_passes() -> list[tvm.transform.Pass]:
             relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
 
 
-def trit_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
-    """tuned: a pass that schedules kernels from tuning records first (trit_tvm.tuning)."""
+def trit_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None = None,
+                  choices: dict[str, dict] | None = None) -> tvm.transform.Pass:
+    """tuned: a pass that schedules kernels from tuning records first (trit_tvm.tuning); choices: the tuned
+    variants of the hand-written kernels (trit_tvm.variant_tuning)."""
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         passes = [
             *fusion_passes(),
             *([tuned] if tuned is not None else []),
-            schedule_pass(target),
+            schedule_pass(target, choices=choices),
             relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
             relax.transform.RemovePurityChecking(),
