@@ -27,8 +27,8 @@ def rules_for_target(target: tvm.target.Target, choices: dict[str, dict] | None 
     """choices: trit-tune's per-kernel variant and knobs for the hand-written kernels (TritGEMVVNNI)."""
     if target.kind.name == "cuda":
         return [TritGEMVCuda(), TritGEMMCuda()]
-    return [TritGEMVVNNI(choices), TritGEMMVNNI(choices), TritGEMVCPU(), TritGEMMCPU(), DenseLogitsCPU(), RowReductionCPU(),
-            ElementwiseCPU(), PagedPrefillAttentionCPU()]
+    return [TritGEMVVNNI(choices), TritGEMMVNNI(choices), TritGEMVCPU(), TritGEMMCPU(), DenseLogitsCPU(),
+            RowReductionCPU(), ElementwiseCPU(), PagedPrefillAttentionCPU()]
 
 
 def layout_rows_for_target(target: tvm.target.Target, int8_activations: bool = False) -> int:

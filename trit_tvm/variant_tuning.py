@@ -52,7 +52,8 @@ def candidates(func: tirx.PrimFunc) -> list[dict]:
     if row_count(func) == 1:
         grid = [VNNIKnobs(prefetch_blocks=p) for p in PREFETCH_GRID]
     else:
-        grid = [VNNIKnobs(prefetch_blocks=p, row_tile=t) for t in ROW_TILE_GRID for p in (0, VNNIKnobs().prefetch_blocks)]
+        grid = [VNNIKnobs(prefetch_blocks=p, row_tile=t) for t in ROW_TILE_GRID
+                for p in (0, VNNIKnobs().prefetch_blocks)]
     default = VNNIKnobs()
     grid = [default] + [k for k in grid if k != default]
     return [{"variant": "vnni", "knobs": k.as_dict()} for k in grid] + [{"variant": "float"}]
