@@ -26,7 +26,7 @@ from benchmarks.common import machine, random_packed, tvm_seconds
 from trit_tvm.operator import WeightLayout, layout_for_target, reference_decode_matmul, trit_decode_matmul_func
 from trit_tvm.pipeline import schedule_pass
 from trit_tvm.targets import parse_target
-from trit_tvm.variant_tuning import streaming_read_gbps
+from trit_tvm.variant_tuning import copies_timer, streaming_read_gbps
 
 # (in, out, name, stacked matrices): q/k/v and gate/up are one operator each in the compiled model
 SHAPES_3B = [(2048, 2560, "qkv", (2048, 256, 256)), (2048, 2048, "o_proj", ()), (2048, 22016, "gate_up", (11008, 11008)),
@@ -48,18 +48,8 @@ def trit_kernel(n_in: int, n_out: int, depth: int, layout: WeightLayout, target,
 
 def cold_seconds(lib, x, run_time: tuple, out, copies: int, repeat: int = 5) -> float:
     """Best mean time per call over `copies` copies of the weights taken in turn (none stays cached)."""
-    import time
-    dev = tvm.cpu(0)
-    sets = [[tvm.runtime.tensor(a, dev) for a in run_time] for _ in range(copies)]
-    f = lib["main"]
-    f(x, *sets[0], out)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for s in sets:
-            f(x, *s, out)
-        best = min(best, (time.perf_counter() - t0) / copies)
-    return best
+    sets = [[tvm.runtime.tensor(a, tvm.cpu(0)) for a in run_time] for _ in range(copies)]
+    return copies_timer(lib, [x, out], sets, passes=repeat)()
 
 
 def dense_func(n_in: int, n_out: int, dtype: str = "float32") -> tvm.tirx.PrimFunc:

@@ -78,7 +78,7 @@ def _arguments(func: tirx.PrimFunc, copies: int) -> tuple[list, list[list]]:
     bias...]); any words decode to valid digits and codebook indices, which is all timing needs."""
     rng = np.random.default_rng(0)
     dev = tvm.cpu(0)
-    params = _params(func)
+    params = list(func.params)  # buffers: x, codes, scales, codebook, [bias], out
 
     def make(info):
         shape, dtype = _shape(info.shape, PREFILL_ROWS), str(info.dtype)
@@ -93,26 +93,23 @@ def _arguments(func: tirx.PrimFunc, copies: int) -> tuple[list, list[list]]:
     return io, [[tvm.runtime.tensor(w, dev) for w in weights] for _ in range(copies)]
 
 
-def _params(func: tirx.PrimFunc) -> list:
-    """The parameters' buffers (x, codes, scales, codebook, [bias], out): shape and dtype."""
-    return list(func.params)
-
 
 def weight_bytes(func: tirx.PrimFunc) -> int:
     """Bytes of the packed weights a call reads (codes, scales, codebook, bias)."""
     return sum(int(np.prod(_shape(info.shape, 1))) * np.dtype(str(info.dtype)).itemsize
-               for info in _params(func)[1:-1])
+               for info in list(func.params)[1:-1])
 
 
-def _timer(lib, io: list, weight_sets: list[list]) -> Callable[[], float]:
-    """Seconds per call, best of 3 passes over the weight copies taken in turn."""
+def copies_timer(lib, io: list, weight_sets: list[list], passes: int = 3) -> Callable[[], float]:
+    """A function returning seconds per call of lib's "main"(x, *weights, out), best of `passes` passes over the
+    weight copies taken in turn (from memory when the copies together exceed the caches)."""
     f = lib["main"]
     x, out = io
     f(x, *weight_sets[0], out)  # warm-up: thread pool start, first touch
 
     def run() -> float:
         best = float("inf")
-        for _ in range(3):
+        for _ in range(passes):
             t0 = time.perf_counter()
             for w in weight_sets:
                 f(x, *w, out)
@@ -152,7 +149,7 @@ def tune_variants(kernels: dict[str, tirx.PrimFunc], target: tvm.target.Target,
         io, weight_sets = _arguments(func, copies)
         choices = candidates(func)
         t0 = time.perf_counter()
-        timers = [_timer(build_candidate(func, target, c), io, weight_sets) for c in choices]
+        timers = [copies_timer(build_candidate(func, target, c), io, weight_sets) for c in choices]
         best = [float("inf")] * len(timers)
         for _ in range(ROUNDS):  # alternate, so a slow spell of a shared machine hits every candidate
             best = [min(b, t()) for b, t in zip(best, timers)]
