@@ -248,11 +248,11 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
                         scales_flat[panel * s.scale_words * ROWS:(panel + 1) * s.scale_words * ROWS],
                         xq4[0:s.groups * CHUNKS], x_scale[0:s.groups], x_corr[0:s.groups], codebook[0:s.table])
                 T.writes(out_flat[panel * ROWS:T.min(panel * ROWS + ROWS, n_out)])
-                acc = T.sblock_alloc_buffer((ROWS,), "float32", scope="local")
-                dot = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
-                index = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
-                offset = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
-                words = T.sblock_alloc_buffer((WORD_PAIRS * 32,), "uint16", scope="local")
+                acc = T.sblock_alloc_buffer((ROWS,), "float32")
+                dot = T.sblock_alloc_buffer((ROWS,), "int32")
+                index = T.sblock_alloc_buffer((ROWS,), "int32")
+                offset = T.sblock_alloc_buffer((ROWS,), "int32")
+                words = T.sblock_alloc_buffer((WORD_PAIRS * 32,), "uint16")
                 for r in T.vectorized(ROWS):
                     acc[r] = T.float32(0)
                     offset[r] = s.codebook_base(panel * ROWS + r)
@@ -301,9 +301,9 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                 T.reads(x_flat[row * n_in:(row + 1) * n_in])
                 T.writes(xq4[row * s.groups * CHUNKS:(row + 1) * s.groups * CHUNKS],
                          x_scale[row * s.groups:(row + 1) * s.groups], x_corr[row * s.groups:(row + 1) * s.groups])
-                peak = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                total = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                word = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                peak = T.sblock_alloc_buffer((1,), "float32")
+                total = T.sblock_alloc_buffer((1,), "int32")
+                word = T.sblock_alloc_buffer((1,), "int32")
                 _quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, total, word)
         for panel in T.parallel(s.panels):
             with T.sblock("trit_vnni_gemm"):
@@ -314,11 +314,11 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                 T.writes(out_flat[0:n_rows * n_out])
                 tile = T.sblock_alloc_buffer((tile_len,), "int8")
                 steps = T.sblock_alloc_buffer((s.groups * ROWS,), "float32")
-                acc = T.sblock_alloc_buffer((row_tile * ROWS,), "float32", scope="local")
-                dot = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
-                index = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
-                offset = T.sblock_alloc_buffer((ROWS,), "int32", scope="local")
-                words = T.sblock_alloc_buffer((WORD_PAIRS * 32,), "uint16", scope="local")
+                acc = T.sblock_alloc_buffer((row_tile * ROWS,), "float32")
+                dot = T.sblock_alloc_buffer((ROWS,), "int32")
+                index = T.sblock_alloc_buffer((ROWS,), "int32")
+                offset = T.sblock_alloc_buffer((ROWS,), "int32")
+                words = T.sblock_alloc_buffer((WORD_PAIRS * 32,), "uint16")
                 for r in T.vectorized(ROWS):
                     offset[r] = s.codebook_base(panel * ROWS + r)
                 # the panel's weights as bytes in vpdpbusd's order and its group steps, once

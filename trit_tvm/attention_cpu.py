@@ -107,10 +107,10 @@ def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tir
                     key_tiles = T.sblock_alloc_buffer(((kv_len + LANES - 1) // LANES, d, LANES), "float32")
                     scores = T.sblock_alloc_buffer(((kv_len + LANES - 1) // LANES * LANES,), "float32")
                     query = T.sblock_alloc_buffer((d,), "float32")
-                    acc = T.sblock_alloc_buffer((d,), "float32", scope="local")
-                    tile = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
-                    peak = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
-                    sums = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
+                    acc = T.sblock_alloc_buffer((d,), "float32")
+                    tile = T.sblock_alloc_buffer((LANES,), "float32")
+                    peak = T.sblock_alloc_buffer((LANES,), "float32")
+                    sums = T.sblock_alloc_buffer((LANES,), "float32")
                     best = T.sblock_alloc_buffer((1,), "float32")
                     total = T.sblock_alloc_buffer((1,), "float32")
                     q0: T.let[T.int32] = q_indptr[b]
@@ -188,17 +188,18 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                     key_tiles = T.sblock_alloc_buffer((max_num_pages, d, page_size), "float32")
                     scores = T.sblock_alloc_buffer((max_num_pages * page_size,), "float32")
                     query = T.sblock_alloc_buffer((d,), "float32")
-                    acc = T.sblock_alloc_buffer((d,), "float32", scope="local")
-                    tile = T.sblock_alloc_buffer((page_size,), "float32", scope="local")
-                    peak = T.sblock_alloc_buffer((page_size,), "float32", scope="local")
-                    sums = T.sblock_alloc_buffer((page_size,), "float32", scope="local")
+                    acc = T.sblock_alloc_buffer((d,), "float32")
+                    tile = T.sblock_alloc_buffer((page_size,), "float32")
+                    peak = T.sblock_alloc_buffer((page_size,), "float32")
+                    sums = T.sblock_alloc_buffer((page_size,), "float32")
                     best = T.sblock_alloc_buffer((1,), "float32")
                     total = T.sblock_alloc_buffer((1,), "float32")
                     p0: T.let[T.int32] = page_indptr[b]
                     n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
                     n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
-                    for pj, c, ji in T.grid(n_pages, d, page_size):  # the keys, transposed once for the group
-                        key_tiles[pj, c, ji] = T.Cast("float32", pages[page_values[p0 + pj], 0, hk, ji, c])
+                    for pj, c in T.grid(n_pages, d):  # the keys, transposed once for the group
+                        for ji in T.vectorized(page_size):
+                            key_tiles[pj, c, ji] = T.Cast("float32", pages[page_values[p0 + pj], 0, hk, ji, c])
                     for g in T.serial(group):
                         h: T.let[T.int32] = hk * group + g
                         for c in T.vectorized(d):

@@ -10,6 +10,7 @@ from tvm import relax
 from tvm.s_tir import dlight
 
 from schedules import rules_for_target
+from schedules.cpu_scratch import scratch_buffers_on_stack
 from schedules.prefetch import prefetch_trit_weights
 
 
@@ -25,7 +26,7 @@ def schedule_pass(target: tvm.target.Target, prefetch: bool = True,
                   dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
         return dlight.ApplyDefaultSchedule(*rules)
     rules += [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
-    passes = [dlight.ApplyDefaultSchedule(*rules)]
+    passes = [dlight.ApplyDefaultSchedule(*rules), scratch_buffers_on_stack]
     return tvm.transform.Sequential(passes + [prefetch_trit_weights] if prefetch else passes)
 
 
