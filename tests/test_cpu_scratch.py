@@ -17,6 +17,7 @@ from trit_tvm.operator import WeightLayout, reference_decode_matmul, trit_decode
 from trit_tvm.pipeline import schedule_pass
 
 LLVM = tvm.target.Target({"kind": "llvm"})
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})  # the permute lookup's instructions
 ROWS = 32
 
 
@@ -24,14 +25,14 @@ def _local_buffers(func: tvm.tirx.PrimFunc) -> int:
     return func.script().count('scope="local"')
 
 
-def _args(n_out: int, n_in: int, depth: int, x_rows: int):
+def _args(n_out: int, n_in: int, depth: int, x_rows: int, layout: WeightLayout = WeightLayout(ROWS)):
     rng = np.random.default_rng(n_out + x_rows)
-    layout = WeightLayout(ROWS)
     packed = pack_matrix(quantize_matrix(rng.standard_normal((n_out, n_in)).astype(np.float32), depth))
     x = rng.standard_normal((x_rows, n_in)).astype(np.float32)
     ref = reference_decode_matmul(x, packed["trit_codes"], packed["trit_scales"], packed["trit_codebook"])
-    args = [x, layout.repack_codes(packed["trit_codes"], n_in), layout.repack_scales(packed["trit_scales"], n_in, depth),
-            layout.repack_codebook(packed["trit_codebook"]), np.zeros((x_rows, n_out), np.float32)]
+    args = [x, layout.repack_codes(packed["trit_codes"], n_in),
+            layout.repack_scales(packed["trit_scales"], n_in, depth), layout.repack_codebook(packed["trit_codebook"]),
+            np.zeros((x_rows, n_out), np.float32)]
     return [tvm.runtime.tensor(a, tvm.cpu()) for a in args], ref
 
 
@@ -52,13 +53,14 @@ def test_rules_leave_no_local_buffers(x_rows):
 def test_tuned_gemv_with_tensorized_lookup():
     """A GEMV scheduled as a tuning record replays it (sampled knobs, the permute lookup tensorized): its
     "local" tiles, the tensorized block's too, become global and it still computes the reference."""
-    func = trit_decode_matmul_func(100, 16 * 9, 3, WeightLayout(ROWS), rows=1)
+    layout = WeightLayout(ROWS, permute_steps=True)
+    func = trit_decode_matmul_func(100, 16 * 9, 3, layout, rows=1)
     tuned = TritGEMVCPU().schedule(s_tir.Schedule(func), tunable=True).mod["main"]
-    assert _local_buffers(tuned) > 0
+    assert "T.match_buffer" in tuned.script() and _local_buffers(tuned) > 0  # the intrinsic's buffers
     fixed = scratch_buffers_global(tuned)
     assert _local_buffers(fixed) == 0
-    args, ref = _args(100, 16 * 9, 3, 1)
-    tvm.compile(tvm.IRModule({"main": fixed}), target=LLVM)(*args)
+    args, ref = _args(100, 16 * 9, 3, 1, layout)
+    tvm.compile(tvm.IRModule({"main": fixed}), target=AVX512)(*args)
     np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 

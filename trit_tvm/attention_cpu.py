@@ -198,7 +198,7 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                     n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
                     n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
                     for pj, c in T.grid(n_pages, d):  # the keys, transposed once for the group
-                        for ji in T.vectorized(page_size):
+                        for ji in T.vectorized(page_size):  # a gather per 16 keys (a scalar copy became scatters)
                             key_tiles[pj, c, ji] = T.Cast("float32", pages[page_values[p0 + pj], 0, hk, ji, c])
                     for g in T.serial(group):
                         h: T.let[T.int32] = hk * group + g
