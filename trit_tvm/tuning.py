@@ -21,6 +21,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from schedules import TritGEMVCPU, is_trit_decode_matmul
 from schedules.base import row_count
+from schedules.cpu_scratch import scratch_buffers_global, set_scratch_global
 
 from .errors import CompileError
 from .pipeline import fusion_passes
@@ -48,7 +49,9 @@ def decode_gemv_kernels(mod: tvm.IRModule) -> dict[str, tvm.tirx.PrimFunc]:
 
 
 def _space(sch: tvm.s_tir.Schedule) -> tvm.s_tir.Schedule:
-    return TritGEMVCPU().schedule(sch, tunable=True)
+    sch = TritGEMVCPU().schedule(sch, tunable=True)
+    set_scratch_global(sch)  # what the compiler's pipeline does to every CPU kernel (schedules/cpu_scratch.py)
+    return sch
 
 
 def make_runner(rpc_tracker: str | None, rpc_key: str | None, timeout_s: int = 60):
@@ -84,7 +87,8 @@ def tune_kernels(kernels: dict[str, tvm.tirx.PrimFunc], target: tvm.target.Targe
 
 def kernel_timer(func: tvm.tirx.PrimFunc, target: tvm.target.Target, number: int = 20, repeat: int = 7):
     """A function returning the best-of seconds of one scheduled kernel on this machine's CPU, on random
-    inputs of its shapes (built once, timed on each call)."""
+    inputs of its shapes (built once, timed on each call), its scratch tiles on the stack as in a model."""
+    func = scratch_buffers_global(func)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     dev = tvm.cpu(0)
     rng = np.random.default_rng(0)
