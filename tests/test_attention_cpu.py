@@ -66,17 +66,20 @@ def decode_kernel():
 
 def test_decode_matches_numpy(decode_kernel):
     rng = np.random.default_rng(3)
-    lengths = [37, 16]  # 3 pages, the last holding 5 tokens; exactly one full page
+    # 3 pages, the last holding 5 tokens; one full page; 13 pages (ranges of several pages per task); one token
+    # (most tasks' page ranges empty)
+    lengths = [37, 16, 203, 1]
     n_pages = [-(-n // PAGE_SIZE) for n in lengths]
     pages = rng.standard_normal((sum(n_pages) + 3, 2, H_KV, PAGE_SIZE, D)).astype(np.float32)
     page_values = rng.permutation(len(pages))[:sum(n_pages)].astype(np.int32)  # scattered, some unused
     page_indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
     last_page_len = np.array([n - (p - 1) * PAGE_SIZE for n, p in zip(lengths, n_pages)], np.int32)
-    q = rng.standard_normal((2, H_Q, D)).astype(np.float32)
+    q = rng.standard_normal((len(lengths), H_Q, D)).astype(np.float32)
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros_like(q), dev)
-    lse = tvm.runtime.tensor(np.zeros((2, H_Q), np.float32), dev)
-    args = [q, pages, page_indptr, page_values, last_page_len, np.zeros(2, np.int32), np.zeros(2, np.int32)]
+    lse = tvm.runtime.tensor(np.zeros((len(lengths), H_Q), np.float32), dev)
+    zeros = np.zeros(len(lengths), np.int32)
+    args = [q, pages, page_indptr, page_values, last_page_len, zeros, zeros]
     sm_scale = D ** -0.5
     decode_kernel(*[tvm.runtime.tensor(a, dev) for a in args], out, lse, 0, 1.0, 1e4, sm_scale)
     for b, n in enumerate(lengths):

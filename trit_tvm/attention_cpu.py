@@ -13,11 +13,14 @@ It handles the cache's `rotary_mode` 0 (RoPE applied before the cache, RopeMode.
 trit_tvm.models use) and says so if called otherwise.
 
 TVM's CPU decode kernel (_decode_kernels.py, `batch_decode_paged_kv_cpu`) is serial over heads and scalar
-along the head dimension, with an online softmax rescaling the output at every key. Ours runs the key/value
-heads in parallel, transposes each one's keys once into [d, 16] tiles per page for all the query heads that
-share it (GQA), scores 16 keys per vector, then the softmax and the weighted sum of values vectorized along
-the head dimension. At 130 tokens of context (Intel Xeon, 2 cores): 62 → 21 µs per layer for SmolLM2's 9/3
-heads, 90 → 24 µs for Qwen2.5-0.5B's 14/2.
+along the head dimension, with an online softmax rescaling the output at every key. Ours runs (key/value head,
+range of pages) tasks in parallel, transposes a task's keys once into [d, 16] tiles per page for all the query
+heads that share them (GQA), scores 16 keys per vector, then the softmax and the weighted sum of values
+vectorized along the head dimension (each value read once for all those query heads), and merges the ranges.
+At 130 tokens of context (Intel Xeon, 2 cores): 62 → 21 µs per layer for SmolLM2's 9/3 heads, 90 → 24 µs for
+Qwen2.5-0.5B's 14/2, one task per key/value head. The ranges (AMD EPYC Zen 4, 2 cores, 30 layers' caches in
+turn, median µs per layer): SmolLM2 at 600 / 2000 tokens 128 → 102 / 434 → 312, Qwen2.5-0.5B 102 → 97 /
+284 → 268; at 150 tokens within this VM's noise.
 """
 from __future__ import annotations
 
@@ -32,37 +35,45 @@ KERNEL_SYMBOL = "batch_prefill_ragged_kv"  # TVM's name for it; the KV cache cal
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"  # TVM's CPU decode kernel (without a sliding window)
 PAGE_SIZE = 16  # tokens per KV-cache page: what TVM's CPU kernels are built for, and trit_tvm.runtime uses
 LANES = 16
+CHAINS = 4  # independent partial sums of a query-key dot product (_softmax_weights); d % CHAINS == 0
+DECODE_TASKS = 12  # decode: up to this many (key/value head, key range) tasks, so that the cores share them evenly
+DECODE_RANGE_PAGES = 4  # decode: pages a key range holds at least (shorter ones cost more than they share)
 
 
 @T.macro
-def _softmax_weights(query, key_tiles, scores, tile, peak, sums, best, total, n_keys, d):
-    """Both kernels' softmax in log2 space: scores[j] = query · key j for the n_keys keys (16 per vector, from
-    key tiles [tiles, d, 16]), then scores[j] = 2^(score - best), their sum in total[0] and the maximum in
-    best[0]; the lanes past n_keys are -inf, then 0 (fastmath.exp2: libm's would be a call per key)."""
+def _softmax_weights(query, key_tiles, scores, at, tile, peak, sums, best, total, g, n_keys, d):
+    """Both kernels' softmax in log2 space: scores[at + j] = query · key j for the n_keys keys (16 per vector,
+    from key tiles [tiles, d, 16]; CHAINS independent sums over d, not one chain of d dependent FMAs), then
+    scores[at + j] = 2^(score - best), their sum in total[g] and the maximum in best[g]; the lanes past n_keys
+    are -inf, then 0 (fastmath.exp2: libm's would be a call per key)."""
     for ji in T.vectorized(LANES):
         peak[ji] = T.float32(-3.0e38)
     for jo in T.serial((n_keys + LANES - 1) // LANES):
-        for ji in T.vectorized(LANES):
-            tile[ji] = T.float32(0)
-        for c in T.serial(d):
+        for u in T.unroll(CHAINS):
             for ji in T.vectorized(LANES):
-                tile[ji] += query[c] * key_tiles[jo, c, ji]
+                tile[u * LANES + ji] = T.float32(0)
+        for c in T.serial(d // CHAINS):
+            for u in T.unroll(CHAINS):
+                for ji in T.vectorized(LANES):
+                    tile[u * LANES + ji] += query[c * CHAINS + u] * key_tiles[jo, c * CHAINS + u, ji]
         for ji in T.vectorized(LANES):
-            scores[jo * LANES + ji] = T.if_then_else(jo * LANES + ji < n_keys, tile[ji], T.float32(-3.0e38))
-            peak[ji] = T.max(peak[ji], scores[jo * LANES + ji])
-    best[0] = T.float32(-3.0e38)
+            scores[at + jo * LANES + ji] = T.if_then_else(
+                jo * LANES + ji < n_keys, (tile[ji] + tile[LANES + ji]) + (tile[2 * LANES + ji] + tile[3 * LANES + ji]),
+                T.float32(-3.0e38))
+            peak[ji] = T.max(peak[ji], scores[at + jo * LANES + ji])
+    best[g] = T.float32(-3.0e38)
     for ji in T.serial(LANES):
-        best[0] = T.max(best[0], peak[ji])
+        best[g] = T.max(best[g], peak[ji])
     for ji in T.vectorized(LANES):
         sums[ji] = T.float32(0)
     for jo in T.serial((n_keys + LANES - 1) // LANES):
         for ji in T.vectorized(LANES):
-            scores[jo * LANES + ji] = T.if_then_else(
-                jo * LANES + ji < n_keys, fastmath.exp2(scores[jo * LANES + ji] - best[0]), T.float32(0))
-            sums[ji] += scores[jo * LANES + ji]
-    total[0] = T.float32(0)
+            scores[at + jo * LANES + ji] = T.if_then_else(
+                jo * LANES + ji < n_keys, fastmath.exp2(scores[at + jo * LANES + ji] - best[g]), T.float32(0))
+            sums[ji] += scores[at + jo * LANES + ji]
+    total[g] = T.float32(0)
     for ji in T.serial(LANES):
-        total[0] += sums[ji]
+        total[g] += sums[ji]
 
 
 def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tirx.PrimFunc:
@@ -108,7 +119,7 @@ def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tir
                     scores = T.sblock_alloc_buffer(((kv_len + LANES - 1) // LANES * LANES,), "float32")
                     query = T.sblock_alloc_buffer((d,), "float32")
                     acc = T.sblock_alloc_buffer((d,), "float32")
-                    tile = T.sblock_alloc_buffer((LANES,), "float32")
+                    tile = T.sblock_alloc_buffer((CHAINS * LANES,), "float32")
                     peak = T.sblock_alloc_buffer((LANES,), "float32")
                     sums = T.sblock_alloc_buffer((LANES,), "float32")
                     best = T.sblock_alloc_buffer((1,), "float32")
@@ -129,7 +140,7 @@ def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tir
                         seen: T.let[T.int32] = T.if_then_else(causal > 0, T.min(nk - nq + i + 1, nk), nk)
                         for c in T.vectorized(d):
                             query[c] = T.Cast("float32", q[q0 + i, h, c]) * (sm_scale * T.float32(log2e))
-                        _softmax_weights(query, key_tiles, scores, tile, peak, sums, best, total, seen, d)
+                        _softmax_weights(query, key_tiles, scores, 0, tile, peak, sums, best, total, 0, seen, d)
                         for c in T.vectorized(d):
                             acc[c] = T.float32(0)
                         for j in T.serial(seen):
@@ -143,10 +154,17 @@ def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tir
 
 
 def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = PAGE_SIZE) -> tvm.tirx.PrimFunc:
-    """The decode kernel (one query per sequence) for h_q query heads sharing h_kv key/value heads of size d."""
+    """The decode kernel (one query per sequence) for h_q query heads sharing h_kv key/value heads of size d.
+    Each key/value head's pages are split into up to `splits` ranges of at least DECODE_RANGE_PAGES pages, one
+    parallel task each (flash-decoding): with 3 heads on 2 cores, or 2 heads on 16, one range per head left
+    cores idle. A task writes its query heads' unnormalized outputs with their softmax maximum and sum, and a
+    serial pass merges the ranges of every query head."""
     group = h_q // h_kv
+    splits = -(-DECODE_TASKS // h_kv)
+    tasks = h_kv * splits
     log2e = math.log2(math.e)
     assert page_size == LANES, "a page's keys are one 16-key tile of _softmax_weights"
+    assert d % CHAINS == 0
 
     # pylint: disable=too-many-locals
     @T.prim_func(s_tir=True)
@@ -176,45 +194,83 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                                          elem_offset=q_rope_position_elem_offset)
         output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
         lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
+        # each task's results: its query heads' sums of weighted values, softmax maxima and sums
+        part_acc = T.alloc_buffer((tasks * group * d,), "float32")
+        part_best = T.alloc_buffer((tasks * group,), "float32")
+        part_total = T.alloc_buffer((tasks * group,), "float32")
+        merged = T.alloc_buffer((d,), "float32")
+        weight = T.alloc_buffer((1,), "float32")
+        peak_all = T.alloc_buffer((1,), "float32")
+        total_all = T.alloc_buffer((1,), "float32")
 
         assert rotary_mode == 0, "trit-tvm's CPU decode attention expects RoPE applied before the KV cache"
         for b in T.serial(batch_size):
-            for hk in T.parallel(h_kv):
+            p0: T.let[T.int32] = page_indptr[b]
+            n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+            n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+            # key ranges per head: as many as the pages allow, up to `splits`
+            ranges: T.let[T.int32] = T.max(T.min(n_pages // DECODE_RANGE_PAGES, splits), 1)
+            for t in T.parallel(h_kv * ranges):
                 with T.sblock("attn"):
-                    T.reads(q[b, hk * group:hk * group + group, 0:d],
-                            pages[0:max_num_pages, 0:2, hk, 0:page_size, 0:d], page_indptr[b:b + 2],
-                            page_values[0:nnz_pages], last_page_len[b])
-                    T.writes(output[b, hk * group:hk * group + group, 0:d], lse[b, hk * group:hk * group + group])
-                    key_tiles = T.sblock_alloc_buffer((max_num_pages, d, page_size), "float32")
-                    scores = T.sblock_alloc_buffer((max_num_pages * page_size,), "float32")
+                    T.reads(q[b, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d],
+                            page_values[0:nnz_pages])
+                    T.writes(part_acc[t * group * d:(t + 1) * group * d], part_best[t * group:(t + 1) * group],
+                             part_total[t * group:(t + 1) * group])
+                    # pages of the longest range: ceil(pages / splits), or under 2·DECODE_RANGE_PAGES if fewer ranges
+                    key_tiles = T.sblock_alloc_buffer(
+                        ((max_num_pages + splits - 1) // splits + 2 * DECODE_RANGE_PAGES, d, page_size), "float32")
+                    scores = T.sblock_alloc_buffer((group * key_tiles.shape[0] * page_size,), "float32")  # per head
                     query = T.sblock_alloc_buffer((d,), "float32")
-                    acc = T.sblock_alloc_buffer((d,), "float32")
-                    tile = T.sblock_alloc_buffer((page_size,), "float32")
+                    acc = T.sblock_alloc_buffer((group * d,), "float32")
+                    tile = T.sblock_alloc_buffer((CHAINS * LANES,), "float32")
                     peak = T.sblock_alloc_buffer((page_size,), "float32")
                     sums = T.sblock_alloc_buffer((page_size,), "float32")
-                    best = T.sblock_alloc_buffer((1,), "float32")
-                    total = T.sblock_alloc_buffer((1,), "float32")
-                    p0: T.let[T.int32] = page_indptr[b]
-                    n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-                    n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
-                    for pj, c in T.grid(n_pages, d):  # the keys, transposed once for the group
-                        for ji in T.vectorized(page_size):  # a gather per 16 keys (a scalar copy became scatters)
-                            key_tiles[pj, c, ji] = T.Cast("float32", pages[page_values[p0 + pj], 0, hk, ji, c])
+                    best = T.sblock_alloc_buffer((group,), "float32")
+                    total = T.sblock_alloc_buffer((group,), "float32")
+                    hk: T.let[T.int32] = t // ranges
+                    first: T.let[T.int32] = t % ranges * n_pages // ranges  # this task's pages: [first, last)
+                    last: T.let[T.int32] = (t % ranges + 1) * n_pages // ranges
+                    n_keys: T.let[T.int32] = T.max(T.min(n, last * page_size) - first * page_size, 0)
+                    for pj in T.serial(last - first):  # the keys, transposed once for the group
+                        for c in T.serial(d):
+                            for ji in T.vectorized(page_size):  # a gather per 16 keys (a scalar copy became scatters)
+                                key_tiles[pj, c, ji] = T.Cast("float32",
+                                                              pages[page_values[p0 + first + pj], 0, hk, ji, c])
                     for g in T.serial(group):
-                        h: T.let[T.int32] = hk * group + g
                         for c in T.vectorized(d):
-                            query[c] = T.Cast("float32", q[b, h, c]) * (sm_scale * T.float32(log2e))
+                            query[c] = T.Cast("float32", q[b, hk * group + g, c]) * (sm_scale * T.float32(log2e))
                         # a page's keys are one tile of the macro's 16
-                        _softmax_weights(query, key_tiles, scores, tile, peak, sums, best, total, n, d)
+                        _softmax_weights(query, key_tiles, scores, g * key_tiles.shape[0] * page_size, tile, peak,
+                                         sums, best, total, g, n_keys, d)
+                    for i in T.serial(group * d):
+                        acc[i] = T.float32(0)
+                    for pj in T.serial(last - first):  # each value read once for the group's query heads
+                        for ji in T.serial(T.min(page_size, n_keys - pj * page_size)):
+                            for g in T.unroll(group):
+                                for c in T.vectorized(d):
+                                    acc[g * d + c] += scores[(g * key_tiles.shape[0] + pj) * page_size + ji] * T.Cast(
+                                        "float32", pages[page_values[p0 + first + pj], 1, hk, ji, c])
+                    for g in T.serial(group):
                         for c in T.vectorized(d):
-                            acc[c] = T.float32(0)
-                        for j in T.serial(n):
-                            value_page: T.let[T.int32] = page_values[p0 + j // page_size]
-                            for c in T.vectorized(d):
-                                acc[c] += scores[j] * T.Cast("float32", pages[value_page, 1, hk, j % page_size, c])
-                        for c in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
-                            output[b, h, c] = T.Cast(dtype, acc[c] / T.max(total[0], T.float32(1e-30)))
-                        lse[b, h] = best[0] + T.log2(T.max(total[0], T.float32(1e-30)))
+                            part_acc[(t * group + g) * d + c] = acc[g * d + c]
+                        part_best[t * group + g] = best[g]
+                        part_total[t * group + g] = total[g]
+            for h in T.serial(h_q):  # the ranges merged: weights 2^(range max - overall max)
+                peak_all[0] = T.float32(-3.0e38)
+                for sp in T.serial(ranges):
+                    peak_all[0] = T.max(peak_all[0], part_best[(h // group * ranges + sp) * group + h % group])
+                total_all[0] = T.float32(0)
+                for c in T.vectorized(d):
+                    merged[c] = T.float32(0)
+                for sp in T.serial(ranges):
+                    slot: T.let[T.int32] = (h // group * ranges + sp) * group + h % group  # task's result for h
+                    weight[0] = fastmath.exp2(part_best[slot] - peak_all[0])
+                    total_all[0] += part_total[slot] * weight[0]
+                    for c in T.vectorized(d):
+                        merged[c] += part_acc[slot * d + c] * weight[0]
+                for c in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
+                    output[b, h, c] = T.Cast(dtype, merged[c] / T.max(total_all[0], T.float32(1e-30)))
+                lse[b, h] = peak_all[0] + T.log2(T.max(total_all[0], T.float32(1e-30)))
 
     return batch_decode_paged_kv
 
