@@ -1,7 +1,8 @@
-"""trit_decode_matmul as a decode GEMV (rows = 1) at Qwen2.5-3B shapes, d=3, against baselines measured
-in the same run: torch FP32 `x @ W.T`, and the same TVM pipeline (dlight) on dense FP32 weights.
+"""trit_decode_matmul as a decode GEMV (rows = 1) at Qwen2.5-3B shapes (or SmolLM2-135M's), d=3 by default,
+against baselines measured in the same run: torch FP32 `x @ W.T`, and the same TVM pipeline (dlight) on dense
+FP32 weights.
 
-    python benchmarks/bench_gemv.py [--target llvm] [--plot benchmarks/gemv_bandwidth.png] [--cold 64] [--int8]
+    python benchmarks/bench_gemv.py [--target llvm] [--shapes 3B|smollm2] [--depth D] [--plot PNG] [--cold 64] [--int8]
 
 Prints one JSON line. Effective bandwidth = the checkpoint's packed bytes (codes + scales + codebook) / time;
 run_time_layout_bytes is what the kernel reads (on CPUs the 16-bit word layout: at d=3 11% more).
@@ -29,8 +30,11 @@ from trit_tvm.targets import parse_target
 from trit_tvm.variant_tuning import copies_timer, streaming_read_gbps
 
 # (in, out, name, stacked matrices): q/k/v and gate/up are one operator each in the compiled model
-SHAPES_3B = [(2048, 2560, "qkv", (2048, 256, 256)), (2048, 2048, "o_proj", ()), (2048, 22016, "gate_up", (11008, 11008)),
-             (11008, 2048, "down_proj", ())]
+SHAPES_3B = [(2048, 2560, "qkv", (2048, 256, 256)), (2048, 2048, "o_proj", ()),
+             (2048, 22016, "gate_up", (11008, 11008)), (11008, 2048, "down_proj", ())]
+SHAPES_SMOLLM2 = [(576, 960, "qkv", (576, 192, 192)), (576, 576, "o_proj", ()), (576, 3072, "gate_up", (1536, 1536)),
+                  (1536, 576, "down_proj", ())]
+SHAPES = {"3B": SHAPES_3B, "smollm2": SHAPES_SMOLLM2}
 
 
 def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target, prefetch: bool = True):
@@ -117,6 +121,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="llvm")
     ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="3B",
+                    help="the linears (q/k/v and gate/up stacked, as compiled) of Qwen2.5-3B or of SmolLM2-135M")
     ap.add_argument("--plot", help="write a PNG of effective bandwidth per shape")
     ap.add_argument("--cold", type=int, default=0, metavar="N",
                     help="also time the kernel over N copies of the weights, with and without the prefetches")
@@ -133,21 +139,23 @@ def main() -> None:
     layout = layout_for_target(target)
     stream = streaming_read_gbps()
     rows = []
-    for n_in, n_out, name, parts in SHAPES_3B:
+    for n_in, n_out, name, parts in SHAPES[args.shapes]:
         packed = random_packed(n_out, n_in, args.depth, parts=parts)
         x = np.random.default_rng(1).standard_normal((1, n_in)).astype(np.float32)
         lib = trit_kernel(n_in, n_out, args.depth, layout, target, parts)
         out = tvm.runtime.tensor(np.zeros((1, n_out), np.float32), dev)
-        run_time = (layout.repack_codes(packed["trit_codes"], n_in), layout.repack_scales(packed["trit_scales"], n_in, args.depth),
+        run_time = (layout.repack_codes(packed["trit_codes"], n_in),
+                    layout.repack_scales(packed["trit_scales"], n_in, args.depth),
                     layout.repack_codebook(packed["trit_codebook"]))
         targs = [tvm.runtime.tensor(a, dev) for a in (x, *run_time)] + [out]
         t_trit = tvm_seconds(lib, dev, targs)
-        ref = reference_decode_matmul(x, packed["trit_codes"], packed["trit_scales"], packed["trit_codebook"], parts=parts)
+        ref = reference_decode_matmul(x, packed["trit_codes"], packed["trit_scales"], packed["trit_codebook"],
+                                      parts=parts)
         err = float(np.abs(out.numpy() - ref).max() / np.abs(ref).max())
         nbytes = sum(a.nbytes for a in packed.values())
         dlib = dense_kernel(n_in, n_out, target)
         w = np.random.default_rng(2).standard_normal((n_out, n_in)).astype(np.float32)
-        dargs = [tvm.runtime.tensor(a, dev) for a in (x, w)] + [tvm.runtime.tensor(np.zeros((1, n_out), np.float32), dev)]
+        dargs = [tvm.runtime.tensor(a, dev) for a in (x, w, np.zeros((1, n_out), np.float32))]
         t_dense = tvm_seconds(dlib, dev, dargs, repeat=5, number=3)
         row = {"shape": f"{n_in}->{n_out}", "name": name, "trit_us": round(t_trit * 1e6, 1),
                "packed_bytes": nbytes, "eff_gbps": round(nbytes / t_trit / 1e9, 2),
@@ -167,7 +175,8 @@ def main() -> None:
             row.update(int8_comparison(n_in, n_out, args.depth, parts, packed, target, args.cold, float_gemv))
         rows.append(row)
     geo = lambda key: round(float(np.exp(np.mean([np.log(r[key]) for r in rows]))), 2)  # noqa: E731
-    result = {"bench": "gemv", "target": target.kind.name, "depth": args.depth, "weight_layout": layout.name,
+    result = {"bench": "gemv", "shapes_of": args.shapes, "target": target.kind.name, "depth": args.depth,
+              "weight_layout": layout.name,
               **machine(), "stream_read_gbps": round(stream, 1), "shapes": rows,
               "geomean_x_tvm_dense_fp32": geo("x_tvm_dense_fp32"), "geomean_x_torch_fp32": geo("x_torch_fp32"),
               "geomean_frac_stream": geo("frac_stream")}
@@ -184,7 +193,8 @@ def plot(result: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(names, [r["eff_gbps"] for r in result["shapes"]], color="#4a7", label="trit GEMV (packed bytes / time)")
     if result.get("stream_read_gbps"):
-        ax.axhline(result["stream_read_gbps"], color="k", ls="--", label=f"streaming read {result['stream_read_gbps']} GB/s")
+        ax.axhline(result["stream_read_gbps"], color="k", ls="--",
+                   label=f"streaming read {result['stream_read_gbps']} GB/s")
         ax.axhline(0.7 * result["stream_read_gbps"], color="gray", ls=":", label="70% of streaming read")
     ax.set_ylabel("GB/s")
     ax.set_title(f"trit_decode_matmul d={result['depth']}, rows=1, {result['target']}: {result['cpu']}, "
