@@ -1,13 +1,14 @@
 """trit-tvm's CPU attention kernels against numpy. Ragged prefill: GQA, two sequences in one batch, causal
-with more keys than queries (a later prefill chunk) and not causal. Paged decode: GQA, two sequences whose
-pages lie scattered in the cache, last pages partly filled. Both refuse a rotary_mode they do not handle."""
+with more keys than queries (a later prefill chunk) and not causal. Paged decode and paged prefill: GQA,
+sequences whose pages lie scattered in the cache, last pages partly filled. All refuse a rotary_mode they do
+not handle."""
 import math
 
 import numpy as np
 import pytest
 import tvm
 
-from trit_tvm.attention_cpu import PAGE_SIZE, paged_decode_attention, ragged_prefill_attention
+from trit_tvm.attention_cpu import PAGE_SIZE, paged_decode_attention, paged_prefill_attention, ragged_prefill_attention
 
 H_Q, H_KV, D = 6, 2, 24
 
@@ -58,6 +59,21 @@ def test_refuses_inline_rope(kernel):
                z(2, dt=np.int32), z(1, dt=np.int32), z(2, H_Q, D), z(2, H_Q), 1, 1, 1.0, 1e4, 1.0)
 
 
+def _paged_cache(rng, lengths):
+    """A cache holding sequences of `lengths` tokens on scattered pages: (pages, page_indptr, page_values,
+    last_page_len, per-sequence (k, v) [n, h_kv, d])."""
+    n_pages = [-(-n // PAGE_SIZE) for n in lengths]
+    pages = rng.standard_normal((sum(n_pages) + 3, 2, H_KV, PAGE_SIZE, D)).astype(np.float32)
+    page_values = rng.permutation(len(pages))[:sum(n_pages)].astype(np.int32)  # scattered, some unused
+    page_indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
+    last_page_len = np.array([n - (p - 1) * PAGE_SIZE for n, p in zip(lengths, n_pages)], np.int32)
+    kv = []
+    for b, n in enumerate(lengths):
+        own = page_values[page_indptr[b]:page_indptr[b + 1]]
+        kv.append([np.concatenate(pages[own, i].transpose(0, 2, 1, 3), axis=0)[:n] for i in (0, 1)])
+    return pages, page_indptr, page_values, last_page_len, kv
+
+
 @pytest.fixture(scope="module")
 def decode_kernel():
     func = paged_decode_attention(H_KV, H_Q, D, "float32").with_attr("global_symbol", "main")
@@ -69,11 +85,7 @@ def test_decode_matches_numpy(decode_kernel):
     # 3 pages, the last holding 5 tokens; one full page; 13 pages (ranges of several pages per task); one token
     # (most tasks' page ranges empty)
     lengths = [37, 16, 203, 1]
-    n_pages = [-(-n // PAGE_SIZE) for n in lengths]
-    pages = rng.standard_normal((sum(n_pages) + 3, 2, H_KV, PAGE_SIZE, D)).astype(np.float32)
-    page_values = rng.permutation(len(pages))[:sum(n_pages)].astype(np.int32)  # scattered, some unused
-    page_indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
-    last_page_len = np.array([n - (p - 1) * PAGE_SIZE for n, p in zip(lengths, n_pages)], np.int32)
+    pages, page_indptr, page_values, last_page_len, kv = _paged_cache(rng, lengths)
     q = rng.standard_normal((len(lengths), H_Q, D)).astype(np.float32)
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros_like(q), dev)
@@ -82,12 +94,34 @@ def test_decode_matches_numpy(decode_kernel):
     args = [q, pages, page_indptr, page_values, last_page_len, zeros, zeros]
     sm_scale = D ** -0.5
     decode_kernel(*[tvm.runtime.tensor(a, dev) for a in args], out, lse, 0, 1.0, 1e4, sm_scale)
-    for b, n in enumerate(lengths):
-        own = page_values[page_indptr[b]:page_indptr[b + 1]]
-        k, v = (np.concatenate(pages[own, i].transpose(0, 2, 1, 3), axis=0)[:n] for i in (0, 1))  # [n, h_kv, d]
-        ref_out, ref_lse = _attention(q[b:b + 1], k, v, 0, sm_scale)
+    for b in range(len(lengths)):
+        ref_out, ref_lse = _attention(q[b:b + 1], *kv[b], 0, sm_scale)
         np.testing.assert_allclose(out.numpy()[b:b + 1], ref_out, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(lse.numpy()[b:b + 1], ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+def test_paged_prefill_matches_numpy(causal):
+    """A later prefill chunk against the cached prefix: 5 queries over 37 cached keys, 16 over 203."""
+    lib = tvm.compile(tvm.IRModule({"main": paged_prefill_attention(H_KV, H_Q, D, "float32")
+                                    .with_attr("global_symbol", "main")}), target="llvm")
+    rng = np.random.default_rng(10 + causal)
+    q_lens, kv_lens = [5, 16], [37, 203]
+    pages, page_indptr, page_values, last_page_len, kv = _paged_cache(rng, kv_lens)
+    q = rng.standard_normal((sum(q_lens), H_Q, D)).astype(np.float32)
+    q_indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros_like(q), dev)
+    lse = tvm.runtime.tensor(np.zeros((sum(q_lens), H_Q), np.float32), dev)
+    args = [q, q_indptr, pages, page_indptr, page_values, last_page_len, np.zeros(2, np.int32),
+            np.zeros(sum(q_lens), np.int32)]
+    sm_scale = D ** -0.5
+    lib(*[tvm.runtime.tensor(a, dev) for a in args], out, lse, causal, 0, 1.0, 1e4, sm_scale)
+    for b in range(2):
+        qs = slice(q_indptr[b], q_indptr[b + 1])
+        ref_out, ref_lse = _attention(q[qs], *kv[b], causal, sm_scale)
+        np.testing.assert_allclose(out.numpy()[qs], ref_out, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lse.numpy()[qs], ref_lse, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_refuses_inline_rope(decode_kernel):

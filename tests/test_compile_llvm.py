@@ -39,8 +39,8 @@ def test_prefill_logits_within_1e_3(built):
 
 
 def test_chunked_prefill_matches_transformers(built, monkeypatch):
-    """A prompt longer than the prefill chunk: later chunks attend to the cache's pages (TVM's paged
-    kernel, run over the cores) and to themselves (trit_tvm.attention_cpu), merged by their lse."""
+    """A prompt longer than the prefill chunk: later chunks attend to the cache's pages and to themselves
+    (trit_tvm.attention_cpu's paged and ragged prefill kernels), merged by their lse."""
     import trit_tvm.runtime
     model, hf, _ = built
     monkeypatch.setattr(trit_tvm.runtime, "PREFILL_CHUNK", 16)

@@ -33,6 +33,7 @@ from . import fastmath
 
 KERNEL_SYMBOL = "batch_prefill_ragged_kv"  # TVM's name for it; the KV cache calls it by its GlobalVar
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"  # TVM's CPU decode kernel (without a sliding window)
+PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"  # TVM's CPU prefill over the paged cache (likewise)
 PAGE_SIZE = 16  # tokens per KV-cache page: what TVM's CPU kernels are built for, and trit_tvm.runtime uses
 LANES = 16
 CHAINS = 4  # independent partial sums of a query-key dot product (_softmax_weights); d % CHAINS == 0
@@ -275,6 +276,91 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
     return batch_decode_paged_kv
 
 
+def paged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = PAGE_SIZE) -> tvm.tirx.PrimFunc:
+    """The prefill kernel over the paged cache (a later prefill chunk's queries attending to the cached prefix),
+    in place of TVM's `batch_prefill_paged_kv_cpu` (without a sliding window): the ragged kernel's method, query
+    heads in parallel, the keys gathered from their pages. TVM's scans the cache's whole capacity for every
+    query and head, scalar, with three exp2 calls per key: a 1000-token SmolLM2 prompt prefilled at ~170 tok/s
+    (AMD EPYC Zen 4, 2 cores), a sixth of transformers' pace."""
+    group = h_q // h_kv
+    log2e = math.log2(math.e)
+    assert d % CHAINS == 0
+
+    # pylint: disable=too-many-locals
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
+                               var_page_indptr: T.handle, var_page_values: T.handle, var_length_info: T.handle,
+                               var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle,
+                               var_output: T.handle, var_lse: T.handle, causal: T.int32, rotary_mode: T.int32,
+                               rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"global_symbol": PAGED_PREFILL_SYMBOL, "tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_elem_offset = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",  # noqa: F841
+                                           elem_offset=k_rope_pos_offset_elem_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32",  # noqa: F841
+                                         elem_offset=q_rope_position_elem_offset)
+        output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
+
+        assert rotary_mode == 0, "trit-tvm's CPU prefill attention expects RoPE applied before the KV cache"
+        for b in T.serial(batch_size):
+            for h in T.parallel(h_q):
+                with T.sblock("attn"):
+                    T.reads(q[0:total_len, h, 0:d], pages[0:max_num_pages, 0:2, h // group, 0:page_size, 0:d],
+                            q_indptr[b:b + 2], page_indptr[b:b + 2], page_values[0:nnz_pages], last_page_len[b])
+                    T.writes(output[0:total_len, h, 0:d], lse[0:total_len, h])
+                    key_tiles = T.sblock_alloc_buffer((max_num_pages, d, page_size), "float32")
+                    scores = T.sblock_alloc_buffer((max_num_pages * page_size,), "float32")
+                    query = T.sblock_alloc_buffer((d,), "float32")
+                    acc = T.sblock_alloc_buffer((d,), "float32")
+                    tile = T.sblock_alloc_buffer((CHAINS * LANES,), "float32")
+                    peak = T.sblock_alloc_buffer((LANES,), "float32")
+                    sums = T.sblock_alloc_buffer((LANES,), "float32")
+                    best = T.sblock_alloc_buffer((1,), "float32")
+                    total = T.sblock_alloc_buffer((1,), "float32")
+                    q0: T.let[T.int32] = q_indptr[b]
+                    nq: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                    p0: T.let[T.int32] = page_indptr[b]
+                    n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+                    nk: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+                    hk: T.let[T.int32] = h // group
+                    for pj, c in T.grid(n_pages, d):  # this head's keys, transposed once for all the queries
+                        for ji in T.vectorized(page_size):
+                            key_tiles[pj, c, ji] = T.Cast("float32", pages[page_values[p0 + pj], 0, hk, ji, c])
+                    for i in T.serial(nq):
+                        # causal: query i of the chunk sees the keys up to its own position (TVM's mask)
+                        seen: T.let[T.int32] = T.max(T.if_then_else(causal > 0, T.min(nk - nq + i + 1, nk), nk), 0)
+                        for c in T.vectorized(d):
+                            query[c] = T.Cast("float32", q[q0 + i, h, c]) * (sm_scale * T.float32(log2e))
+                        _softmax_weights(query, key_tiles, scores, 0, tile, peak, sums, best, total, 0, seen, d)
+                        for c in T.vectorized(d):
+                            acc[c] = T.float32(0)
+                        for j in T.serial(seen):
+                            value_page: T.let[T.int32] = page_values[p0 + j // page_size]
+                            for c in T.vectorized(d):
+                                acc[c] += scores[j] * T.Cast("float32", pages[value_page, 1, hk, j % page_size, c])
+                        for c in T.vectorized(d):  # no key seen: zeros
+                            output[q0 + i, h, c] = T.Cast(dtype, acc[c] / T.max(total[0], T.float32(1e-30)))
+                        lse[q0 + i, h] = best[0] + T.log2(T.max(total[0], T.float32(1e-30)))
+
+    return batch_prefill_paged_kv
+
+
 ROPE_SYMBOL = "fused_rope"  # TVM's name for the KV cache's RoPE kernel (llama_rope_with_position_map)
 ROPE_TYPES = (None, "default", "llama3")  # the inverse frequency depends on the dimension d only via 2d mod d_rot
 
@@ -335,10 +421,11 @@ def rope_kernel(h_kv: int, h_q: int, d: int, dtype: str, theta: float, rope_scal
 
 def use_cpu_attention(mod: tvm.IRModule, h_kv: int, h_q: int, d: int, dtype: str, theta: float = 10000.0,
                       rope_scaling: dict | None = None) -> tvm.IRModule:
-    """A CPU build's module with TVM's ragged prefill and paged decode attention, and its RoPE kernel where
+    """A CPU build's module with TVM's ragged and paged prefill and paged decode attention, and its RoPE kernel where
     the rope scaling is one rope_kernel handles, replaced by ours (same GlobalVars, so the KV cache calls
     these)."""
-    kernels = {KERNEL_SYMBOL: ragged_prefill_attention, DECODE_SYMBOL: paged_decode_attention}
+    kernels = {KERNEL_SYMBOL: ragged_prefill_attention, DECODE_SYMBOL: paged_decode_attention,
+               PAGED_PREFILL_SYMBOL: paged_prefill_attention}
     rope_scaling = dict(rope_scaling or {})
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tvm.tirx.PrimFunc):
