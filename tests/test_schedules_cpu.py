@@ -84,3 +84,26 @@ def test_paged_prefill_attention_runs_its_heads_over_the_cores():
     assert sch.get(sch.get_loops(sch.get_sblock("attn"))[0]).kind == ForKind.PARALLEL
     tvm.compile(sch.mod, target=LLVM)
     assert PagedPrefillAttentionCPU().apply(_kernel(_SiluMul(), ["x", "gate"], 4), LLVM, False) is None
+
+
+def test_dense_logits_rule_reads_the_head_once_for_all_positions():
+    """DenseLogitsCPU on 7 positions (a `score` chunk): vocabulary rows in the parallel loop with the
+    positions inside it (each row of W read once per call), logits equal numpy's."""
+    from tvm import te
+
+    from schedules import DenseLogitsCPU
+    from schedules.base import KERNEL_ATTR, LOGITS_KERNEL
+    from trit_tvm.models.base import logits_nt
+    vocab, positions = 301, 7
+    x = te.placeholder((1, positions, HIDDEN), "float32", "x")
+    w = te.placeholder((vocab, HIDDEN), "float16", "w")
+    func = te.create_prim_func([x, w, logits_nt(x, w)]).with_attr({KERNEL_ATTR: LOGITS_KERNEL})
+    sch = DenseLogitsCPU().apply(func, LLVM, False)
+    parallel = [lp for lp in sch.get_loops(sch.get_sblock("logits_rf")) if sch.get(lp).kind == ForKind.PARALLEL]
+    assert [int(sch.get(lp).extent) for lp in parallel] == [vocab]
+    rng = np.random.default_rng(5)
+    xs = rng.standard_normal((1, positions, HIDDEN)).astype(np.float32)
+    ws = rng.standard_normal((vocab, HIDDEN)).astype(np.float16)
+    out = tvm.runtime.tensor(np.zeros((1, positions, vocab), np.float32))
+    tvm.compile(sch.mod, target=LLVM)(tvm.runtime.tensor(xs), tvm.runtime.tensor(ws), out)
+    np.testing.assert_allclose(out.numpy()[0], xs[0] @ ws.astype(np.float32).T, rtol=1e-4, atol=1e-4)

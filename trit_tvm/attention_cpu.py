@@ -1,6 +1,6 @@
 """CPU kernels for the KV cache's attention, in place of TVM's: the ragged prefill attention (the tokens of
-the current prefill chunk attending to each other) and the paged decode attention (one new token attending
-to the cache).
+the current prefill chunk attending to each other), the paged prefill attention (a later chunk attending to
+the pages of the earlier ones) and the paged decode attention (one new token attending to the cache).
 
 TVM's CPU version (relax/frontend/nn/llm/_prefill_kernels.py, `batch_prefill_ragged_kv`) is scalar and
 serial: for every (query, key, head) it walks the head dimension one element at a time, and its scratch
