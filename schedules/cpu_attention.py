@@ -3,7 +3,9 @@
 TVM writes it (relax/frontend/nn/llm/_prefill_kernels.py) as scalar loops over query heads, sequences
 and queries, all serial: one core. Its outer loop over query heads has independent iterations (each
 writes only its own heads' output and keeps its running softmax state in block-local buffers), so it
-can run over the cores as it is.
+can run over the cores as it is. trit-compile's CPU builds replace the kernel without a sliding window by
+trit_tvm.attention_cpu's (vectorized, reading only the sequence's pages), so this rule serves the
+sliding-window one.
 """
 from __future__ import annotations
 
