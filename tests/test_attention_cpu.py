@@ -124,6 +124,16 @@ def test_paged_prefill_matches_numpy(causal):
         np.testing.assert_allclose(lse.numpy()[qs], ref_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_paged_prefill_refuses_inline_rope():
+    lib = tvm.compile(tvm.IRModule({"main": paged_prefill_attention(H_KV, H_Q, D, "float32")
+                                    .with_attr("global_symbol", "main")}), target="llvm")
+    dev = tvm.cpu()
+    z = lambda *s, dt=np.float32: tvm.runtime.tensor(np.zeros(s, dt), dev)  # noqa: E731
+    with pytest.raises(Exception, match="RoPE applied before the KV cache"):
+        lib(z(1, H_Q, D), z(2, dt=np.int32), z(1, 2, H_KV, PAGE_SIZE, D), z(2, dt=np.int32), z(1, dt=np.int32),
+            z(1, dt=np.int32), z(1, dt=np.int32), z(1, dt=np.int32), z(1, H_Q, D), z(1, H_Q), 0, 1, 1.0, 1e4, 1.0)
+
+
 def test_decode_refuses_inline_rope(decode_kernel):
     dev = tvm.cpu()
     z = lambda *s, dt=np.float32: tvm.runtime.tensor(np.zeros(s, dt), dev)  # noqa: E731
