@@ -23,8 +23,12 @@ def _blocks(sch: s_tir.Schedule, parent) -> list:
 def set_scratch_global(sch: s_tir.Schedule) -> bool:
     """Set the "local" buffers the blocks of sch write to "global", in place (recorded in its trace, so a
     tuning search's candidates are timed as the model runs them); whether any was."""
+    try:
+        root = sch.get_sblock("root")
+    except (ValueError, RuntimeError, s_tir.ScheduleError):  # a function of loops only: no blocks, no buffers
+        return False
     changed = False
-    for block in _blocks(sch, sch.get_sblock("root")):
+    for block in _blocks(sch, root):
         for i, region in enumerate(sch.get(block).writes):
             if region.source.scope() == "local":
                 sch.set_scope(block, i, "global")

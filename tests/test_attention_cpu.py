@@ -1,14 +1,15 @@
 """trit-tvm's CPU attention kernels against numpy. Ragged prefill: GQA, two sequences in one batch, causal
-with more keys than queries (a later prefill chunk) and not causal. Paged decode and paged prefill: GQA,
-sequences whose pages lie scattered in the cache, last pages partly filled. All refuse a rotary_mode they do
-not handle."""
+with more keys than queries (a later prefill chunk) and not causal. The append: keys as [d, 16] tiles per page.
+Paged decode and paged prefill: GQA, sequences whose pages lie scattered in the cache (in the append's layout),
+last pages partly filled. All refuse a rotary_mode they do not handle."""
 import math
 
 import numpy as np
 import pytest
 import tvm
 
-from trit_tvm.attention_cpu import PAGE_SIZE, paged_decode_attention, paged_prefill_attention, ragged_prefill_attention
+from trit_tvm.attention_cpu import (PAGE_SIZE, kv_append, paged_decode_attention, paged_prefill_attention,
+                                    ragged_prefill_attention)
 
 H_Q, H_KV, D = 6, 2, 24
 
@@ -59,9 +60,17 @@ def test_refuses_inline_rope(kernel):
                z(2, dt=np.int32), z(1, dt=np.int32), z(2, H_Q, D), z(2, H_Q), 1, 1, 1.0, 1e4, 1.0)
 
 
+def _store(pages, positions, k, v):
+    """numpy: tokens' keys and values [n, h_kv, d] written at cache positions (page · 16 + slot) in the pages'
+    layout: per page and head, the keys as one [d, 16] tile (kv_append), the values [16, d] as TVM has them."""
+    page, slot = positions // PAGE_SIZE, positions % PAGE_SIZE
+    pages.reshape(len(pages), 2, H_KV, D, PAGE_SIZE)[page, 0, :, :, slot] = k  # a view of the same memory
+    pages[page, 1, :, slot, :] = v
+
+
 def _paged_cache(rng, lengths):
-    """A cache holding sequences of `lengths` tokens on scattered pages: (pages, page_indptr, page_values,
-    last_page_len, per-sequence (k, v) [n, h_kv, d])."""
+    """A cache holding sequences of `lengths` tokens on scattered pages, the other slots random: (pages,
+    page_indptr, page_values, last_page_len, per-sequence (k, v) [n, h_kv, d])."""
     n_pages = [-(-n // PAGE_SIZE) for n in lengths]
     pages = rng.standard_normal((sum(n_pages) + 3, 2, H_KV, PAGE_SIZE, D)).astype(np.float32)
     page_values = rng.permutation(len(pages))[:sum(n_pages)].astype(np.int32)  # scattered, some unused
@@ -69,9 +78,31 @@ def _paged_cache(rng, lengths):
     last_page_len = np.array([n - (p - 1) * PAGE_SIZE for n, p in zip(lengths, n_pages)], np.int32)
     kv = []
     for b, n in enumerate(lengths):
-        own = page_values[page_indptr[b]:page_indptr[b + 1]]
-        kv.append([np.concatenate(pages[own, i].transpose(0, 2, 1, 3), axis=0)[:n] for i in (0, 1)])
+        t = np.arange(n)
+        positions = page_values[page_indptr[b] + t // PAGE_SIZE] * PAGE_SIZE + t % PAGE_SIZE
+        k, v = (rng.standard_normal((n, H_KV, D)).astype(np.float32) for _ in range(2))
+        _store(pages, positions, k, v)
+        kv.append([k, v])
     return pages, page_indptr, page_values, last_page_len, kv
+
+
+def test_append_writes_key_tiles_and_skips_unmarked_tokens():
+    """kv_append against numpy's layout: 21 tokens over scattered slots of 4 pages, two marked -1 (not stored)."""
+    lib = tvm.compile(tvm.IRModule({"main": kv_append(H_KV, D, "float32").with_attr("global_symbol", "main")}),
+                      target="llvm")
+    rng = np.random.default_rng(5)
+    pages = rng.standard_normal((4, 2, H_KV, PAGE_SIZE, D)).astype(np.float32)
+    positions = rng.permutation(4 * PAGE_SIZE)[:21].astype(np.int32)
+    positions[[3, 17]] = -1
+    k, v = (rng.standard_normal((21, H_KV, D)).astype(np.float32) for _ in range(2))
+    expected = pages.copy()
+    kept = positions >= 0
+    _store(expected, positions[kept], k[kept], v[kept])
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(pages, dev)
+    lib(out, *[tvm.runtime.tensor(a, dev) for a in (k, v, positions)])
+    np.testing.assert_array_equal(out.numpy(), expected)
+    assert not np.array_equal(expected, pages)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,12 @@ trit_tvm.models use) and says so if called otherwise.
 
 TVM's CPU decode kernel (_decode_kernels.py, `batch_decode_paged_kv_cpu`) is serial over heads and scalar
 along the head dimension, with an online softmax rescaling the output at every key. Ours runs (key/value head,
-range of pages) tasks in parallel, transposes a task's keys once into [d, 16] tiles per page for all the query
-heads that share them (GQA), scores 16 keys per vector, then the softmax and the weighted sum of values
-vectorized along the head dimension (each value read once for all those query heads), and merges the ranges.
+range of pages) tasks in parallel, scores 16 keys per vector for all the query heads that share them (GQA), then
+the softmax and the weighted sum of values vectorized along the head dimension (each value read once for all
+those query heads), and merges the ranges. The keys come from the pages as they are: our append kernel
+(kv_append) stores each page's keys as [d, 16] tiles; with TVM's [16, d] the kernels gathered every 16-key
+vector (SmolLM2 at 1000 tokens, 30 layers' caches in turn: 158 → 104 µs per layer; a decode step 10.5 → 9.1 ms
+with the same logits, AMD EPYC Zen 4, 2 cores, 2026-12-03).
 At 130 tokens of context (Intel Xeon, 2 cores): 62 → 21 µs per layer for SmolLM2's 9/3 heads, 90 → 24 µs for
 Qwen2.5-0.5B's 14/2, one task per key/value head. The ranges (AMD EPYC Zen 4, 2 cores, 30 layers' caches in
 turn, median µs per layer): SmolLM2 at 600 / 2000 tokens 128 → 102 / 434 → 312, Qwen2.5-0.5B 102 → 97 /
@@ -34,6 +37,7 @@ from . import fastmath
 KERNEL_SYMBOL = "batch_prefill_ragged_kv"  # TVM's name for it; the KV cache calls it by its GlobalVar
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"  # TVM's CPU decode kernel (without a sliding window)
 PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"  # TVM's CPU prefill over the paged cache (likewise)
+APPEND_SYMBOL = "tir_kv_cache_transpose_append"  # TVM's kernel writing new keys and values into the pages
 PAGE_SIZE = 16  # tokens per KV-cache page: what TVM's CPU kernels are built for, and trit_tvm.runtime uses
 LANES = 16
 CHAINS = 4  # independent partial sums of a query-key dot product (_softmax_weights); d % CHAINS == 0
@@ -42,9 +46,10 @@ DECODE_RANGE_PAGES = 4  # decode: pages a key range holds at least (shorter ones
 
 
 @T.macro
-def _softmax_weights(query, key_tiles, scores, at, tile, peak, sums, best, total, g, n_keys, d):
-    """Both kernels' softmax in log2 space: scores[at + j] = query · key j for the n_keys keys (16 per vector,
-    from key tiles [tiles, d, 16]; CHAINS independent sums over d, not one chain of d dependent FMAs), then
+def _softmax_weights(query, key, scores, at, tile, peak, sums, best, total, g, n_keys, d):
+    """The kernels' softmax in log2 space: scores[at + j] = query · key j for the n_keys keys (16 per vector,
+    key(tile, c, lane) = element c of key 16·tile + lane; CHAINS independent sums over d, not one chain of d
+    dependent FMAs), then
     scores[at + j] = 2^(score - best), their sum in total[g] and the maximum in best[g]; the lanes past n_keys
     are -inf, then 0 (fastmath.exp2: libm's would be a call per key)."""
     for ji in T.vectorized(LANES):
@@ -56,7 +61,7 @@ def _softmax_weights(query, key_tiles, scores, at, tile, peak, sums, best, total
         for c in T.serial(d // CHAINS):
             for u in T.unroll(CHAINS):
                 for ji in T.vectorized(LANES):
-                    tile[u * LANES + ji] += query[c * CHAINS + u] * key_tiles[jo, c * CHAINS + u, ji]
+                    tile[u * LANES + ji] += query[c * CHAINS + u] * key(jo, c * CHAINS + u, ji)
         for ji in T.vectorized(LANES):
             scores[at + jo * LANES + ji] = T.if_then_else(
                 jo * LANES + ji < n_keys, (tile[ji] + tile[LANES + ji]) + (tile[2 * LANES + ji] + tile[3 * LANES + ji]),
@@ -75,15 +80,6 @@ def _softmax_weights(query, key_tiles, scores, at, tile, peak, sums, best, total
     total[g] = T.float32(0)
     for ji in T.serial(LANES):
         total[g] += sums[ji]
-
-
-@T.macro
-def _gather_keys(key_tiles, pages, page_values, first, n_pages, hk, d):
-    """The paged kernels' key tiles: key/value head hk's keys of the n_pages pages page_values[first:], one
-    [d, 16] tile per page, a gather per 16 keys (a scalar copy became AVX-512 scatters, slow on Zen 4)."""
-    for pj, c in T.grid(n_pages, d):
-        for ji in T.vectorized(LANES):
-            key_tiles[pj, c, ji] = T.Cast("float32", pages[page_values[first + pj], 0, hk, ji, c])
 
 
 def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tirx.PrimFunc:
@@ -150,7 +146,8 @@ def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tir
                         seen: T.let[T.int32] = T.if_then_else(causal > 0, T.min(nk - nq + i + 1, nk), nk)
                         for c in T.vectorized(d):
                             query[c] = T.Cast("float32", q[q0 + i, h, c]) * (sm_scale * T.float32(log2e))
-                        _softmax_weights(query, key_tiles, scores, 0, tile, peak, sums, best, total, 0, seen, d)
+                        _softmax_weights(query, lambda jo, c, ji: key_tiles[jo, c, ji], scores, 0, tile, peak, sums,
+                                         best, total, 0, seen, d)
                         for c in T.vectorized(d):
                             acc[c] = T.float32(0)
                         for j in T.serial(seen):
@@ -172,6 +169,10 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
     group = h_q // h_kv
     splits = -(-DECODE_TASKS // h_kv)
     tasks = h_kv * splits
+
+    def range_keys(max_num_pages):
+        """Keys of the longest range: ceil(pages / splits) pages, or under 2·DECODE_RANGE_PAGES if fewer ranges."""
+        return ((max_num_pages + splits - 1) // splits + 2 * DECODE_RANGE_PAGES) * page_size
     log2e = math.log2(math.e)
     assert page_size == LANES, "a page's keys are one 16-key tile of _softmax_weights"
     assert d % CHAINS == 0
@@ -204,6 +205,7 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                                          elem_offset=q_rope_position_elem_offset)
         output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
         lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
+        key_tiles = T.decl_buffer((max_num_pages, 2, h_kv, d, page_size), dtype, data=pages.data)  # kv_append
         # each task's results: its query heads' sums of weighted values, softmax maxima and sums
         part_acc = T.alloc_buffer((tasks * group * d,), "float32")
         part_best = T.alloc_buffer((tasks * group,), "float32")
@@ -226,10 +228,7 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                             page_values[0:nnz_pages])
                     T.writes(part_acc[t * group * d:(t + 1) * group * d], part_best[t * group:(t + 1) * group],
                              part_total[t * group:(t + 1) * group])
-                    # pages of the longest range: ceil(pages / splits), or under 2·DECODE_RANGE_PAGES if fewer ranges
-                    key_tiles = T.sblock_alloc_buffer(
-                        ((max_num_pages + splits - 1) // splits + 2 * DECODE_RANGE_PAGES, d, page_size), "float32")
-                    scores = T.sblock_alloc_buffer((group * key_tiles.shape[0] * page_size,), "float32")  # per head
+                    scores = T.sblock_alloc_buffer((group * range_keys(max_num_pages),), "float32")  # per query head
                     query = T.sblock_alloc_buffer((d,), "float32")
                     acc = T.sblock_alloc_buffer((group * d,), "float32")
                     tile = T.sblock_alloc_buffer((CHAINS * LANES,), "float32")
@@ -241,21 +240,21 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                     first: T.let[T.int32] = t % ranges * n_pages // ranges  # this task's pages: [first, last)
                     last: T.let[T.int32] = (t % ranges + 1) * n_pages // ranges
                     n_keys: T.let[T.int32] = T.max(T.min(n, last * page_size) - first * page_size, 0)
-                    _gather_keys(key_tiles, pages, page_values, p0 + first, last - first, hk, d)  # once for the group
                     for g in T.serial(group):
                         for c in T.vectorized(d):
                             query[c] = T.Cast("float32", q[b, hk * group + g, c]) * (sm_scale * T.float32(log2e))
                         # a page's keys are one tile of the macro's 16
-                        _softmax_weights(query, key_tiles, scores, g * key_tiles.shape[0] * page_size, tile, peak,
-                                         sums, best, total, g, n_keys, d)
+                        _softmax_weights(query, lambda jo, c, ji: key_tiles[page_values[p0 + first + jo], 0, hk, c, ji],
+                                         scores, g * range_keys(max_num_pages), tile, peak, sums, best, total, g,
+                                         n_keys, d)
                     for i in T.serial(group * d):
                         acc[i] = T.float32(0)
                     for pj in T.serial(last - first):  # each value read once for the group's query heads
                         for ji in T.serial(T.min(page_size, n_keys - pj * page_size)):
                             for g in T.unroll(group):
                                 for c in T.vectorized(d):
-                                    acc[g * d + c] += scores[(g * key_tiles.shape[0] + pj) * page_size + ji] * T.Cast(
-                                        "float32", pages[page_values[p0 + first + pj], 1, hk, ji, c])
+                                    acc[g * d + c] += scores[g * range_keys(max_num_pages) + pj * page_size + ji] \
+                                        * T.Cast("float32", pages[page_values[p0 + first + pj], 1, hk, ji, c])
                     for g in T.serial(group):
                         for c in T.vectorized(d):
                             part_acc[(t * group + g) * d + c] = acc[g * d + c]
@@ -322,6 +321,7 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: 
                                          elem_offset=q_rope_position_elem_offset)
         output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
         lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
+        key_tiles = T.decl_buffer((max_num_pages, 2, h_kv, d, page_size), dtype, data=pages.data)  # kv_append
 
         assert rotary_mode == 0, "trit-tvm's CPU prefill attention expects RoPE applied before the KV cache"
         for b in T.serial(batch_size):
@@ -330,7 +330,6 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: 
                     T.reads(q[0:total_len, h, 0:d], pages[0:max_num_pages, 0:2, h // group, 0:page_size, 0:d],
                             q_indptr[b:b + 2], page_indptr[b:b + 2], page_values[0:nnz_pages], last_page_len[b])
                     T.writes(output[0:total_len, h, 0:d], lse[0:total_len, h])
-                    key_tiles = T.sblock_alloc_buffer((max_num_pages, d, page_size), "float32")
                     scores = T.sblock_alloc_buffer((max_num_pages * page_size,), "float32")
                     query = T.sblock_alloc_buffer((d,), "float32")
                     acc = T.sblock_alloc_buffer((d,), "float32")
@@ -345,13 +344,13 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: 
                     n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
                     nk: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
                     hk: T.let[T.int32] = h // group
-                    _gather_keys(key_tiles, pages, page_values, p0, n_pages, hk, d)  # once for all the queries
                     for i in T.serial(nq):
                         # causal: query i of the chunk sees the keys up to its own position (TVM's mask)
                         seen: T.let[T.int32] = T.max(T.if_then_else(causal > 0, T.min(nk - nq + i + 1, nk), nk), 0)
                         for c in T.vectorized(d):
                             query[c] = T.Cast("float32", q[q0 + i, h, c]) * (sm_scale * T.float32(log2e))
-                        _softmax_weights(query, key_tiles, scores, 0, tile, peak, sums, best, total, 0, seen, d)
+                        _softmax_weights(query, lambda jo, c, ji: key_tiles[page_values[p0 + jo], 0, hk, c, ji], scores,
+                                         0, tile, peak, sums, best, total, 0, seen, d)
                         for c in T.vectorized(d):
                             acc[c] = T.float32(0)
                         for j in T.serial(seen):
@@ -363,6 +362,38 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: 
                         lse[q0 + i, h] = best[0] + T.log2(T.max(total[0], T.float32(1e-30)))
 
     return batch_prefill_paged_kv
+
+
+def kv_append(h_kv: int, d: int, dtype: str, page_size: int = PAGE_SIZE) -> tvm.tirx.PrimFunc:
+    """The KV cache's append kernel, in place of TVM's `tir_kv_cache_transpose_append`: a page's values as TVM
+    stores them ([16 tokens, d] per head), its keys as one key tile ([d, 16 tokens] per head, the same bytes
+    transposed), so that the attention kernels load 16 keys' element c as one vector. TVM's layout made them
+    gather every such vector from 16 rows: three quarters of SmolLM2's decode attention at 1000 tokens."""
+
+    @T.prim_func(s_tir=True)
+    def kv_cache_append(var_pages: T.handle, var_k_data: T.handle, var_v_data: T.handle,
+                        var_position_map: T.handle):
+        T.func_attr({"global_symbol": APPEND_SYMBOL, "tirx.is_scheduled": True, "tirx.noalias": True})
+        n_tokens = T.int64()
+        num_pages = T.int64()
+        pages_elem_offset = T.int64()
+        position_map_elem_offset = T.int32()
+        pages = T.match_buffer(var_pages, (num_pages, 2, h_kv, page_size, d), dtype, elem_offset=pages_elem_offset)
+        k_data = T.match_buffer(var_k_data, (n_tokens, h_kv, d), dtype)
+        v_data = T.match_buffer(var_v_data, (n_tokens, h_kv, d), dtype)
+        position_map = T.match_buffer(var_position_map, (n_tokens,), "int32", elem_offset=position_map_elem_offset)
+        key_tiles = T.decl_buffer((num_pages, 2, h_kv, d, page_size), dtype, data=pages.data,
+                                  elem_offset=pages_elem_offset)
+        for s in T.serial(n_tokens):
+            position: T.let[T.int32] = position_map[s]
+            if position != -1:  # TVM's mark for a token not to store
+                for h in T.serial(h_kv):
+                    for c in T.serial(d):
+                        key_tiles[position // page_size, 0, h, c, position % page_size] = k_data[s, h, c]
+                    for c in T.vectorized(d):
+                        pages[position // page_size, 1, h, position % page_size, c] = v_data[s, h, c]
+
+    return kv_cache_append
 
 
 ROPE_SYMBOL = "fused_rope"  # TVM's name for the KV cache's RoPE kernel (llama_rope_with_position_map)
@@ -425,11 +456,14 @@ def rope_kernel(h_kv: int, h_q: int, d: int, dtype: str, theta: float, rope_scal
 
 def use_cpu_attention(mod: tvm.IRModule, h_kv: int, h_q: int, d: int, dtype: str, theta: float = 10000.0,
                       rope_scaling: dict | None = None) -> tvm.IRModule:
-    """A CPU build's module with TVM's ragged and paged prefill and paged decode attention, and its RoPE kernel where
-    the rope scaling is one rope_kernel handles, replaced by ours (same GlobalVars, so the KV cache calls
-    these)."""
+    """A CPU build's module with TVM's ragged and paged prefill and paged decode attention and its append kernel,
+    and its RoPE kernel where the rope scaling is one rope_kernel handles, replaced by ours (same GlobalVars, so
+    the KV cache calls these). The append and the paged kernels share the key-tile page layout (kv_append), so
+    they are replaced together; TVM's kernels that read pages otherwise (sliding window, token trees, forks) are
+    not called by trit_tvm's runtime (support_sliding_window=0, one sequence, no forks)."""
     kernels = {KERNEL_SYMBOL: ragged_prefill_attention, DECODE_SYMBOL: paged_decode_attention,
-               PAGED_PREFILL_SYMBOL: paged_prefill_attention}
+               PAGED_PREFILL_SYMBOL: paged_prefill_attention,
+               APPEND_SYMBOL: lambda h_kv, _h_q, d, dtype: kv_append(h_kv, d, dtype)}
     rope_scaling = dict(rope_scaling or {})
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tvm.tirx.PrimFunc):
