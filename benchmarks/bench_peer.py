@@ -6,7 +6,8 @@ format. Repetitions alternate between systems so a noisy machine hits all of the
 
     python -m benchmarks.bench_peer [--model 0.5B|3B|smollm2] [--rounds 3] [--depths 1,2,3] [--head-depths 1,3]
                                     [--prompt-tokens 128] [--new-tokens 32]
-                                    [--activations float,int8] [--formats Q4_K_M,Q4_0,Q8_0,TQ1_0,TQ2_0]
+                                    [--activations float,int8] [--kv-cache-dtype float32|float16]
+                                    [--formats Q4_K_M,Q4_0,Q8_0,TQ1_0,TQ2_0]
                                     [--llama-cpp BIN_DIR]
 
 Models: a Qwen2.5 shape with random weights (F16, the same values in the trit checkpoint and the GGUF; a
@@ -184,6 +185,9 @@ def main() -> None:
                     "(the output head as depth-4 trits); empty for none")
     ap.add_argument("--activations", default="float,int8",
                     help="trit-tvm activation modes to compile every system in (int8: trit-compile --int8-activations)")
+    ap.add_argument("--kv-cache-dtype", choices=["float16", "float32"], default="float32",
+                    help="trit-tvm's KV cache storage (trit-compile --kv-cache-dtype); llama-bench keeps its default "
+                         "16-bit cache either way")
     ap.add_argument("--formats", default=",".join(FORMATS), help="llama.cpp formats (llama-quantize names)")
     ap.add_argument("--llama-cpp", type=Path, help="a llama.cpp bin/ dir with llama-bench and llama-quantize "
                     "(default: build the pinned one into the trit-tvm cache)")
@@ -232,7 +236,8 @@ def main() -> None:
                 name = f"d={d}" + (" +head" if head else "") + (" int8" if mode == "int8" else "")
                 log(f"compile {name}")
                 compile_model(tmp / f"trit-{key}", parse_target("llvm"), tmp / f"art-{key}-{mode}",
-                              stage=lambda _m: None, int8_activations=mode == "int8")
+                              stage=lambda _m: None, int8_activations=mode == "int8",
+                              kv_cache_dtype=args.kv_cache_dtype)
                 models[f"trit-tvm {name}"] = TritModel(tmp / f"art-{key}-{mode}")
         prompt = np.random.default_rng(0).integers(0, 32000, size=args.prompt_tokens).tolist()
         for m in models.values():
@@ -264,7 +269,7 @@ def main() -> None:
             ratios[f"{system} vs {fmt}"] = {"decode": round(median[trit][1] / median[fmt][1], 3),
                                             "prefill": round(median[trit][0] / median[fmt][0], 3)}
     print(json.dumps({"bench": "peer", "model": description, "prompt_tokens": args.prompt_tokens,
-                      "new_tokens": args.new_tokens,
+                      "new_tokens": args.new_tokens, "kv_cache_dtype": args.kv_cache_dtype,
                       "threads": threads, "rounds": args.rounds, "llama_cpp_python": LLAMA_CPP_PYTHON, **machine(),
                       "ratios": ratios}))
 

@@ -127,6 +127,13 @@ def test_int8_activations_need_a_cpu_target(trit_ckpt, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_float32_kv_cache_needs_a_float32_model(trit_ckpt, tmp_path, capsys):
+    code, err = _err(compile_main, [trit_ckpt, "--target", "cuda", "--kv-cache-dtype", "float32",
+                                    "-o", tmp_path / "o"], capsys)
+    assert code == 2 and "--kv-cache-dtype float32" in err and "cuda builds compute in float16" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_artifact_for_another_target(cuda_artifact, tmp_path, capsys):
     if tvm.cuda(0).exist:
         pytest.skip("a GPU is present, so the CUDA artifact is runnable here")

@@ -46,6 +46,10 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="CPU targets: quantize each linear's input to 8 bits per group of 16 weights, so decode and "
                         "prefill run integer dot products (AVX-512 VNNI; elsewhere the same numbers in float); off "
                         "by default: float activations match transformers exactly")
+    p.add_argument("--kv-cache-dtype", choices=["float16", "float32"], default=None,
+                   help="storage of the KV cache: float16 halves the bytes a decode step reads from a long context "
+                        "(llama.cpp's default cache type); default: the model dtype (float32 on CPUs, exact to "
+                        "transformers; float16 on GPUs)")
     p.add_argument("--force", action="store_true", help="replace the output dir if it exists")
     p.add_argument("--tuning-logs", type=Path, default=None,
                    help="root of tuning records (default: the repository's tuning_logs/); records under "
@@ -85,7 +89,7 @@ def _compile(args: argparse.Namespace) -> int:
         out = args.output or Path(f"{name}-{target_label(target)}")
         logs = None if args.no_tuning_logs else (args.tuning_logs or DEFAULT_LOGS)
         manifest = compile_model(model, target, out, args.depth, args.mode, args.force, stage, logs,
-                                 args.quantize_head, args.int8_activations)
+                                 args.quantize_head, args.int8_activations, args.kv_cache_dtype)
     log.info("wrote %s: %s %s, %d trit kernels (%d from tuning records), weights resident %.2f MB packed trits + "
              "%.2f MB kept (packed checkpoint %.2f MB), %.1f s", out, manifest["architecture"], target.kind.name,
              manifest["trit_kernels"], len(manifest["tuned_kernels"]),

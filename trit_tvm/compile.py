@@ -52,6 +52,9 @@ Stage = Callable[[str], None]
 EMBEDDING_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
+KV_CACHE_DTYPES = (None, "float16", "float32")  # None: the model dtype
+
+
 def model_dtype_for(target: tvm.target.Target) -> str:
     """Activations and kept tensors: float16 on GPUs, float32 on CPUs (no fast fp16 math there)."""
     return "float16" if target_device_kind(target) == "cuda" else "float32"
@@ -148,29 +151,32 @@ class ExportedModel:
     layout: WeightLayout
     dtype: str
     quantizer: TritQuantizer
+    kv_cache_dtype: str
 
 
 def export_model(arch: Architecture, cfg: DecoderConfig, depth_of: DepthOf, target: tvm.target.Target,
-                 embed_dtype: str | None = None, int8_activations: bool = False) -> ExportedModel:
+                 embed_dtype: str | None = None, int8_activations: bool = False,
+                 kv_cache_dtype: str | None = None) -> ExportedModel:
     """The architecture's plain model, its linears swapped for trit operators per depth_of, as Relax;
-    int8_activations: the operators quantize their inputs to 8 bits per group of 16 (WeightLayout)."""
+    int8_activations: the operators quantize their inputs to 8 bits per group of 16 (WeightLayout);
+    kv_cache_dtype: the KV cache's storage (default: the model dtype)."""
     dtype = model_dtype_for(target)
     layout = layout_for_target(target, int8_activations)
     quantizer = TritQuantizer(depth_of, layout, source_names)
-    model = quantizer.visit("", arch.model(cfg, dtype, target, embed_dtype))
+    model = quantizer.visit("", arch.model(cfg, dtype, target, embed_dtype, kv_cache_dtype))
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     if target_device_kind(target) == "cpu":
-        mod = use_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, dtype,
-                                cfg.rope_theta, cfg.rope_scaling)
-    return ExportedModel(mod, named_params, layout, dtype, quantizer)
+        mod = use_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim,
+                                kv_cache_dtype or dtype, cfg.rope_theta, cfg.rope_scaling)
+    return ExportedModel(mod, named_params, layout, dtype, quantizer, kv_cache_dtype or dtype)
 
 
 def build_library(arch: Architecture, cfg: DecoderConfig, depth_of: DepthOf, target: tvm.target.Target,
                   embed_dtype: str | None = None, tuning_logs: Path | None = DEFAULT_LOGS,
-                  stage: Stage = log.info, int8_activations: bool = False) -> dict:
+                  stage: Stage = log.info, int8_activations: bool = False, kv_cache_dtype: str | None = None) -> dict:
     """Relax import + compile for `target`: {exe, exported, tuned, n_trit, compile_s}.
     Tuning records under tuning_logs/<target key>/ schedule the kernels they match; hand rules do the rest."""
-    exported = export_model(arch, cfg, depth_of, target, embed_dtype, int8_activations)
+    exported = export_model(arch, cfg, depth_of, target, embed_dtype, int8_activations, kv_cache_dtype)
     stage(f"imported {arch.name} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) into Relax, "
           f"{exported.dtype}, weights as {exported.layout.name}, {exported.layout.activations} activations")
     n_trit = sum(1 for f in exported.mod.functions.values() if is_trit_decode_matmul(f))
@@ -222,7 +228,8 @@ def _manifest(target: tvm.target.Target, arch: Architecture, cfg: DecoderConfig,
             "target": target_to_json(target), "target_kind": target.kind.name,
             "device": target_device_kind(target), "arch": target_arch(target),
             "architecture": arch.name, "config": asdict(cfg), "context_length": cfg.context_length,
-            "model_dtype": exported.dtype, "weight_layout": exported.layout.name,
+            "model_dtype": exported.dtype, "kv_cache_dtype": exported.kv_cache_dtype,
+            "weight_layout": exported.layout.name,
             "activations": exported.layout.activations,
             "params": [n for n, _ in exported.named_params], **fields,
             "trit_kernels": built["n_trit"], "tuned_kernels": built["tuned"],
@@ -231,16 +238,24 @@ def _manifest(target: tvm.target.Target, arch: Architecture, cfg: DecoderConfig,
 
 def compile_model(model: Path, target: tvm.target.Target, out_dir: Path, depth: int = 3, mode: str = "mse",
                   force: bool = False, stage: Stage = log.info, tuning_logs: Path | None = DEFAULT_LOGS,
-                  quantize_head: bool = False, int8_activations: bool = False) -> dict:
+                  quantize_head: bool = False, int8_activations: bool = False,
+                  kv_cache_dtype: str | None = None) -> dict:
     """Build the artifact dir for `target` from a trit checkpoint, HF checkpoint or GGUF file; returns its
     manifest. quantize_head: quantize an HF/GGUF source's output head too (a trit checkpoint must have it).
     int8_activations: the linears quantize their inputs to 8 bits per group of 16 (integer dot products on
-    CPUs with AVX-512 VNNI; otherwise the same numbers in float)."""
+    CPUs with AVX-512 VNNI; otherwise the same numbers in float). kv_cache_dtype: float16 or float32 storage
+    of the KV cache (default: the model dtype, float32 on CPUs, float16 on GPUs)."""
     if Path(out_dir).exists() and not force:  # before minutes of work, not after
         raise CompileError(f"{out_dir}: output directory exists (use --force to replace it)")
     if int8_activations and target.kind.name != "llvm":
         raise CompileError(f"--int8-activations: for CPU targets (llvm, aarch64), not {target.kind.name}: the "
                            "GPU kernels have no int8 form")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise CompileError(f"--kv-cache-dtype: one of {', '.join(d for d in KV_CACHE_DTYPES if d)}, not "
+                           f"{kv_cache_dtype!r}")
+    if kv_cache_dtype == "float32" and model_dtype_for(target) == "float16":
+        raise CompileError(f"--kv-cache-dtype float32: {target.kind.name} builds compute in float16; the cache "
+                           "takes the model's dtype or float16")
     check_toolchain(target)
     with tempfile.TemporaryDirectory(prefix="trit-compile-") as work:
         ckpt = open_model(model, Path(work), depth, mode, stage, quantize_head)
@@ -250,7 +265,7 @@ def compile_model(model: Path, target: tvm.target.Target, out_dir: Path, depth: 
         arch, cfg = architecture_of(config, str(ckpt.path / "config.json"))
         embed_dtype = embed_dtype_for(ckpt, target)
         built = build_library(arch, cfg, checkpoint_depths(ckpt), target, embed_dtype, tuning_logs, stage,
-                              int8_activations)
+                              int8_activations, kv_cache_dtype)
         exported = built["exported"]
         with atomic_output_dir(out_dir, force) as tmp:
             stage("exporting library and parameters")

@@ -120,8 +120,11 @@ def stacked_linear(in_features: int, parts: tuple[int, ...], bias: bool, dtype: 
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DecoderConfig, dtype: str):
+    def __init__(self, cfg: DecoderConfig, dtype: str, kv_dtype: str | None = None):
+        """kv_dtype: the KV cache's storage (default: dtype); q/k/v go to the cache in it, the output comes
+        back in dtype."""
         h, d = cfg.hidden_size, cfg.head_dim
+        self.dtype, self.kv_dtype = dtype, kv_dtype or dtype
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, d
         self.qkv_proj = stacked_linear(h, (self.hq * d, self.hkv * d, self.hkv * d), cfg.attention_bias, dtype)
         self.o_proj = nn.Linear(self.hq * d, h, bias=False, dtype=dtype)
@@ -133,7 +136,11 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
         qkv = self.heads(op.reshape(self.qkv_proj(x), (b, s, self.hq + 2 * self.hkv, self.d)))
+        if self.kv_dtype != self.dtype:  # TVM's cache takes q/k/v and gives the output in its own dtype
+            qkv = qkv.astype(self.kv_dtype)
         out = kv.attention_with_fused_qkv(layer_id, qkv, self.hq, sm_scale=self.d ** -0.5)
+        if self.kv_dtype != self.dtype:
+            out = out.astype(self.dtype)
         return self.o_proj(op.reshape(out, (b, s, self.hq * self.d)))
 
 
@@ -161,8 +168,8 @@ def silu_mul(gate_up: te.Tensor) -> te.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, dtype: str, attention: type[Attention]):
-        self.self_attn = attention(cfg, dtype)
+    def __init__(self, cfg: DecoderConfig, dtype: str, attention: type[Attention], kv_dtype: str):
+        self.self_attn = attention(cfg, dtype, kv_dtype)
         self.mlp = MLP(cfg, dtype)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
@@ -181,9 +188,10 @@ class Embedding(nn.Embedding):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: DecoderConfig, dtype: str, embed_dtype: str, attention: type[Attention]):
+    def __init__(self, cfg: DecoderConfig, dtype: str, embed_dtype: str, attention: type[Attention], kv_dtype: str):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=embed_dtype)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, attention) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, attention, kv_dtype)
+                                     for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
@@ -206,12 +214,16 @@ class DecoderForCausalLM(nn.Module):
 
     attention: type[Attention] = Attention
 
-    def __init__(self, cfg: DecoderConfig, dtype: str, target, embed_dtype: str | None = None):
+    def __init__(self, cfg: DecoderConfig, dtype: str, target, embed_dtype: str | None = None,
+                 kv_dtype: str | None = None):
         """embed_dtype: storage of the [vocab, hidden] matrices (default: dtype). The biggest tensors of a
-        small model; kept 16-bit where the checkpoint is, and widened inside the kernels that read them."""
+        small model; kept 16-bit where the checkpoint is, and widened inside the kernels that read them.
+        kv_dtype: the KV cache's storage (default: dtype); float16 halves the bytes a decode step reads from
+        a long context."""
         self.cfg, self.dtype, self.target = cfg, dtype, target
+        self.kv_dtype = kv_dtype or dtype
         embed_dtype = embed_dtype or dtype
-        self.model = DecoderModel(cfg, dtype, embed_dtype, self.attention)
+        self.model = DecoderModel(cfg, dtype, embed_dtype, self.attention, self.kv_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
                                                                      dtype=embed_dtype)
 
@@ -254,7 +266,7 @@ class DecoderForCausalLM(nn.Module):
             qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
             rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling),
             rope_ext_factors=relax.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
-            dtype=self.dtype, target=self.target)
+            dtype=self.kv_dtype, target=self.target)
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         h, packed = self.cfg.hidden_size, {"param_mode": "packed", "effect_mode": "none"}

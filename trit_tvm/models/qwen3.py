@@ -17,8 +17,8 @@ class Qwen3Config(DecoderConfig):
 
 
 class Qwen3Attention(Attention):
-    def __init__(self, cfg: DecoderConfig, dtype: str):
-        super().__init__(cfg, dtype)
+    def __init__(self, cfg: DecoderConfig, dtype: str, kv_dtype: str | None = None):
+        super().__init__(cfg, dtype, kv_dtype)
         self.q_norm = nn.RMSNorm(cfg.head_dim, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
         self.k_norm = nn.RMSNorm(cfg.head_dim, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
