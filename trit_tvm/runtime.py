@@ -116,7 +116,9 @@ class LocalRuntime:
         return ShapeTuple(list(dims))
 
     def array(self, items: list):
-        return list(items)
+        """One TVM array, built once: a Python list passed to a VM function is converted at every call
+        (~11 µs for SmolLM2's 425 parameters, twice per decode step)."""
+        return tvm.runtime.convert(list(items))
 
     def unpack(self, value, n: int) -> tuple:
         return tuple(value)
@@ -182,7 +184,7 @@ class TritModel:
     def _new_cache(self, tokens: int):
         """A KV cache for one sequence of up to `tokens` tokens. Sized per request, not to the model's
         context: TVM's CPU paged prefill attention (still used with a sliding window) scans the cache's whole
-        capacity for every query and head, and trit_tvm.attention_cpu's key tiles are allocated by it."""
+        capacity for every query and head, and trit_tvm.attention_cpu's score buffers are sized by it."""
         shape = self.runtime.shape
         capacity = min(self.max_seq_len, -(-tokens // PAGE_SIZE) * PAGE_SIZE)
         kv = self.vm["create_tir_paged_kv_cache"](shape(1), shape(capacity), shape(PREFILL_CHUNK), shape(PAGE_SIZE))
