@@ -1,4 +1,4 @@
-"""Where a decode step's time goes on this CPU: every VM call of one `decode` (after a 128-token prompt)
+"""Where a decode step's time goes on this CPU: every VM call of one `decode` (after a prompt of --prompt-tokens)
 timed through the VM's instrument hook, grouped into the quantized linears, the output head, attention over
 the KV cache (with RoPE and the cache append it runs), norms / element-wise work, and the rest (the VM's
 allocations and builtins, the embedding lookup), each as a share of the time inside calls. The hook adds
@@ -6,7 +6,8 @@ allocations and builtins, the embedding lookup), each as a share of the time ins
 more here than they do in the plain step.
 
     python -m benchmarks.profile_decode [--model 0.5B|smollm2] [--depth 3] [--quantize-head] [--steps 16]
-                                        [--prefill] [--int8-activations]
+                                        [--prefill] [--int8-activations] [--kv-cache-dtype float16]
+                                        [--prompt-tokens 128]
 
 Prints one JSON line: milliseconds and shares per group, and the slowest kernels.
 """
@@ -88,9 +89,12 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--quantize-head", action="store_true", help="the output head as depth-4 trits")
     ap.add_argument("--int8-activations", action="store_true", help="compile with 8-bit activations (trit-compile's)")
+    ap.add_argument("--kv-cache-dtype", choices=["float16", "float32"], default="float32",
+                    help="the KV cache's storage (trit-compile's)")
     ap.add_argument("--steps", type=int, default=16, help="decode steps averaged")
     ap.add_argument("--layers", type=int, help="fewer layers than the real model (quick runs)")
-    ap.add_argument("--prefill", action="store_true", help="profile the 128-token prefill instead of decode steps")
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="the prompt: the context the decode steps run after")
+    ap.add_argument("--prefill", action="store_true", help="profile the prompt's prefill instead of decode steps")
     args = ap.parse_args()
 
     from benchmarks.bench_peer import write_random_qwen
@@ -110,9 +114,9 @@ def main() -> None:
             description = f"Qwen2.5-{args.model} shape, random weights"
         write_trit_checkpoint(src, tmp / "trit", depth=args.depth, quantize_head=args.quantize_head)
         compile_model(tmp / "trit", parse_target("llvm"), tmp / "art", stage=lambda _m: None,
-                      int8_activations=args.int8_activations)
+                      int8_activations=args.int8_activations, kv_cache_dtype=args.kv_cache_dtype)
         model = TritModel(tmp / "art")
-        prompt = np.random.default_rng(0).integers(0, 32000, size=128).tolist()
+        prompt = np.random.default_rng(0).integers(0, 32000, size=args.prompt_tokens).tolist()
         model.generate(prompt[:8], 2)  # warm-up
         result = profile(model, prompt, args.steps, args.prefill)
     groups: dict[str, float] = defaultdict(float)
@@ -122,8 +126,8 @@ def main() -> None:
     top = sorted(result["per_symbol_s"].items(), key=lambda kv: -kv[1])[:8]
     print(json.dumps({
         "bench": "profile_decode", "model": description, "phase": "prefill" if args.prefill else "decode",
-        "depth": args.depth, "quantized_head": args.quantize_head,
-        "activations": "int8" if args.int8_activations else "float",
+        "depth": args.depth, "quantized_head": args.quantize_head, "prompt_tokens": args.prompt_tokens,
+        "activations": "int8" if args.int8_activations else "float", "kv_cache_dtype": args.kv_cache_dtype,
         **machine(), "step_ms": round(result["plain_step_s"] * 1e3, 2),
         "instrumented_step_ms": round(result["instrumented_step_s"] * 1e3, 2),
         "ms": {g: round(s * 1e3, 2) for g, s in groups.items()},
