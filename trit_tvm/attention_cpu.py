@@ -169,13 +169,13 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
     group = h_q // h_kv
     splits = -(-DECODE_TASKS // h_kv)
     tasks = h_kv * splits
+    log2e = math.log2(math.e)
+    assert page_size == LANES, "a page's keys are one 16-key tile of _softmax_weights"
+    assert d % CHAINS == 0
 
     def range_keys(max_num_pages):
         """Keys of the longest range: ceil(pages / splits) pages, or under 2·DECODE_RANGE_PAGES if fewer ranges."""
         return ((max_num_pages + splits - 1) // splits + 2 * DECODE_RANGE_PAGES) * page_size
-    log2e = math.log2(math.e)
-    assert page_size == LANES, "a page's keys are one 16-key tile of _softmax_weights"
-    assert d % CHAINS == 0
 
     # pylint: disable=too-many-locals
     @T.prim_func(s_tir=True)
@@ -224,8 +224,8 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
             ranges: T.let[T.int32] = T.max(T.min(n_pages // DECODE_RANGE_PAGES, splits), 1)
             for t in T.parallel(h_kv * ranges):
                 with T.sblock("attn"):
-                    T.reads(q[b, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d],
-                            page_values[0:nnz_pages])
+                    T.reads(q[b, 0:h_q, 0:d], pages[0:max_num_pages, 1, 0:h_kv, 0:page_size, 0:d],
+                            key_tiles[0:max_num_pages, 0, 0:h_kv, 0:d, 0:page_size], page_values[0:nnz_pages])
                     T.writes(part_acc[t * group * d:(t + 1) * group * d], part_best[t * group:(t + 1) * group],
                              part_total[t * group:(t + 1) * group])
                     scores = T.sblock_alloc_buffer((group * range_keys(max_num_pages),), "float32")  # per query head
@@ -327,8 +327,9 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: 
         for b in T.serial(batch_size):
             for h in T.parallel(h_q):
                 with T.sblock("attn"):
-                    T.reads(q[0:total_len, h, 0:d], pages[0:max_num_pages, 0:2, h // group, 0:page_size, 0:d],
-                            q_indptr[b:b + 2], page_indptr[b:b + 2], page_values[0:nnz_pages], last_page_len[b])
+                    T.reads(q[0:total_len, h, 0:d], pages[0:max_num_pages, 1, h // group, 0:page_size, 0:d],
+                            key_tiles[0:max_num_pages, 0, h // group, 0:d, 0:page_size], q_indptr[b:b + 2],
+                            page_indptr[b:b + 2], page_values[0:nnz_pages], last_page_len[b])
                     T.writes(output[0:total_len, h, 0:d], lse[0:total_len, h])
                     scores = T.sblock_alloc_buffer((max_num_pages * page_size,), "float32")
                     query = T.sblock_alloc_buffer((d,), "float32")
