@@ -4,8 +4,9 @@ TVM writes it (relax/frontend/nn/llm/_prefill_kernels.py) as scalar loops over q
 and queries, all serial: one core. Its outer loop over query heads has independent iterations (each
 writes only its own heads' output and keeps its running softmax state in block-local buffers), so it
 can run over the cores as it is. trit-compile's CPU builds replace the kernel without a sliding window by
-trit_tvm.attention_cpu's (vectorized, reading only the sequence's pages), so this rule serves the
-sliding-window one.
+trit_tvm.attention_cpu's (vectorized, reading only the sequence's pages); the sliding-window one this rule
+still schedules is built into the cache but never called by trit_tvm's runtime (support_sliding_window=0,
+sequences capped at the window), and it reads keys in TVM's page layout, not kv_append's key tiles.
 """
 from __future__ import annotations
 

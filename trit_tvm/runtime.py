@@ -183,8 +183,7 @@ class TritModel:
 
     def _new_cache(self, tokens: int):
         """A KV cache for one sequence of up to `tokens` tokens. Sized per request, not to the model's
-        context: TVM's CPU paged prefill attention (still used with a sliding window) scans the cache's whole
-        capacity for every query and head, and trit_tvm.attention_cpu's score buffers are sized by it."""
+        context: trit_tvm.attention_cpu's score buffers are sized by the cache's capacity."""
         shape = self.runtime.shape
         capacity = min(self.max_seq_len, -(-tokens // PAGE_SIZE) * PAGE_SIZE)
         kv = self.vm["create_tir_paged_kv_cache"](shape(1), shape(capacity), shape(PREFILL_CHUNK), shape(PAGE_SIZE))
