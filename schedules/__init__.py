@@ -9,15 +9,13 @@ import tvm
 
 from .base import DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, is_trit_decode_matmul
 from .cpu import DenseLogitsCPU, TritGEMMCPU, TritGEMMVNNI, TritGEMVCPU, TritGEMVVNNI
-from .cpu_attention import PagedPrefillAttentionCPU
 from .cpu_rows import ElementwiseCPU, RowReductionCPU
 from .cuda import TritGEMMCuda, TritGEMVCuda
 from .x86_vnni import ROWS as VNNI_ROWS
 
-__all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU",
-           "PagedPrefillAttentionCPU", "RowReductionCPU", "TritGEMMCPU", "TritGEMMCuda", "TritGEMMVNNI",
-           "TritGEMVCPU", "TritGEMVCuda", "TritGEMVVNNI", "decode_for_target", "is_trit_decode_matmul",
-           "layout_rows_for_target", "rules_for_target"]
+__all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "RowReductionCPU",
+           "TritGEMMCPU", "TritGEMMCuda", "TritGEMMVNNI", "TritGEMVCPU", "TritGEMVCuda", "TritGEMVVNNI",
+           "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target", "rules_for_target"]
 
 LAYOUT_ROWS = 32  # x86: 32 rows x 16-bit lanes = one AVX-512 register; CUDA: one warp reads 32 rows' bytes
 LAYOUT_ROWS_ARM = 8  # aarch64: 8 rows x 16-bit lanes = one 128-bit NEON register
@@ -28,7 +26,7 @@ def rules_for_target(target: tvm.target.Target, choices: dict[str, dict] | None 
     if target.kind.name == "cuda":
         return [TritGEMVCuda(), TritGEMMCuda()]
     return [TritGEMVVNNI(choices), TritGEMMVNNI(choices), TritGEMVCPU(), TritGEMMCPU(), DenseLogitsCPU(),
-            RowReductionCPU(), ElementwiseCPU(), PagedPrefillAttentionCPU()]
+            RowReductionCPU(), ElementwiseCPU()]
 
 
 def layout_rows_for_target(target: tvm.target.Target, int8_activations: bool = False) -> int:

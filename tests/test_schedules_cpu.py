@@ -75,17 +75,6 @@ def test_elementwise_kernel_is_vectorized_and_exact(rows):
     np.testing.assert_allclose(_run(sch, {"x": x, "gate": gate}), gate / (1 + np.exp(-gate)) * x, rtol=1e-5, atol=1e-6)
 
 
-def test_paged_prefill_attention_runs_its_heads_over_the_cores():
-    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu
-    from schedules import PagedPrefillAttentionCPU
-    func = _attention_prefill_cpu(2, 6, 16, "float32", False, {})
-    sch = PagedPrefillAttentionCPU().apply(func, LLVM, False)
-    assert sch is not None
-    assert sch.get(sch.get_loops(sch.get_sblock("attn"))[0]).kind == ForKind.PARALLEL
-    tvm.compile(sch.mod, target=LLVM)
-    assert PagedPrefillAttentionCPU().apply(_kernel(_SiluMul(), ["x", "gate"], 4), LLVM, False) is None
-
-
 def test_dense_logits_rule_reads_the_head_once_for_all_positions():
     """DenseLogitsCPU on 7 positions (a `score` chunk): vocabulary rows in the parallel loop with the
     positions inside it (each row of W read once per call), logits equal numpy's."""
