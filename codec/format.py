@@ -152,12 +152,36 @@ def code_words(packed_codes: np.ndarray, n_in: int) -> np.ndarray:
     return values_to_words(blocked, 3 ** depth, m)
 
 
-def scale_words(packed_scales: np.ndarray, n_in: int, depth: int) -> np.ndarray:
+def scale_words(packed_scales: np.ndarray, n_in: int, depth: int, groups: int | None = None) -> np.ndarray:
     """[N, 3, ceil(G/5)] checkpoint scales -> [N, ceil(G'/3)] uint16: 3 codebook indices (base 27) per
-    word, group g in word g//3, digit g%3; G' = the groups of padded_blocks (index 0 for the padding)."""
+    word, group g in word g//3, digit g%3; G' = `groups`, by default those of padded_blocks (index 0 for the
+    padding)."""
     n_groups = n_in // GROUP_SIZE
     idx = from_digits(unpack_trits(packed_scales, n_groups))
     m = word_digits(CODEBOOK_SIZE)
-    total = -(-padded_blocks(n_in, depth) * word_block(depth)[0] // m) * m
+    total = -(-(groups or padded_blocks(n_in, depth) * word_block(depth)[0]) // m) * m
     idx = np.concatenate([idx, np.zeros(idx.shape[:-1] + (total - n_groups,), idx.dtype)], axis=-1)
     return values_to_words(idx, CODEBOOK_SIZE, m)
+
+
+TWO_BIT_ROWS = 16  # rows per panel of the 2-bit layout: the int32 lanes of one vpdpbusd
+TWO_BIT_CHUNK = 4  # weights of a row per byte of the 2-bit layout (vpdpbusd multiplies 4 bytes per lane)
+
+
+def two_bit_codes(packed_codes: np.ndarray, n_in: int) -> np.ndarray:
+    """[N, 1, ceil(K/5)] d=1 checkpoint codes -> [ceil(N/16), K/8, 16] uint16 (the bytes of the 2-bit run-time
+    layout, docs/FORMAT.md): per panel of 16 rows and group g, 64 bytes, byte 4t+q holding weights
+    16g+4c+q (c = 0..3) of row t as u = q + 1 ∈ {0, 1, 2} in bits 2c..2c+1. Shifting the group's 64 bytes
+    right by 2c and masking each byte with 3 gives chunk c in the byte order `vpdpbusd` reads (16 rows x 4
+    weights): two instructions per 64 weights, where the words layout needs a multiply chain and a permute."""
+    n_out = packed_codes.shape[0]
+    if packed_codes.shape[1] != 1 or n_in % GROUP_SIZE:
+        raise CodecError(f"the 2-bit layout holds depth 1 with whole groups, got depth {packed_codes.shape[1]}, "
+                         f"K = {n_in}")
+    u = from_digits(_block_order(unpack_trits(packed_codes, n_in), inverse=True)).astype(np.uint8)
+    u = np.concatenate([u, np.zeros((-n_out % TWO_BIT_ROWS, n_in), np.uint8)])
+    # [panel, t, g, c, q] -> bytes [panel, g, t, q]
+    u = u.reshape(-1, TWO_BIT_ROWS, n_in // GROUP_SIZE, GROUP_SIZE // TWO_BIT_CHUNK, TWO_BIT_CHUNK)
+    shifts = (2 * np.arange(GROUP_SIZE // TWO_BIT_CHUNK, dtype=np.uint8))[:, None]
+    data = np.bitwise_or.reduce(u << shifts, axis=3).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(data).view("<u2").reshape(data.shape[0], -1, TWO_BIT_ROWS)

@@ -12,7 +12,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from .base import INT8_ACTIVATIONS_ATTR, KERNEL_ATTR, LOGITS_KERNEL, PARTS_ATTR, PREFILL_ROW_TILE, \
-    is_trit_decode_matmul, kernel_key, layout_rows, row_count, split_loops, static_extent, trit_blocks, \
+    is_trit_decode_matmul, is_two_bit, kernel_key, layout_rows, row_count, split_loops, static_extent, trit_blocks, \
     vectorize_lanes
 from .x86_lookup import LANES, permute_lookup_intrin
 from .x86_vnni import ROWS as VNNI_ROWS
@@ -23,6 +23,11 @@ from .x86_vnni import vnni_gemm_func, vnni_gemv_func
 
 def _applies(func, target: Target) -> bool:
     return target.kind.name == "llvm" and is_trit_decode_matmul(func) and layout_rows(func) > 0
+
+
+def _applies_words(func, target: Target) -> bool:
+    """The float rules read the words layout only (the 2-bit one is the VNNI kernels')."""
+    return _applies(func, target) and not is_two_bit(func)
 
 
 def _word_layout_blocks(sch: s_tir.Schedule) -> dict | None:
@@ -79,7 +84,7 @@ class TritGEMVCPU(ScheduleRule):
     UNROLL_STEPS = (0, 16, 64, 512)
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not _applies(func, target) or row_count(func) != 1:
+        if not _applies_words(func, target) or row_count(func) != 1:
             return None
         sch = s_tir.Schedule(func)
         return None if _word_layout_blocks(sch) is None else self.schedule(sch, tunable=False)
@@ -138,14 +143,15 @@ class TritGEMVVNNI(ScheduleRule):
                 and vnni_supported(target)):
             return None
         choice = self.choices.get(kernel_key(func), {})
-        if choice.get("variant", "vnni") == "float":
+        if choice.get("variant", "vnni") == "float" and not is_two_bit(func):
             return None
         params = list(func.params)  # buffers: x, codes, scales, codebook, [bias], out
         x, out = params[0], params[-1]
         kernel = (vnni_gemv_func if self.single_row else vnni_gemm_func)(
             int(func.attrs["trit.n_out"]), int(func.attrs["trit.n_in"]), int(func.attrs["trit.depth"]),
             tuple(int(p) for p in func.attrs[PARTS_ATTR]), bias=len(params) == 6, dtype=str(x.dtype),
-            x_shape=tuple(x.shape), out_shape=tuple(out.shape), knobs=VNNIKnobs(**choice.get("knobs", {})))
+            x_shape=tuple(x.shape), out_shape=tuple(out.shape), knobs=VNNIKnobs(**choice.get("knobs", {})),
+            two_bit=is_two_bit(func))
         return s_tir.Schedule(kernel)
 
 
@@ -174,7 +180,7 @@ class TritGEMMCPU(ScheduleRule):
     vector loaded feeds that many multiply-adds (2x the grouped form's 5 group accumulators per row)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not _applies(func, target) or row_count(func) == 1:
+        if not _applies_words(func, target) or row_count(func) == 1:
             return None
         sch = s_tir.Schedule(func)
         b = _word_layout_blocks(sch)

@@ -10,6 +10,8 @@ rows × 4 weights) per instruction. The weights are the words layout with 16 row
 load holds 2 weights × 16 rows of 16-bit words, and each of its m base-3^d digits (one group each) comes out
 with a multiply-high (and a wrapping multiply for the next digit), as in the FP32 kernels. `vpermt2b` then
 gathers the low bytes of two such registers into the 16 rows × 4 weights byte order `vpdpbusd` reads.
+Depth-1 matrices are in the 2-bit layout instead (codec.format.two_bit_codes): one 512-bit load per group
+and panel, stored in that byte order already, so each group of 4 weights × 16 rows is a shift and a mask.
 
 Decode (one row of x, `vnni_gemv_func`): the digits go straight into the dot products, ~34 instructions per
 256 weights against ~64 for the FP32 GEMV (digits widened to float, one FMA per weight and 16 rows), whose
@@ -99,19 +101,20 @@ def _dot(acc: tirx.PrimExpr, weights: tirx.PrimExpr, x4: tirx.PrimExpr) -> tirx.
 
 @dataclass(frozen=True)
 class _Sizes:
-    """A matrix's sizes in the 16-row words layout."""
+    """A matrix's sizes in the 16-row words layout, or the 2-bit layout (two_bit: one group per block)."""
     n_out: int
     n_in: int
     depth: int
     parts: tuple[int, ...]
+    two_bit: bool = False
 
     @property
     def m(self) -> int:  # digits (groups) per word
-        return word_block(self.depth)[0]
+        return 1 if self.two_bit else word_block(self.depth)[0]
 
     @property
     def blocks(self) -> int:
-        return padded_blocks(self.n_in, self.depth)
+        return self.n_in // GROUP_SIZE if self.two_bit else padded_blocks(self.n_in, self.depth)
 
     @property
     def groups(self) -> int:  # of the padded K
@@ -122,8 +125,8 @@ class _Sizes:
         return -(-self.n_out // ROWS)
 
     @property
-    def units(self) -> int:  # 16-bit words per row
-        return self.blocks * GROUP_SIZE
+    def units(self) -> int:  # 16-bit words per row (2-bit layout: 16 rows x 16 weights x 2 bits = 2 x 16 words)
+        return self.blocks * (2 if self.two_bit else GROUP_SIZE)
 
     @property
     def scale_words(self) -> int:
@@ -193,6 +196,22 @@ def _load_block(s, knobs, codes_flat, words, panel, b):
 
 
 @T.macro
+def _load_group_2bit(s, knobs, codes_flat, words, panel, g):
+    """The group's 64 bytes (2-bit layout) into `words[0:32]`, after prefetching the line as many bytes ahead
+    as the words layout's prefetch (knobs.prefetch_blocks blocks of 512 bytes: 8 groups each)."""
+    if knobs.prefetch_blocks > 0:
+        T.evaluate(prefetch_call(codes_flat, (panel * s.units + (g + knobs.prefetch_blocks * 8) * 2) * ROWS))
+    words[T.ramp(0, 1, 32)] = codes_flat[T.ramp((panel * s.units + g * 2) * ROWS, 1, 32)]
+
+
+def _two_bit_bytes(words: tirx.PrimExpr, c) -> tirx.PrimExpr:
+    """Chunk c of a group in the 2-bit layout (uint16x32 of its 64 bytes) -> 64 bytes, byte 4t+q = u of
+    weight 4c+q of row t: a shift of the 16-bit lanes and a mask of each byte (codec.format.two_bit_codes)."""
+    shifted = tirx.shift_right(words, tirx.Broadcast(tirx.Cast("uint16", 2 * c), 32))
+    return tirx.reinterpret("int8x64", tirx.bitwise_and(shifted, tirx.Broadcast(tirx.const(0x0303, "uint16"), 32)))
+
+
+@T.macro
 def _next_digit(s, words, p):
     """T_p+1 = T_p · 3^d mod 2^16 in every word (after the block's last digit: nothing)."""
     if p < s.m - 1:
@@ -221,13 +240,54 @@ def _signature(s: _Sizes, bias: bool, dtype: str, x_shape, out_shape, body) -> t
     return without_bias
 
 
+@T.macro
+def _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc, panel, g):
+    """acc[16 rows] += float(dot) · step of group g · x's scale of group g."""
+    index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, g, offset)
+    acc[T.ramp(0, 1, ROWS)] = acc[T.ramp(0, 1, ROWS)] + T.Cast("float32x16", dot[T.ramp(0, 1, ROWS)]) * (
+        permute_lookup(codebook, index) * T.Broadcast(x_scale[g], ROWS))
+
+
+@T.macro
+def _group_dots_words(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index, offset,
+                      acc, panel):
+    """Decode: the panel's dot products over all groups, words layout (m groups per block of words)."""
+    for b in T.serial(s.blocks):
+        _load_block(s, knobs, codes_flat, words, panel, b)
+        for p in T.unroll(s.m):
+            dot[T.ramp(0, 1, ROWS)] = T.Broadcast(x_corr[b * s.m + p], ROWS)
+            for c in T.unroll(CHUNKS):
+                dot[T.ramp(0, 1, ROWS)] = _dot(
+                    dot[T.ramp(0, 1, ROWS)],
+                    _weight_bytes(_mulhi(words[T.ramp(c * 64, 1, 32)], 3 ** s.depth),
+                                  _mulhi(words[T.ramp(c * 64 + 32, 1, 32)], 3 ** s.depth)),
+                    xq4[(b * s.m + p) * CHUNKS + c])
+            _next_digit(s, words, p)
+            _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc, panel, b * s.m + p)
+
+
+@T.macro
+def _group_dots_2bit(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index, offset,
+                     acc, panel):
+    """Decode: the panel's dot products over all groups, 2-bit layout (one 64-byte load per group)."""
+    for g in T.serial(s.groups):
+        _load_group_2bit(s, knobs, codes_flat, words, panel, g)
+        dot[T.ramp(0, 1, ROWS)] = T.Broadcast(x_corr[g], ROWS)
+        for c in T.unroll(CHUNKS):
+            dot[T.ramp(0, 1, ROWS)] = _dot(dot[T.ramp(0, 1, ROWS)], _two_bit_bytes(words[T.ramp(0, 1, 32)], c),
+                                           xq4[g * CHUNKS + c])
+        _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc, panel, g)
+
+
 def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (), bias: bool = False,
                    dtype: str = "float32", x_shape: tuple | None = None, out_shape: tuple | None = None,
-                   knobs: VNNIKnobs = VNNIKnobs()) -> tirx.PrimFunc:
+                   knobs: VNNIKnobs = VNNIKnobs(), two_bit: bool = False) -> tirx.PrimFunc:
     """The decode kernel: one row of x (x_shape, default [1, n_in]; leading dims of 1), a words layout of 16
-    rows per panel (codes [ceil(n_out/16), 16·B, 16], scales [ceil(n_out/16), ceil(m·B/3), 16]), the
+    rows per panel (codes [ceil(n_out/16), 16·B, 16], scales [ceil(n_out/16), ceil(m·B/3), 16]) or with
+    two_bit the 2-bit layout (codes [ceil(n_out/16), K/8, 16], scales [ceil(n_out/16), ceil(K/48), 16]), the
     operator's parameters (x, codes, scales, codebook, [bias], out); parts: row counts of stacked matrices."""
-    s = _Sizes(n_out, n_in, depth, tuple(parts))
+    s = _Sizes(n_out, n_in, depth, tuple(parts), two_bit)
+    group_dots = _group_dots_2bit if two_bit else _group_dots_words
 
     @T.macro
     def body(x, codes, scales, codebook, out, bias_at):
@@ -256,21 +316,8 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
                 for r in T.vectorized(ROWS):
                     acc[r] = T.float32(0)
                     offset[r] = s.codebook_base(panel * ROWS + r)
-                for b in T.serial(s.blocks):
-                    _load_block(s, knobs, codes_flat, words, panel, b)
-                    for p in T.unroll(s.m):
-                        dot[T.ramp(0, 1, ROWS)] = T.Broadcast(x_corr[b * s.m + p], ROWS)
-                        for c in T.unroll(CHUNKS):
-                            dot[T.ramp(0, 1, ROWS)] = _dot(
-                                dot[T.ramp(0, 1, ROWS)],
-                                _weight_bytes(_mulhi(words[T.ramp(c * 64, 1, 32)], 3 ** depth),
-                                              _mulhi(words[T.ramp(c * 64 + 32, 1, 32)], 3 ** depth)),
-                                xq4[(b * s.m + p) * CHUNKS + c])
-                        _next_digit(s, words, p)
-                        index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, b * s.m + p, offset)
-                        acc[T.ramp(0, 1, ROWS)] = acc[T.ramp(0, 1, ROWS)] + T.Cast(
-                            "float32x16", dot[T.ramp(0, 1, ROWS)]) * (
-                            permute_lookup(codebook, index) * T.Broadcast(x_scale[b * s.m + p], ROWS))
+                group_dots(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index,
+                           offset, acc, panel)
                 for r in T.serial(ROWS):
                     if panel * ROWS + r < n_out:
                         out_flat[panel * ROWS + r] = T.Cast(dtype, acc[r] + bias_at(panel * ROWS + r))
@@ -278,11 +325,39 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
     return _signature(s, bias, dtype, x_shape or (1, n_in), out_shape or (1, n_out), body)
 
 
+@T.macro
+def _fill_tile_words(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel):
+    """Prefill: the panel's weights as bytes in vpdpbusd's order and its group steps, words layout."""
+    for b in T.serial(s.blocks):
+        _load_block(s, knobs, codes_flat, words, panel, b)
+        for p in T.unroll(s.m):
+            for c in T.unroll(CHUNKS):
+                tile[T.ramp(((b * s.m + p) * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _weight_bytes(
+                    _mulhi(words[T.ramp(c * 64, 1, 32)], 3 ** s.depth),
+                    _mulhi(words[T.ramp(c * 64 + 32, 1, 32)], 3 ** s.depth))
+            _next_digit(s, words, p)
+            index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, b * s.m + p, offset)
+            steps[T.ramp((b * s.m + p) * ROWS, 1, ROWS)] = permute_lookup(codebook, index)
+
+
+@T.macro
+def _fill_tile_2bit(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel):
+    """Prefill: the panel's weights as bytes in vpdpbusd's order and its group steps, 2-bit layout."""
+    for g in T.serial(s.groups):
+        _load_group_2bit(s, knobs, codes_flat, words, panel, g)
+        for c in T.unroll(CHUNKS):
+            tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _two_bit_bytes(words[T.ramp(0, 1, 32)], c)
+        index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, g, offset)
+        steps[T.ramp(g * ROWS, 1, ROWS)] = permute_lookup(codebook, index)
+
+
 def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bias: bool, dtype: str,
-                   x_shape: tuple, out_shape: tuple, knobs: VNNIKnobs = VNNIKnobs()) -> tirx.PrimFunc:
+                   x_shape: tuple, out_shape: tuple, knobs: VNNIKnobs = VNNIKnobs(),
+                   two_bit: bool = False) -> tirx.PrimFunc:
     """The prefill kernel: any number of rows of x (x_shape [..., n_in], symbolic dims allowed), the same
-    layout and parameters as vnni_gemv_func."""
-    s = _Sizes(n_out, n_in, depth, tuple(parts))
+    layouts and parameters as vnni_gemv_func."""
+    s = _Sizes(n_out, n_in, depth, tuple(parts), two_bit)
+    fill_tile = _fill_tile_2bit if two_bit else _fill_tile_words
     row_tile = knobs.row_tile
     n_rows = tirx.Cast("int32", math.prod(x_shape[:-1]))
     tile_len = s.groups * CHUNKS * TILE_BYTES
@@ -322,16 +397,7 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                 for r in T.vectorized(ROWS):
                     offset[r] = s.codebook_base(panel * ROWS + r)
                 # the panel's weights as bytes in vpdpbusd's order and its group steps, once
-                for b in T.serial(s.blocks):
-                    _load_block(s, knobs, codes_flat, words, panel, b)
-                    for p in T.unroll(s.m):
-                        for c in T.unroll(CHUNKS):
-                            tile[T.ramp(((b * s.m + p) * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _weight_bytes(
-                                _mulhi(words[T.ramp(c * 64, 1, 32)], 3 ** depth),
-                                _mulhi(words[T.ramp(c * 64 + 32, 1, 32)], 3 ** depth))
-                        _next_digit(s, words, p)
-                        index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, b * s.m + p, offset)
-                        steps[T.ramp((b * s.m + p) * ROWS, 1, ROWS)] = permute_lookup(codebook, index)
+                fill_tile(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel)
                 # row_tile rows of x at a time over the tile, each tile vector feeding all of them
                 for rt in T.serial((n_rows + row_tile - 1) // row_tile):
                     for i in T.vectorized(row_tile * ROWS):

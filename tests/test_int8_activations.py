@@ -18,6 +18,7 @@ LLVM = tvm.target.Target({"kind": "llvm"})
 INT8 = WeightLayout(16, int8_activations=True)
 ICELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})  # AVX-512 VNNI and VBMI
 INT8_PERMUTE = WeightLayout(16, permute_steps=True, int8_activations=True)
+INT8_2BIT = WeightLayout(16, permute_steps=True, int8_activations=True, two_bit_depth1=True)
 HOST = parse_target("llvm")
 HOST_HAS_VNNI = vnni_supported(HOST)
 
@@ -67,10 +68,15 @@ def test_int8_form_through_cpu_rules_matches_reference(depth, n_out, n_in, bias)
 
 
 def test_layout_for_int8_activations_has_16_row_panels():
-    assert layout_for_target(ICELAKE, int8_activations=True) == INT8_PERMUTE
+    assert layout_for_target(ICELAKE, int8_activations=True) == INT8_2BIT  # d=1 in the VNNI kernels' 2-bit layout
     assert layout_for_target(ICELAKE).rows == 32 and not layout_for_target(ICELAKE).int8_activations
+    no_vnni = layout_for_target(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}), True)
+    assert no_vnni.int8_activations and not no_vnni.two_bit(1)
     arm = layout_for_target(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}), True)
-    assert arm.rows == 8 and arm.int8_activations
+    assert arm.rows == 8 and arm.int8_activations and not arm.two_bit(1)
+    assert INT8_2BIT.two_bit(1) and not INT8_2BIT.two_bit(2) and INT8_2BIT.name == "trit-rows16-words-v1+d1-2bit-v1"
+    with pytest.raises(ValueError):
+        WeightLayout(32, two_bit_depth1=True)  # only the 16-row int8 layout has it
 
 
 def test_vnni_rules_take_only_the_int8_form_on_vnni_cpus():
@@ -87,11 +93,11 @@ def test_vnni_rules_take_only_the_int8_form_on_vnni_cpus():
     assert TritGEMVVNNI().apply(float_form, ICELAKE, False) is None
 
 
-def _vnni_libs(n_out, n_in, depth, bias=False, parts=()):
+def _vnni_libs(n_out, n_in, depth, bias=False, parts=(), layout=INT8_PERMUTE):
     """The decode and prefill VNNI kernels of one matrix, built for this CPU."""
     libs = []
     for rule, rows in ((TritGEMVVNNI(), 1), (TritGEMMVNNI(), None)):
-        func = trit_decode_matmul_func(n_out, n_in, depth, INT8_PERMUTE, rows=rows, bias=bias, parts=parts)
+        func = trit_decode_matmul_func(n_out, n_in, depth, layout, rows=rows, bias=bias, parts=parts)
         libs.append(tvm.compile(rule.apply(func, HOST, False).mod["main"], target=HOST))
     assert all("vpdpbusd" in lib.mod.inspect_source("asm") for lib in libs)
     return libs
@@ -121,6 +127,72 @@ def test_vnni_kernels_read_each_stacked_matrix_codebook(parts):
         _assert_int8_result(got, [x, codes, scales, codebook], parts)
 
 
+def test_two_bit_layout_is_the_vnni_kernels_alone():
+    """Depth-1 matrices in the 2-bit layout: only the VNNI rules take them (the float rules read words), whatever
+    variant a tuning record names; other depths keep the words layout and its rules; the tuning key differs."""
+    from schedules.base import kernel_key
+    decode = trit_decode_matmul_func(64, 96, 1, INT8_2BIT, rows=1)
+    prefill = trit_decode_matmul_func(64, 96, 1, INT8_2BIT)
+    assert TritGEMVCPU().apply(decode, ICELAKE, False) is None and TritGEMMCPU().apply(prefill, ICELAKE, False) is None
+    as_float = {kernel_key(decode): {"variant": "float"}}
+    assert TritGEMVVNNI(as_float).apply(decode, ICELAKE, False) is not None
+    assert kernel_key(decode) == "gemv d1 96->64 int8 2bit"
+    words = trit_decode_matmul_func(64, 96, 1, INT8_PERMUTE, rows=1)
+    assert kernel_key(words) == "gemv d1 96->64 int8" and TritGEMVVNNI({kernel_key(words): {"variant": "float"}}
+                                                                        ).apply(words, ICELAKE, False) is None
+    d2 = trit_decode_matmul_func(64, 96, 2, INT8_2BIT, rows=1)
+    assert TritGEMVCPU().apply(d2, ICELAKE, False) is not None
+
+
+@pytest.mark.parametrize("n_out,n_in", SHAPES + [(300, 16 * 61)])
+def test_two_bit_codes_decode_to_the_checkpoint_weights(n_out, n_in):
+    """codec.format.two_bit_codes: per panel of 16 rows and group, byte 4t+q holds weights 4c+q (c = 0..3) of
+    row t in bits 2c..2c+1; zero rows pad the last panel; 2 bits per weight; scales as the words layout's."""
+    arrays = operator_inputs(n_out, n_in, 1, 1, False, seed=n_out)
+    codes = INT8_2BIT.repack_codes(arrays[1], n_in)
+    assert codes.dtype == np.uint16 and codes.shape == INT8_2BIT.code_shape(n_out, n_in, 1) == (-(-n_out // 16), n_in // 8, 16)
+    panels = codes.view(np.uint8).reshape(-1, n_in // 16, 16, 4)  # [panel, group, row t, q]
+    u = np.stack([(panels >> (2 * c)) & 3 for c in range(4)], axis=3)  # [panel, group, t, c, q]
+    u = u.transpose(0, 2, 1, 3, 4).reshape(-1, n_in).astype(np.int64)
+    from codec.format import unpack_matrix
+    qm = unpack_matrix({"trit_codes": arrays[1], "trit_scales": arrays[2], "trit_codebook": arrays[3]}, n_in)
+    np.testing.assert_array_equal(u[:n_out] - 1, qm.codes)
+    assert not u[n_out:].any() and codes.nbytes == -(-n_out // 16) * 16 * n_in // 4
+    assert INT8_2BIT.repack_scales(arrays[2], n_in, 1).shape == INT8_2BIT.scale_shape(n_out, n_in, 1) == \
+        (-(-n_out // 16), -(-n_in // 48), 16)
+
+
+@pytest.mark.parametrize("n_out,n_in", [(37, 16 * 5), (7, 16)])
+def test_two_bit_operator_states_the_layout(n_out, n_in):
+    """The operator's compute on the 2-bit layout, unscheduled (what a target without the rules would run),
+    equals the int8 reference: the TE reads the layout it claims."""
+    func = trit_decode_matmul_func(n_out, n_in, 1, INT8_2BIT, rows=3)
+    arrays = operator_inputs(n_out, n_in, 1, 3, False, seed=n_out + 1)
+    _assert_int8_result(_run(tvm.compile(func, target=LLVM), INT8_2BIT, arrays, n_in, 1, 3, n_out), arrays)
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI / VBMI")
+@pytest.mark.parametrize("n_out,n_in", SHAPES + [(300, 16 * 61)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_two_bit_vnni_kernels_match_reference(n_out, n_in, bias):
+    """The VNNI kernels on the 2-bit layout (d=1): odd N, one group, K long enough for the prefetches; the
+    prefill kernel on 1, 7 and 13 rows; stacked matrices with their own codebooks."""
+    gemv, gemm = _vnni_libs(n_out, n_in, 1, bias, layout=INT8_2BIT)
+    for lib, rows in ((gemv, 1), (gemm, 1), (gemm, 7), (gemm, 13)):
+        arrays = operator_inputs(n_out, n_in, 1, rows, bias, seed=n_out + rows)
+        _assert_int8_result(_run(lib, INT8_2BIT, arrays, n_in, 1, rows, n_out), arrays)
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI / VBMI")
+@pytest.mark.parametrize("parts", STACKS)
+def test_two_bit_vnni_kernels_read_each_stacked_matrix_codebook(parts):
+    n_out, n_in = sum(parts), 16 * 13
+    for lib, rows in zip(_vnni_libs(n_out, n_in, 1, parts=parts, layout=INT8_2BIT), (1, 7)):
+        x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, 1, rows, seed=len(parts) + rows)
+        got = _run(lib, INT8_2BIT, [x, codes, scales, codebook], n_in, 1, rows, n_out)
+        _assert_int8_result(got, [x, codes, scales, codebook], parts)
+
+
 @pytest.fixture(scope="module")
 def int8_artifact(trit_ckpt):
     """trit_ckpt (the tiny model at d=3) compiled with trit-compile --int8-activations."""
@@ -144,3 +216,21 @@ def test_int8_model_decodes_as_it_prefills_near_the_float_model(int8_artifact, l
     for ids in (prompt, list(range(20, 61))):
         got, exact = int8.prefill_logits(ids), float_model.prefill_logits(ids)
         assert 1e-4 < np.abs(got - exact).max() < 0.1 * exact.std()
+
+
+def test_depth_1_int8_model_decodes_as_it_prefills(tiny_hf, tmp_path_factory):
+    """The tiny model at d=1 compiled with --int8-activations: on a VNNI CPU its linears are in the 2-bit layout
+    (manifest), and decode steps give the logits of a prefill."""
+    from codec.cli import quantize_main
+    from trit_tvm.cli import compile_main
+    from trit_tvm.runtime import TritModel
+    tmp = tmp_path_factory.mktemp("d1int8")
+    assert quantize_main([str(tiny_hf), str(tmp / "trit"), "--depth", "1"]) == 0
+    assert compile_main([str(tmp / "trit"), "--target", "llvm", "--int8-activations", "-o", str(tmp / "art")]) == 0
+    layout = json.loads((tmp / "art" / "manifest.json").read_text())["weight_layout"]
+    assert layout == layout_for_target(HOST, True).name and ("2bit" in layout) == HOST_HAS_VNNI
+    model = TritModel(tmp / "art")
+    prompt, cont = [5, 17, 42, 99, 3, 250, 7], [11, 12, 13]
+    steps = model.decode_logits(prompt, cont)
+    for i in range(len(cont) + 1):
+        np.testing.assert_allclose(steps[i], model.prefill_logits(prompt + cont[:i]), atol=1e-4)

@@ -29,14 +29,15 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from codec.format import BLOCK, SCALE_DIGITS, code_words, interleave_rows, padded_blocks, scale_words, unpack_matrix, word_block, \
-    word_digits
+from codec.format import BLOCK, SCALE_DIGITS, TWO_BIT_CHUNK, TWO_BIT_ROWS, code_words, interleave_rows, padded_blocks, \
+    scale_words, two_bit_codes, unpack_matrix, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
 from schedules import decode_for_target, layout_rows_for_target
 from schedules.base import ACT_MAX, DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, INT8_ACTIVATIONS_ATTR, \
-    LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
+    LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR, TWO_BIT_ATTR
 from schedules.x86_lookup import LANES, TABLE_WINDOW
+from schedules.x86_vnni import supports as vnni_supports
 
 TRIT_OP_NAME = "decode_matmul"
 OP_PATTERN_OPAQUE = 8  # relax FuseOps leaves the call alone: it stays one kernel with its attributes
@@ -139,11 +140,22 @@ class WeightLayout:
     decode: how kernels decode digits (DECODE_SIMD16 on CPUs; DECODE_INT32 / DECODE_TABLE32 on GPUs).
     int8_activations: the operator quantizes x to 8 bits per group of 16 (quantize_activations) before the
     product, so kernels may compute it with integer dot products (schedules/x86_vnni.py).
+    two_bit_depth1: depth-1 matrices in the 2-bit layout instead of words (codec.format.two_bit_codes: the
+    bytes `vpdpbusd` reads after a shift and a mask; 16 rows per panel, int8 activations on VNNI CPUs).
     """
     rows: int = 0
     decode: str = DECODE_SIMD16
     permute_steps: bool = False  # x86 AVX-512: group steps by register permutes (schedules/x86_lookup.py)
     int8_activations: bool = False
+    two_bit_depth1: bool = False
+
+    def __post_init__(self):
+        if self.two_bit_depth1 and not (self.rows == TWO_BIT_ROWS and self.words and self.int8_activations):
+            raise ValueError(f"the 2-bit layout is for {TWO_BIT_ROWS}-row words layouts with int8 activations")
+
+    def two_bit(self, depth: int) -> bool:
+        """A matrix of this depth is in the 2-bit layout."""
+        return self.two_bit_depth1 and depth == 1
 
     @property
     def words(self) -> bool:
@@ -154,6 +166,8 @@ class WeightLayout:
     def name(self) -> str:
         if self.rows == 0:
             return "trit-planes-v1"
+        if self.two_bit_depth1:
+            return f"trit-rows{self.rows}-words-v1+d1-2bit-v1"
         return f"trit-rows{self.rows}-words-v1" if self.words else f"trit-rows{self.rows}-v1"
 
     @property
@@ -169,13 +183,15 @@ class WeightLayout:
         return (n_out,) + inner if self.rows == 0 else (-(-n_out // self.rows),) + inner + (self.rows,)
 
     def code_shape(self, n_out: int, n_in: int, depth: int) -> tuple[int, ...]:
+        if self.two_bit(depth):  # 16 rows x 16 weights x 2 bits per group: 32 uint16
+            return self._rows_outer(n_out, (n_in // (2 * TWO_BIT_CHUNK),))
         if self.words:
             return self._rows_outer(n_out, (padded_blocks(n_in, depth) * GROUP_SIZE,))
         return self._rows_outer(n_out, (depth, packed_len(n_in)))
 
     def scale_shape(self, n_out: int, n_in: int, depth: int) -> tuple[int, ...]:
         if self.words:
-            groups = padded_blocks(n_in, depth) * word_block(depth)[0]
+            groups = self._groups(n_in, depth)
             return self._rows_outer(n_out, (-(-groups // word_digits(CODEBOOK_SIZE)),))
         return self._rows_outer(n_out, (SCALE_DIGITS, packed_len(n_in // GROUP_SIZE)))
 
@@ -185,13 +201,21 @@ class WeightLayout:
             return lambda n, *i: buf[(n,) + i]
         return lambda n, *i: buf[(n // self.rows,) + i + (n % self.rows,)]
 
+    def _groups(self, n_in: int, depth: int) -> int:
+        """Groups of K as the kernels see it: the words layout pads K to whole blocks, the 2-bit one does not."""
+        return n_in // GROUP_SIZE if self.two_bit(depth) else padded_blocks(n_in, depth) * word_block(depth)[0]
+
     def repack_codes(self, packed: np.ndarray, n_in: int) -> np.ndarray:
         """Checkpoint codes [N, d, Kb] -> this layout (numpy, at compile time)."""
+        if self.two_bit(packed.shape[1]):
+            return two_bit_codes(packed, n_in)
         return self._interleave(code_words(packed, n_in) if self.words else packed)
 
     def repack_scales(self, packed: np.ndarray, n_in: int, depth: int) -> np.ndarray:
         """Checkpoint scales [N, 3, Gb] -> this layout (the words layout pads groups as it pads K)."""
-        return self._interleave(scale_words(packed, n_in, depth) if self.words else packed)
+        if self.words:
+            return self._interleave(scale_words(packed, n_in, depth, self._groups(n_in, depth)))
+        return self._interleave(packed)
 
     def codebook_size(self, parts: int = 1) -> int:
         """Entries of the (concatenated) codebook parameter: 27 per matrix, zero-padded to a multiple of 32
@@ -218,7 +242,7 @@ def layout_for_target(target, int8_activations: bool = False) -> WeightLayout:
     rows, decode = layout_rows_for_target(target, int8_activations), decode_for_target(target)
     permute = (target.kind.name == "llvm" and rows % LANES == 0
                and bool(tvm.target.codegen.target_has_features("avx512f", target)))
-    return WeightLayout(rows, decode, permute, int8_activations)
+    return WeightLayout(rows, decode, permute, int8_activations, int8_activations and vnni_supports(target))
 
 
 def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:
@@ -241,6 +265,15 @@ def stacked_row_starts(parts: tuple[int, ...]) -> list[int]:
 def _word_digit(word: tirx.PrimExpr, pos, base: int, ndigits: int) -> tirx.PrimExpr:
     """Digit `pos` of a 16-bit word of the words layout (codec.format.values_to_words), as int32."""
     return _chain_digit(word, pos, base, ndigits=ndigits).astype("int32")
+
+
+def _two_bit_value(codes: te.Tensor, n, unit) -> tirx.PrimExpr:
+    """u of weight `unit` (16g + 4c + q) of row n in the 2-bit layout (codec.format.two_bit_codes): bits 2c..2c+1
+    of byte 64g + 4t + q of the row's panel (t = n mod 16), read from its uint16 words (little-endian)."""
+    g, c, q = unit // GROUP_SIZE, unit % GROUP_SIZE // TWO_BIT_CHUNK, unit % TWO_BIT_CHUNK
+    half = 2 * (n % TWO_BIT_ROWS) + q // 2  # uint16 of the group's 32 in the panel
+    word = codes[n // TWO_BIT_ROWS, 2 * g + half // TWO_BIT_ROWS, half % TWO_BIT_ROWS].astype("int32")
+    return tirx.bitwise_and(tirx.shift_right(word, (q % 2) * 8 + c * 2), tirx.const(3, "int32"))
 
 
 def _activation_values(x: te.Tensor, int8: bool):
@@ -287,9 +320,11 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     """
     n_in = int(x.shape[-1])
     qmax = qmax_of(depth)
-    positions, block = word_block(depth) if layout.words else (TRITS_PER_BYTE, BLOCK)
+    two_bit = layout.two_bit(depth)
+    positions, block = (1, GROUP_SIZE) if two_bit else word_block(depth) if layout.words else (TRITS_PER_BYTE, BLOCK)
     # the words layout pads K to whole blocks (codec.format.padded_blocks): no tail, x padded with zeros
-    n_blocks, tail = (padded_blocks(n_in, depth), 0) if layout.words else (n_in // block, n_in % block)
+    n_blocks, tail = (padded_blocks(n_in, depth) if not two_bit else n_in // GROUP_SIZE, 0) if layout.words \
+        else (n_in // block, n_in % block)
     k_len = n_blocks * block + tail
     out_dtype = out_dtype or x.dtype
     lead = list(x.shape[:-1])
@@ -301,6 +336,8 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
 
         # (the words layout has no K tail: `tail` is only the planes layouts' switch)
         def code_value(n, unit, pos, tail=False):  # u = q + qmax, in [0, 3^d)
+            if two_bit:
+                return _two_bit_value(codes, n, unit)
             return _word_digit(code_at(n, unit), pos, 3 ** depth, positions)
 
         def scale_index(n, g, tail=False):
@@ -413,6 +450,8 @@ def trit_op_attrs(n_out: int, n_in: int, depth: int, has_bias: bool, layout: Wei
              "trit.bias": int(has_bias), LAYOUT_ROWS_ATTR: layout.rows, "op_pattern": OP_PATTERN_OPAQUE}
     if layout.int8_activations:
         attrs.update({INT8_ACTIVATIONS_ATTR: 1, PARTS_ATTR: list(parts or (n_out,))})
+    if layout.two_bit(depth):
+        attrs[TWO_BIT_ATTR] = 1
     return attrs
 
 
