@@ -150,7 +150,8 @@ def test_two_bit_codes_decode_to_the_checkpoint_weights(n_out, n_in):
     row t in bits 2c..2c+1; zero rows pad the last panel; 2 bits per weight; scales as the words layout's."""
     arrays = operator_inputs(n_out, n_in, 1, 1, False, seed=n_out)
     codes = INT8_2BIT.repack_codes(arrays[1], n_in)
-    assert codes.dtype == np.uint16 and codes.shape == INT8_2BIT.code_shape(n_out, n_in, 1) == (-(-n_out // 16), n_in // 8, 16)
+    assert codes.dtype == np.uint16
+    assert codes.shape == INT8_2BIT.code_shape(n_out, n_in, 1) == (-(-n_out // 16), n_in // 8, 16)
     panels = codes.view(np.uint8).reshape(-1, n_in // 16, 16, 4)  # [panel, group, row t, q]
     u = np.stack([(panels >> (2 * c)) & 3 for c in range(4)], axis=3)  # [panel, group, t, c, q]
     u = u.transpose(0, 2, 1, 3, 4).reshape(-1, n_in).astype(np.int64)

@@ -35,6 +35,9 @@ def test_candidates_start_with_the_default_and_include_the_float_rules():
         assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)
     assert {c["knobs"]["prefetch_blocks"] for c in decode[:-1]} >= {0, 64}
     assert {c["knobs"]["row_tile"] for c in prefill[:-1]} == {4, 8, 12, 16}
+    two_bit = WeightLayout(16, permute_steps=True, int8_activations=True, two_bit_depth1=True)
+    d1 = candidates(trit_decode_matmul_func(64, 96, 1, two_bit, rows=1))  # the float rules cannot read it
+    assert d1 == decode[:-1]
 
 
 def test_kernel_key_names_rows_depth_shape_and_form():
