@@ -8,7 +8,8 @@ r < 5 groups is packed in plain order (weight 80B+t: byte 16B + t/5, position t%
     step[n, g]     = codebook[Σ_i digit(scales[n, i, g/5], g%5) · 3^i]
 CPU kernels read the words layout instead (WeightLayout.words): u = q + qmax of every weight as one
 base-3^d digit of a 16-bit word, m per word, blocks of m groups, K zero-padded to whole blocks (x is padded
-alike, so there is no tail): digit(word, p) = (3^d · T_p) >> 16.
+alike, so there is no tail): digit(word, p) = (3^d · T_p) >> 16. With int8 activations on VNNI CPUs, depth-1
+matrices are in the 2-bit layout instead (WeightLayout.two_bit_depth1, codec.format.two_bit_codes).
 The TE below states the computation as blocks of one PrimFunc, in one of two forms (`_dequantized_tiles`):
   grouped:     trit_decode (u = q + qmax), per-group dot products (trit_group_dot, corrected by qmax·Σx
                from trit_xsum), group steps (trit_step) and their accumulation (trit_matmul)
@@ -321,10 +322,13 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     n_in = int(x.shape[-1])
     qmax = qmax_of(depth)
     two_bit = layout.two_bit(depth)
-    positions, block = (1, GROUP_SIZE) if two_bit else word_block(depth) if layout.words else (TRITS_PER_BYTE, BLOCK)
-    # the words layout pads K to whole blocks (codec.format.padded_blocks): no tail, x padded with zeros
-    n_blocks, tail = (padded_blocks(n_in, depth) if not two_bit else n_in // GROUP_SIZE, 0) if layout.words \
-        else (n_in // block, n_in % block)
+    if two_bit:  # a block is one group; K is whole groups
+        positions, block, n_blocks, tail = 1, GROUP_SIZE, n_in // GROUP_SIZE, 0
+    elif layout.words:  # K padded to whole blocks (codec.format.padded_blocks): no tail, x padded with zeros
+        (positions, block), n_blocks, tail = word_block(depth), padded_blocks(n_in, depth), 0
+    else:
+        positions, block = TRITS_PER_BYTE, BLOCK
+        n_blocks, tail = n_in // block, n_in % block
     k_len = n_blocks * block + tail
     out_dtype = out_dtype or x.dtype
     lead = list(x.shape[:-1])
