@@ -52,7 +52,7 @@ Stage = Callable[[str], None]
 EMBEDDING_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-KV_CACHE_DTYPES = (None, "float16", "float32")  # None: the model dtype
+KV_CACHE_DTYPES = ("float16", "float32")  # trit-compile --kv-cache-dtype (None: the model dtype)
 
 
 def model_dtype_for(target: tvm.target.Target) -> str:
@@ -250,8 +250,8 @@ def compile_model(model: Path, target: tvm.target.Target, out_dir: Path, depth: 
     if int8_activations and target.kind.name != "llvm":
         raise CompileError(f"--int8-activations: for CPU targets (llvm, aarch64), not {target.kind.name}: the "
                            "GPU kernels have no int8 form")
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise CompileError(f"--kv-cache-dtype: one of {', '.join(d for d in KV_CACHE_DTYPES if d)}, not "
+    if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise CompileError(f"--kv-cache-dtype: one of {', '.join(KV_CACHE_DTYPES)}, not "
                            f"{kv_cache_dtype!r}")
     if kv_cache_dtype == "float32" and model_dtype_for(target) == "float16":
         raise CompileError(f"--kv-cache-dtype float32: {target.kind.name} builds compute in float16; the cache "
