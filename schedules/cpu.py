@@ -7,6 +7,8 @@ kernels of x86_vnni.py on CPUs that have the instructions (elsewhere the float r
 """
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
@@ -213,13 +215,16 @@ class TritGEMMCPU(ScheduleRule):
 
 
 class DenseLogitsCPU(ScheduleRule):
-    """The output projection (logits = h · Wᵀ, W [vocab, hidden] kept dense): vocabulary rows spread
-    over the cores, each dot product vectorized along the contiguous hidden axis (rfactor). The positions
-    (a `score` call's, for perplexity) loop inside each vocabulary row, so W is read once per call, not once
-    per position: with the positions outside, a 256-token chunk of SmolLM2 re-read its 113 MB FP32 head 256
-    times."""
+    """The output projection (logits = h · Wᵀ, W [vocab, hidden] kept dense), its dot products vectorized
+    along the contiguous hidden axis (rfactor) and vocabulary rows spread over the cores. One position
+    (decode, prefill's last): a row per parallel iteration. Several (`score`'s chunks, for perplexity): a tile
+    of VOCAB_TILE rows per parallel iteration with the positions inside it, so W is read once per call (with
+    the positions outside, a 256-token chunk of SmolLM2 re-read its 113 MB FP32 head 256 times) and each
+    vector of h loaded feeds VOCAB_TILE multiply-adds into accumulators held in registers. No tile over the
+    positions: a chunk's count is symbolic, and the predicate on its last tile put the accumulators in memory."""
 
     lanes = 16
+    vocab_tile = 8
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
         if target.kind.name != "llvm" or func.attrs is None or func.attrs.get(KERNEL_ATTR) != LOGITS_KERNEL:
@@ -227,6 +232,11 @@ class DenseLogitsCPU(ScheduleRule):
         sch = s_tir.Schedule(func)
         block = sch.get_sblock("logits")
         (*positions, vocab), (k,) = split_loops(sch, block)
+        if math.prod(static_extent(sch, p) or 0 for p in positions) == 1:
+            return self._one_position(sch, block, positions, vocab, k)
+        return self._row_tiles(sch, block, positions, vocab, k)
+
+    def _one_position(self, sch: s_tir.Schedule, block, positions: list, vocab, k) -> s_tir.Schedule:
         sch.reorder(vocab, *positions)
         ko, ki = sch.split(k, factors=[None, self.lanes])
         rf = sch.rfactor(ki, 0)
@@ -235,4 +245,20 @@ class DenseLogitsCPU(ScheduleRule):
         sch.vectorize(lane)
         sch.reverse_compute_at(block, positions_rf[-1], preserve_unit_loops=True)
         sch.set_scope(rf, 0, "local")
+        return sch
+
+    def _row_tiles(self, sch: s_tir.Schedule, block, positions: list, vocab, k) -> s_tir.Schedule:
+        tiles, rows = sch.split(vocab, factors=[None, self.vocab_tile])
+        position = sch.fuse(*positions)
+        ko, ki = sch.split(k, factors=[None, self.lanes])
+        sch.reorder(tiles, position, ko, rows, ki)
+        rf = sch.rfactor(ki, 0)
+        tiles, position, ko, rows, lane = sch.get_loops(rf)  # rfactor gave the partial sums loops of their own
+        sch.reverse_compute_at(block, position, preserve_unit_loops=True)
+        sch.set_scope(rf, 0, "local")
+        sch.transform_layout(rf, ("write", 0), lambda lane_, b, s, v: (b, s, v, lane_))  # each row's contiguous
+        sch.unroll(rows)
+        sch.vectorize(lane)
+        sch.parallel(tiles)
+        sch.decompose_reduction(rf, ko)  # zero the accumulators before K, not under an if inside it
         return sch

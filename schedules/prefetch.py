@@ -137,8 +137,8 @@ def prefetch_weights(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 
 def prefetch_logits_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """The dense output head (DenseLogitsCPU: one vocabulary row per parallel iteration): the row
-    PREFETCH_ROWS ahead prefetched at the top of each."""
+    """The dense output head of one position (DenseLogitsCPU: one vocabulary row per parallel iteration):
+    the row PREFETCH_ROWS ahead prefetched at the top of each."""
     weight = None
     for realize in _realizes(func.body):
         if realize.block.name_hint == "logits_rf":
@@ -148,7 +148,8 @@ def prefetch_logits_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     vocab, hidden = (int(e) for e in weight.shape)
 
     def make(loop: tirx.For, _panel):
-        if loop.kind != tirx.ForKind.PARALLEL:
+        if loop.kind != tirx.ForKind.PARALLEL or not isinstance(loop.extent, tirx.IntImm) \
+                or int(loop.extent) != vocab:  # the tiles of several positions' logits are long enough
             return None
         return tirx.SeqStmt(_lines(weight, (tirx.floormod(loop.loop_var, vocab) + PREFETCH_ROWS) * hidden, hidden))
     return _with_prefetches(func, make)

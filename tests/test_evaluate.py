@@ -8,7 +8,7 @@ import torch
 
 from codec.cli import dequantize_main
 from trit_tvm.cli import eval_main
-from trit_tvm.evaluate import windows
+from trit_tvm.evaluate import window_nll, windows
 
 TEXT = ("Balanced ternary writes every number with the digits minus one, zero and plus one. "
         "The compiler reads the packed trits directly and never expands them to floating point. ") * 6
@@ -49,6 +49,17 @@ def test_compiled_perplexity_equals_transformers_and_the_loss_computed_here(setu
         total, count = total + float(loss) * n, count + n
     assert count == ours["tokens_scored"]
     assert abs(ours["perplexity"] / np.exp(total / count) - 1) < 1e-4
+
+
+def test_window_nll_in_row_blocks_equals_the_float64_log_softmax():
+    """window_nll (float32 exp, a block of rows at a time) on 70 positions (two full blocks and a partial
+    one), scoring from the 5th: the float64 log-softmax computed whole, within 1e-5 per token."""
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((70, 1000)) * 8).astype(np.float32)
+    ids = rng.integers(0, 1000, 70).tolist()
+    z = logits[3:69].astype(np.float64)
+    expected = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1) - z[np.arange(66), ids[4:]]
+    np.testing.assert_allclose(window_nll(logits, ids, 4), expected, rtol=0, atol=1e-5)
 
 
 def test_windows_score_each_token_at_most_once():

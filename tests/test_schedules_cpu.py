@@ -75,24 +75,33 @@ def test_elementwise_kernel_is_vectorized_and_exact(rows):
     np.testing.assert_allclose(_run(sch, {"x": x, "gate": gate}), gate / (1 + np.exp(-gate)) * x, rtol=1e-5, atol=1e-6)
 
 
-def test_dense_logits_rule_reads_the_head_once_for_all_positions():
-    """DenseLogitsCPU on 7 positions (a `score` chunk): vocabulary rows in the parallel loop with the
-    positions inside it (each row of W read once per call), logits equal numpy's."""
+@pytest.mark.parametrize("positions", [1, 7, None])
+def test_dense_logits_rule_reads_the_head_once_for_all_positions(positions):
+    """DenseLogitsCPU: one position (decode) with a vocabulary row per parallel iteration; several (7, or a
+    symbolic count as `score` chunks have: 13 given) with tiles of rows in the parallel loop and the
+    positions inside each (each row of W read once per call). A vocabulary that is not a multiple of the
+    tile; logits equal numpy's."""
     from tvm import te
 
     from schedules import DenseLogitsCPU
     from schedules.base import KERNEL_ATTR, LOGITS_KERNEL
     from trit_tvm.models.base import logits_nt
-    vocab, positions = 301, 7
-    x = te.placeholder((1, positions, HIDDEN), "float32", "x")
-    w = te.placeholder((vocab, HIDDEN), "float16", "w")
+    vocab, i64 = 301, (lambda v: tvm.tirx.IntImm("int64", v))
+    count = tvm.tirx.Var("n", "int64") if positions is None else i64(positions)
+    x = te.placeholder((i64(1), count, i64(HIDDEN)), "float32", "x")
+    w = te.placeholder((i64(vocab), i64(HIDDEN)), "float16", "w")
     func = te.create_prim_func([x, w, logits_nt(x, w)]).with_attr({KERNEL_ATTR: LOGITS_KERNEL})
-    sch = DenseLogitsCPU().apply(func, LLVM, False)
-    parallel = [lp for lp in sch.get_loops(sch.get_sblock("logits_rf")) if sch.get(lp).kind == ForKind.PARALLEL]
-    assert [int(sch.get(lp).extent) for lp in parallel] == [vocab]
+    rule = DenseLogitsCPU()
+    sch = rule.apply(func, LLVM, False)
+    loops = sch.get_loops(sch.get_sblock("logits_rf" if positions == 1 else "logits_rf_update"))
+    parallel = [lp for lp in loops if sch.get(lp).kind == ForKind.PARALLEL]
+    tile = 1 if positions == 1 else rule.vocab_tile
+    assert [int(sch.get(lp).extent) for lp in parallel] == [-(-vocab // tile)]
+    assert loops.index(parallel[0]) == 0  # the positions inside
     rng = np.random.default_rng(5)
-    xs = rng.standard_normal((1, positions, HIDDEN)).astype(np.float32)
+    n = positions or 13
+    xs = rng.standard_normal((1, n, HIDDEN)).astype(np.float32)
     ws = rng.standard_normal((vocab, HIDDEN)).astype(np.float16)
-    out = tvm.runtime.tensor(np.zeros((1, positions, vocab), np.float32))
+    out = tvm.runtime.tensor(np.zeros((1, n, vocab), np.float32))
     tvm.compile(sch.mod, target=LLVM)(tvm.runtime.tensor(xs), tvm.runtime.tensor(ws), out)
     np.testing.assert_allclose(out.numpy()[0], xs[0] @ ws.astype(np.float32).T, rtol=1e-4, atol=1e-4)

@@ -46,12 +46,19 @@ def windows(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int,
             break
 
 
-def window_nll(logits: np.ndarray, ids: list[int], first: int) -> np.ndarray:
-    """Negative log-likelihoods of ids[first:] given logits of the positions before each (float64)."""
-    z = np.asarray(logits[first - 1:len(ids) - 1], np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=1))
-    return log_norm - z[np.arange(len(z)), np.asarray(ids[first:])]
+def window_nll(logits: np.ndarray, ids: list[int], first: int, rows: int = 32) -> np.ndarray:
+    """Negative log-likelihoods of ids[first:] given logits of the positions before each (float64), a block
+    of rows at a time: each row shifted by its maximum and exponentiated in float32 (numpy's vectorized exp),
+    summed in float64. The whole window widened to float64 at once (200 MB for 512 positions of a 49152-token
+    vocabulary) took 0.1-0.8 s a window, as long as SmolLM2's compiled prefill of it; this, 0.05 s."""
+    z, targets = logits[first - 1:len(ids) - 1], np.asarray(ids[first:])
+    nll = np.empty(len(z))
+    for start in range(0, len(z), rows):
+        block = np.asarray(z[start:start + rows], np.float32)
+        shifted = block - block.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
+        nll[start:start + rows] = log_norm - shifted[np.arange(len(block)), targets[start:start + rows]]
+    return nll
 
 
 def perplexity(logits_of: Logits, ids: list[int], window: int = 512, stride: int | None = None) -> Perplexity:
