@@ -54,7 +54,7 @@ def test_tune_over_rpc_then_compile_applies_records(tiny_hf, tmp_path, rpc_track
     trit = tmp_path / "trit"
     assert quantize_main([str(tiny_hf), str(trit), "--depth", "3"]) == 0
     logs = tmp_path / "logs"
-    assert tune_main([str(trit), "--trials", "2", "--tuning-logs", str(logs), "--rpc-tracker", rpc_tracker,
+    assert tune_main([str(trit), "--trials", "1", "--tuning-logs", str(logs), "--rpc-tracker", rpc_tracker,
                       "--rpc-key", "trit-test"]) == 0
     records = list(logs.glob("*/database_tuning_record.json"))
     assert records and records[0].read_text().strip()
