@@ -218,9 +218,9 @@ class DenseLogitsCPU(ScheduleRule):
     """The output projection (logits = h · Wᵀ, W [vocab, hidden] kept dense), its dot products vectorized
     along the contiguous hidden axis (rfactor) and vocabulary rows spread over the cores. One position
     (decode, prefill's last): a row per parallel iteration. Several (`score`'s chunks, for perplexity): a tile
-    of VOCAB_TILE rows per parallel iteration with the positions inside it, so W is read once per call (with
+    of `vocab_tile` rows per parallel iteration with the positions inside it, so W is read once per call (with
     the positions outside, a 256-token chunk of SmolLM2 re-read its 113 MB FP32 head 256 times) and each
-    vector of h loaded feeds VOCAB_TILE multiply-adds into accumulators held in registers. No tile over the
+    vector of h loaded feeds `vocab_tile` multiply-adds into accumulators held in registers. No tile over the
     positions: a chunk's count is symbolic, and the predicate on its last tile put the accumulators in memory."""
 
     lanes = 16
