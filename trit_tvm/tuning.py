@@ -97,7 +97,8 @@ def kernel_timer(func: tvm.tirx.PrimFunc, target: tvm.target.Target, number: int
     args = []
     for info in ms.arg_info.ArgInfo.from_prim_func(func):
         shape, dtype = [int(s) for s in info.shape], info.dtype
-        data = rng.integers(0, 243, size=shape).astype(dtype) if "int" in dtype else rng.standard_normal(shape).astype(dtype)
+        data = rng.integers(0, 243, size=shape) if "int" in dtype else rng.standard_normal(shape)
+        data = data.astype(dtype)
         args.append(tvm.runtime.tensor(data, dev))
     lib.mod["main"](*args)  # warm-up: thread pool start, first touch of the buffers
     evaluator = lib.mod.time_evaluator("main", dev, number=number, repeat=repeat)
