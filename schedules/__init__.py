@@ -12,10 +12,12 @@ from .cpu import DenseLogitsCPU, TritGEMMCPU, TritGEMMVNNI, TritGEMVCPU, TritGEM
 from .cpu_rows import ElementwiseCPU, RowReductionCPU
 from .cuda import TritGEMMCuda, TritGEMVCuda
 from .x86_vnni import ROWS as VNNI_ROWS
+from .x86_vnni import supports as vnni_supported
 
 __all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "RowReductionCPU",
            "TritGEMMCPU", "TritGEMMCuda", "TritGEMMVNNI", "TritGEMVCPU", "TritGEMVCuda", "TritGEMVVNNI",
-           "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target", "rules_for_target"]
+           "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target", "rules_for_target",
+           "two_bit_depth1_for_target"]
 
 LAYOUT_ROWS = 32  # x86: 32 rows x 16-bit lanes = one AVX-512 register; CUDA: one warp reads 32 rows' bytes
 LAYOUT_ROWS_ARM = 8  # aarch64: 8 rows x 16-bit lanes = one 128-bit NEON register
@@ -37,6 +39,12 @@ def layout_rows_for_target(target: tvm.target.Target, int8_activations: bool = F
     if triple.startswith(("aarch64", "arm64")):
         return LAYOUT_ROWS_ARM
     return VNNI_ROWS if int8_activations and target.kind.name == "llvm" else LAYOUT_ROWS
+
+
+def two_bit_depth1_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
+    """Depth-1 matrices in the 2-bit layout (codec.format.two_bit_codes): what the VNNI kernels read them in,
+    so only with int8 activations on CPUs that run those kernels."""
+    return int8_activations and vnni_supported(target)
 
 
 def decode_for_target(target: tvm.target.Target) -> str:

@@ -34,11 +34,10 @@ from codec.format import BLOCK, SCALE_DIGITS, TWO_BIT_CHUNK, TWO_BIT_ROWS, code_
     scale_words, two_bit_codes, unpack_matrix, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
-from schedules import decode_for_target, layout_rows_for_target
+from schedules import decode_for_target, layout_rows_for_target, two_bit_depth1_for_target
 from schedules.base import ACT_MAX, DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, INT8_ACTIVATIONS_ATTR, \
     LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR, TWO_BIT_ATTR
 from schedules.x86_lookup import LANES, TABLE_WINDOW
-from schedules.x86_vnni import supports as vnni_supports
 
 TRIT_OP_NAME = "decode_matmul"
 OP_PATTERN_OPAQUE = 8  # relax FuseOps leaves the call alone: it stays one kernel with its attributes
@@ -243,7 +242,7 @@ def layout_for_target(target, int8_activations: bool = False) -> WeightLayout:
     rows, decode = layout_rows_for_target(target, int8_activations), decode_for_target(target)
     permute = (target.kind.name == "llvm" and rows % LANES == 0
                and bool(tvm.target.codegen.target_has_features("avx512f", target)))
-    return WeightLayout(rows, decode, permute, int8_activations, int8_activations and vnni_supports(target))
+    return WeightLayout(rows, decode, permute, int8_activations, two_bit_depth1_for_target(target, int8_activations))
 
 
 def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:

@@ -26,7 +26,7 @@ from schedules.cpu_scratch import scratch_buffers_global, set_scratch_global
 from .errors import CompileError
 from .pipeline import fusion_passes
 from .targets import target_key
-from .tuning_build import build_candidate
+from .tuning_build import compile_scheduled
 
 DEFAULT_LOGS = Path(__file__).resolve().parent.parent / "tuning_logs"
 BUILD_TIMEOUT_S = 300
@@ -82,7 +82,7 @@ def tune_kernels(kernels: dict[str, tvm.tirx.PrimFunc], target: tvm.target.Targe
         max_trials_per_task=trials_per_kernel, num_trials_per_iter=min(trials_per_kernel, 16),
         space=ms.space_generator.ScheduleFn(_space, sch_rules=[], postprocs=[], mutator_probs={}),
         # builds run in fresh worker processes that import TVM first: give them time on a busy 2-core box
-        builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, f_build=build_candidate),
+        builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, f_build=compile_scheduled),
         runner=runner or make_runner(None, None),
         cost_model="random", strategy="replay-trace", seed=0)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tvm
 
 
-def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params: dict | None) -> tvm.runtime.Module:
+def compile_scheduled(mod: tvm.IRModule, target: tvm.target.Target, _params: dict | None) -> tvm.runtime.Module:
     """MetaSchedule's default build (s_tir.meta_schedule.builder.default_build) less that import."""
     from tvm.driver import build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
