@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine
+from trit_tvm.artifact import KV_CACHE_DTYPES
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built (pinned: numbers stay comparable)
 FORMATS = ("Q4_K_M", "Q4_0", "Q8_0", "TQ1_0", "TQ2_0")
@@ -185,7 +186,7 @@ def main() -> None:
                     "(the output head as depth-4 trits); empty for none")
     ap.add_argument("--activations", default="float,int8",
                     help="trit-tvm activation modes to compile every system in (int8: trit-compile --int8-activations)")
-    ap.add_argument("--kv-cache-dtype", choices=["float16", "float32"], default="float32",
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="float32",
                     help="trit-tvm's KV cache storage (trit-compile --kv-cache-dtype); llama-bench keeps its default "
                          "16-bit cache either way")
     ap.add_argument("--formats", default=",".join(FORMATS), help="llama.cpp formats (llama-quantize names)")

@@ -37,8 +37,8 @@ def main() -> None:
         if row["tuned_s"] is None:
             entry.update({"tuned_us": None, "x_tuned": 1.0, "note": "no record kept: the hand rule schedules it"})
         else:
-            entry.update({"tuned_us": round(row["tuned_s"] * 1e6, 1), "x_tuned": round(row["hand_s"] / row["tuned_s"], 3),
-                          "decisions": row["decisions"]})
+            entry.update({"tuned_us": round(row["tuned_s"] * 1e6, 1),
+                          "x_tuned": round(row["hand_s"] / row["tuned_s"], 3), "decisions": row["decisions"]})
         rows.append(entry)
     geo = float(np.exp(np.mean([np.log(r["x_tuned"]) for r in rows]))) if rows else None
     print(json.dumps({"bench": "tuning", "config": args.config, "target": target.kind.name, **machine(),

@@ -41,7 +41,8 @@ def tvm_seconds(lib, dev, args, repeat: int = 7, number: int = 10) -> float:
     return lib.mod.time_evaluator("main", dev, number=number, repeat=repeat)(*args).min
 
 
-def random_packed(n_out: int, n_in: int, depth: int, seed: int = 0, parts: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+def random_packed(n_out: int, n_in: int, depth: int, seed: int = 0,
+                  parts: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
     """Packed arrays of a random matrix; with parts, of len(parts) matrices stacked along rows (each with its
     own codebook, as trit-compile stacks q/k/v and gate/up)."""
     from codec import pack_matrix, quantize_matrix

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine
+from trit_tvm.artifact import KV_CACHE_DTYPES
 
 GROUPS = (  # (group, substrings of a VM call's symbol), first match wins
     ("output head", ("lm_head", "logits")),
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--quantize-head", action="store_true", help="the output head as depth-4 trits")
     ap.add_argument("--int8-activations", action="store_true", help="compile with 8-bit activations (trit-compile's)")
-    ap.add_argument("--kv-cache-dtype", choices=["float16", "float32"], default="float32",
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="float32",
                     help="the KV cache's storage (trit-compile's)")
     ap.add_argument("--steps", type=int, default=16, help="decode steps averaged")
     ap.add_argument("--layers", type=int, help="fewer layers than the real model (quick runs)")

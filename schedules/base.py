@@ -15,8 +15,8 @@ DECODE_INT32 = "int32"  # GPUs: the same multiply-and-shift digits in 32-bit int
 DECODE_TABLE32 = "table32"  # GPUs: 32-bit integers, a byte's 5 digits from a 256-entry table (shared memory)
 ACT_MAX = 127  # int8 activations: x / scale rounded into [-127, 127], scale = max |x| of its group of 16 / 127
 PREFILL_ROW_TILE = 8  # CPU prefill GEMM: rows of x per inner loop (the operator pads x's rows to a multiple)
-BLOCK_NAMES = ("trit_digit_table", "trit_x_peak", "trit_x_padded", "trit_decode", "trit_xsum", "trit_group_dot", "trit_step_index", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail",
-               "trit_out")
+BLOCK_NAMES = ("trit_digit_table", "trit_x_peak", "trit_x_padded", "trit_decode", "trit_xsum", "trit_group_dot",
+               "trit_step_index", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail", "trit_out")
 
 
 def is_trit_decode_matmul(func) -> bool:

@@ -33,7 +33,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from codec.format import padded_blocks, word_block, word_digits
+from codec.format import TWO_BIT_ROWS, padded_blocks, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 
 from .base import ACT_MAX
@@ -41,6 +41,7 @@ from .prefetch import LINE_BYTES, PREFETCH_BLOCKS, prefetch_call
 from .x86_lookup import TABLE_WINDOW, permute_lookup
 
 ROWS = 16  # weight rows per panel: the int32 lanes of one 512-bit register
+assert TWO_BIT_ROWS == ROWS, "the 2-bit layout is stored in the byte order of these kernels' vpdpbusd operands"
 WORD_PAIRS = 8  # 512-bit loads per block and panel: 16 weights x 16 rows of 16-bit words, 2 weights each
 CHUNKS = GROUP_SIZE // 4  # vpdpbusd instructions per group and panel (4 weights each)
 TILE_BYTES = 64  # one chunk of a panel's byte tile: 16 rows x 4 weights

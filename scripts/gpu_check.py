@@ -196,7 +196,8 @@ def run_tiny(bundle: Path) -> dict:
         rows.append({"tokens_equal_prefix": same, "of": len(got), "max_logit_diff": diff})
     ok = all(r["tokens_equal_prefix"] >= 4 and r["max_logit_diff"] < 5e-2 for r in rows)
     return {"check": "tiny", "model_dtype": model.manifest["model_dtype"], "prompts": rows, "pass": ok,
-            "criterion": "first 4 greedy tokens equal the x86 FP32 build, prefill logits within 5e-2 (FP16 activations)"}
+            "criterion": "first 4 greedy tokens equal the x86 FP32 build, prefill logits within 5e-2 "
+                         "(FP16 activations)"}
 
 
 def copy_gbps(torch) -> float:
@@ -236,7 +237,8 @@ def run_gemv(bundle: Path, dev, torch) -> dict:
         t_trit = row["splitk_us"] / 1e6
         w = np.random.default_rng(2).standard_normal((n_out, n_in)).astype(np.float16) * np.float16(0.02)
         dlib = tvm.runtime.load_module(str(bundle / "gemv" / f"{name}_dense.so"))
-        dargs = [tvm.runtime.tensor(a, dev) for a in (x, w)] + [tvm.runtime.tensor(np.zeros((1, n_out), np.float16), dev)]
+        dargs = [tvm.runtime.tensor(a, dev) for a in (x, w)] \
+            + [tvm.runtime.tensor(np.zeros((1, n_out), np.float16), dev)]
         t_dense = dlib.time_evaluator("main", dev, number=200, repeat=10)(*dargs).min
         tw, tx = torch.from_numpy(w).cuda(), torch.from_numpy(x).cuda()
         t_torch = _torch_seconds(torch, lambda: tx @ tw.T)
@@ -309,8 +311,8 @@ def run_decode(bundle: Path, torch, device: str = "cuda") -> dict:
             gen = model.generate(prompt, NEW_TOKENS)
             if best is None or gen.decode_tok_s > best.decode_tok_s:
                 best = gen
-        out.update({f"{name}_decode_tok_s": round(best.decode_tok_s, 1), f"{name}_prefill_tok_s": round(best.prefill_tok_s, 1),
-                    f"{name}_weight_gb": round(nbytes / 1e9, 3)})
+        out.update({f"{name}_decode_tok_s": round(best.decode_tok_s, 1),
+                    f"{name}_prefill_tok_s": round(best.prefill_tok_s, 1), f"{name}_weight_gb": round(nbytes / 1e9, 3)})
         del model, params
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from codec import CodecError, GROUP_SIZE, bits_per_weight, pack_matrix, pack_trits, quantize_matrix, unpack_matrix, unpack_trits
+from codec import (CodecError, GROUP_SIZE, bits_per_weight, pack_matrix, pack_trits, quantize_matrix, unpack_matrix,
+                   unpack_trits)
 from codec.trits import from_digits, to_digits
 
 

@@ -9,8 +9,8 @@ import tvm
 from codec import pack_matrix, quantize_matrix
 from helpers import SHAPES, STACKS, operator_inputs, stacked_operator_inputs
 from schedules import TritGEMMCPU, TritGEMMCuda, TritGEMVCPU, TritGEMVCuda
-from trit_tvm.operator import DECODE_INT32, DECODE_TABLE32, PLANES, WeightLayout, layout_for_target, reference_decode_matmul, \
-    trit_decode_matmul_func
+from trit_tvm.operator import DECODE_INT32, DECODE_TABLE32, PLANES, WeightLayout, layout_for_target, \
+    reference_decode_matmul, trit_decode_matmul_func
 from trit_tvm.targets import parse_target
 
 ROWS32 = WeightLayout(32)
@@ -78,8 +78,9 @@ def test_stacked_matrices_read_their_own_codebooks(parts, layout, rules):
         x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, 3, rows, seed=len(parts) + rows)
         ref = reference_decode_matmul(x, codes, scales, codebook, parts=parts)
         out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), tvm.cpu())
-        lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, layout.repack_codes(codes, n_in), layout.repack_scales(scales, n_in, 3),
-                                                          layout.repack_codebook(codebook))], out)
+        inputs = (x, layout.repack_codes(codes, n_in), layout.repack_scales(scales, n_in, 3),
+                  layout.repack_codebook(codebook))
+        lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in inputs], out)
         np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
@@ -96,7 +97,8 @@ def test_layout_for_x86_avx512_looks_steps_up_by_permutes():
 
 @pytest.mark.skipif(not HOST_HAS_AVX512, reason="this CPU has no AVX-512")
 @pytest.mark.parametrize("depth", [2, 3])
-@pytest.mark.parametrize("n_out,n_in,parts", [(131, 336, ()), (37, 80, ()), (69, 208, (37, 16, 16)), (80, 208, (40, 40))])
+@pytest.mark.parametrize("n_out,n_in,parts",
+                         [(131, 336, ()), (37, 80, ()), (69, 208, (37, 16, 16)), (80, 208, (40, 40))])
 def test_avx512_permute_lookup_matches_reference(depth, n_out, n_in, parts):
     """The group steps as vpermi2ps permutes (one codebook, or stacked ones padded to 64/96 entries): the
     same numbers as the reference, for the GEMV and the GEMM rule, on odd row counts too."""
@@ -153,7 +155,8 @@ def _cuda_kernels(target, depth, dtype="float32"):
     """(rule, rows, n_out, n_in, scheduled PrimFunc): split-K GEMV for decode, the GEMM rule for any rows."""
     for n_out, n_in in CUDA_SHAPES:
         for rule, rows in ((TritGEMVCuda(), 1), (TritGEMMCuda(), None), (TritGEMMCuda(), 1)):
-            sch = rule.apply(_prim_func(n_out, n_in, depth, n_out % 2 == 1, CUDA_LAYOUT, rows=rows, dtype=dtype), target, False)
+            func = _prim_func(n_out, n_in, depth, n_out % 2 == 1, CUDA_LAYOUT, rows=rows, dtype=dtype)
+            sch = rule.apply(func, target, False)
             if sch is None:
                 assert isinstance(rule, TritGEMVCuda) and n_in < 80  # no full block to split: the GEMM rule takes it
                 continue
@@ -216,7 +219,8 @@ def test_word_layout_decodes_to_the_checkpoint_weights(depth, digits_per_word, n
     rng = np.random.default_rng(depth)
     packed = pack_matrix(quantize_matrix(rng.standard_normal((45, n_in)).astype(np.float32), depth))
     qm = unpack_matrix(packed, n_in)
-    codes, scales = ROWS32.repack_codes(packed["trit_codes"], n_in), ROWS32.repack_scales(packed["trit_scales"], n_in, depth)
+    codes = ROWS32.repack_codes(packed["trit_codes"], n_in)
+    scales = ROWS32.repack_scales(packed["trit_scales"], n_in, depth)
     assert ROWS32.words and ROWS32.name == "trit-rows32-words-v1" and codes.dtype == scales.dtype == np.uint16
     m, block = digits_per_word, 16 * digits_per_word
     blocks = -(-n_in // block)

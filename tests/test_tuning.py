@@ -63,7 +63,8 @@ def test_tune_over_rpc_then_compile_applies_records(tiny_hf, tmp_path, rpc_track
     tuned = json.loads((tmp_path / "tuned" / "manifest.json").read_text())["tuned_kernels"]
     assert tuned and json.loads((tmp_path / "hand" / "manifest.json").read_text())["tuned_kernels"] == []
     prompt = [5, 17, 42, 99, 3, 250, 7]
-    assert TritModel(tmp_path / "tuned").generate(prompt, 24).tokens == TritModel(tmp_path / "hand").generate(prompt, 24).tokens
+    tuned, hand = TritModel(tmp_path / "tuned"), TritModel(tmp_path / "hand")
+    assert tuned.generate(prompt, 24).tokens == hand.generate(prompt, 24).tokens
     _records_that_do_not_win_are_dropped(trit, logs, tmp_path)
 
 

@@ -12,6 +12,7 @@ ARTIFACT_FORMAT = "trit-artifact"
 ARTIFACT_VERSION = 1
 LIBRARY, PARAMS, ARTIFACT_MANIFEST = "model.so", "params.safetensors", "manifest.json"
 DEVICES = ("cpu", "cuda")
+KV_CACHE_DTYPES = ("float16", "float32")  # trit-compile --kv-cache-dtype (None: the model dtype)
 
 
 def read_artifact_manifest(artifact: Path) -> dict:

@@ -18,6 +18,7 @@ from codec.cli import run_cli
 from codec.errors import CodecError, read_json
 from codec.quantize import DEPTHS, MODES
 
+from .artifact import KV_CACHE_DTYPES
 from .demo import SMOLLM2_INSTALL
 
 log = logging.getLogger("trit")
@@ -46,7 +47,7 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="CPU targets: quantize each linear's input to 8 bits per group of 16 weights, so decode and "
                         "prefill run integer dot products (AVX-512 VNNI; elsewhere the same numbers in float); off "
                         "by default: float activations match transformers exactly")
-    p.add_argument("--kv-cache-dtype", choices=["float16", "float32"], default=None,
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                    help="storage of the KV cache: float16 halves the bytes a decode step reads from a long context "
                         "(llama.cpp's default cache type); default: the model dtype (float32 on CPUs, exact to "
                         "transformers; float16 on GPUs)")

@@ -36,7 +36,8 @@ from schedules import is_trit_decode_matmul
 from schedules.base import kernel_key
 
 from .attention_cpu import use_cpu_attention
-from .artifact import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, LIBRARY, PARAMS
+from .artifact import (ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, KV_CACHE_DTYPES, LIBRARY,
+                       PARAMS)
 from .errors import CompileError
 from .models import Architecture, DecoderConfig, architecture_of, source_names
 from .operator import WeightLayout, layout_for_target
@@ -52,7 +53,6 @@ Stage = Callable[[str], None]
 EMBEDDING_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-KV_CACHE_DTYPES = ("float16", "float32")  # trit-compile --kv-cache-dtype (None: the model dtype)
 
 
 def model_dtype_for(target: tvm.target.Target) -> str:

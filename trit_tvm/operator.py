@@ -65,7 +65,8 @@ def _chain_digit(t: tirx.PrimExpr, pos, base: int, wide: bool = False, ndigits: 
     candidates = []
     for p in range(ndigits):
         if p:
-            t = tirx.bitwise_and(t * tirx.const(base, lane), tirx.const(0xFFFF, lane)) if wide else t * tirx.const(base, lane)
+            t = t * tirx.const(base, lane)
+            t = tirx.bitwise_and(t, tirx.const(0xFFFF, lane)) if wide else t
         candidates.append(tirx.shift_right((t if wide else t.astype("uint32")) * tirx.const(base, "uint32"),
                                            tirx.const(16, "uint32")))
     if isinstance(pos, int):
@@ -348,7 +349,8 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     else:
         tail_base3 = None  # the K-tail's decode, when it differs from the blocks'
         if layout.decode == DECODE_TABLE32:  # the tail (< 80 weights) reads no table: one owner per table copy
-            base3, tail_base3, to_float = functools.partial(_base3_table, digit_table()), _base3_int32, _small_int_to_float
+            base3, tail_base3 = functools.partial(_base3_table, digit_table()), _base3_int32
+            to_float = _small_int_to_float
         elif layout.decode == DECODE_INT32:
             base3, to_float = _base3_int32, _small_int_to_float
         else:
@@ -483,6 +485,7 @@ def reference_decode_matmul(x: np.ndarray, codes: np.ndarray, scales: np.ndarray
     starts = [0, *stacked_row_starts(parts), codes.shape[0]]
     w = np.concatenate([unpack_matrix({"trit_codes": codes[a:b], "trit_scales": scales[a:b],
                                        "trit_codebook": codebook[CODEBOOK_SIZE * i:CODEBOOK_SIZE * (i + 1)]},
-                                      x.shape[-1]).dequantize(np.float64) for i, (a, b) in enumerate(zip(starts, starts[1:]))])
+                                      x.shape[-1]).dequantize(np.float64)
+                         for i, (a, b) in enumerate(zip(starts, starts[1:]))])
     y = x.astype(np.float64) @ w.T
     return y if bias is None else y + bias.astype(np.float64)
