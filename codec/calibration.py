@@ -27,6 +27,7 @@ class Calibration:
     hessians: dict[str, np.ndarray]
     settings: dict  # what trit.json records: file, sha256, samples, tokens, sequence
     output_grad_sq: dict[str, np.ndarray] | None = None
+    windows: list[list[int]] | None = None  # the token ids it ran on (norm tuning runs on the same)
 
 
 def read_text(path: Path) -> str:
@@ -59,7 +60,7 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
     ids = AutoTokenizer.from_pretrained(str(hf_dir)).encode(text)
     if len(ids) < 2:
         raise CodecError(f"{text_file}: too short to calibrate on ({len(ids)} tokens)")
-    starts = list(range(0, max(len(ids) - 1, 1), SEQUENCE))[:samples]
+    windows = [ids[s:s + SEQUENCE] for s in range(0, max(len(ids) - 1, 1), SEQUENCE)][:samples]
     hessians: dict[str, torch.Tensor] = {}
     products: dict[int, tuple] = {}  # this window's xᵀx per input tensor: q/k/v (gate/up) read the same one
 
@@ -86,23 +87,23 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
         model.requires_grad_(False)
         handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_()))
     try:
-        for i, s in enumerate(starts):
+        for i, window_ids in enumerate(windows):
             products.clear()
-            window = torch.tensor([ids[s:s + SEQUENCE]])
+            window = torch.tensor([window_ids])
             if grads is None:
                 with torch.no_grad():
                     model(window)
             else:
                 model(window, labels=window).loss.backward()
             if progress:
-                progress(i + 1, len(starts))
+                progress(i + 1, len(windows))
     finally:
         products.clear()
         for h in handles:
             h.remove()
-    tokens = sum(len(ids[s:s + SEQUENCE]) for s in starts)
+    tokens = sum(len(w) for w in windows)
     digest = hashlib.sha256(Path(text_file).read_bytes()).hexdigest()
-    settings = {"file": Path(text_file).name, "sha256": digest, "samples": len(starts), "tokens": tokens,
+    settings = {"file": Path(text_file).name, "sha256": digest, "samples": len(windows), "tokens": tokens,
                 "sequence": SEQUENCE, "method": "gptq", "act_order": True, "static_groups": True, "damp": DAMP}
     return Calibration({k: v.numpy() for k, v in hessians.items()}, settings,
-                       {k: v.numpy() for k, v in grads.items()} if grads is not None else None)
+                       {k: v.numpy() for k, v in grads.items()} if grads is not None else None, windows)

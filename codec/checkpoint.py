@@ -25,6 +25,7 @@ from .calibration import Calibration, collect_hessians, read_text
 from .gguf_source import hf_source
 from .gptq import gptq_depths, gptq_matrix, loss_increase
 from .mixed import allocate, check_budget, parse_overrides, pinned_depths
+from .norm_tuning import tune_norms
 from .quantize import CODEBOOK_SIZE, DEPTHS, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
 from .safetensors_io import (FLOAT_DTYPES, SafetensorsFile, ShardWriter, from_float, iter_checkpoint_files,
@@ -133,11 +134,15 @@ class QuantizePlan:
     output_grad_sq: dict[str, np.ndarray] | None = None
     quantize_head: bool = False
     measured: "MeasuredDepths | None" = None
+    results: dict[str, QuantizedMatrix] | None = None  # matrices quantized ahead of the writing (norm tuning)
+    kept_values: dict[str, np.ndarray] | None = None  # kept tensors' values in place of the source's (tuned norms)
 
     def depth_of(self, name: str) -> int:
         return self.depths[name] if self.depths is not None else self.depth
 
     def quantize(self, w: np.ndarray, name: str) -> QuantizedMatrix:
+        if self.results is not None and name in self.results:
+            return self.results[name]
         depth = self.depth_of(name)
         if self.measured is not None and name in self.measured:
             return self.measured.get(name, depth, w.shape[1])
@@ -171,7 +176,7 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
                           progress: Progress | None = None, calibration: Path | Calibration | None = None,
                           samples: int = 32,
                           bpw: float | None = None, tensor_depths: tuple[str, ...] = (),
-                          quantize_head: bool = False) -> dict:
+                          quantize_head: bool = False, norm_epochs: int = 0) -> dict:
     """Quantize (or, with recover, decode) a Hugging Face checkpoint dir or a GGUF file into a trit
     checkpoint dir. Streams tensor by tensor; returns the manifest written.
 
@@ -181,9 +186,15 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
     tensor_depths: PATTERN=D overrides (globs on tensor names).
     quantize_head: also write the output head as trits at HEAD_DEPTH, under lm_head.weight (for a tied model
     a quantized copy of the embedding, which stays 16-bit for lookups); decodes read a third of its bytes.
-    Off by default: the published layout keeps the head in 16 bits."""
+    Off by default: the published layout keeps the head in 16 bits.
+    norm_epochs: with calibration, after quantizing every matrix, fit the norm weights to the source model's
+    outputs on the calibration text for this many passes (codec.norm_tuning); 0: keep the source's norms."""
     if Path(out).exists() and not force:  # before the work, not after
         raise CodecError(f"{out}: output directory exists (use --force to replace it)")
+    if norm_epochs < 0:
+        raise CodecError(f"--tune-norms: the number of passes must be at least 1, got {norm_epochs}")
+    if norm_epochs and (calibration is None or recover):
+        raise CodecError("--tune-norms needs --calibration (the text the norms are fitted on) and no --recover")
     overrides = parse_overrides(list(tensor_depths))
     if bpw is not None:
         check_budget(bpw)
@@ -203,11 +214,28 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
                     plan.measured = MeasuredDepths(Path(stack.enter_context(
                         tempfile.TemporaryDirectory(prefix=".trit-depths-", dir=Path(out).parent))))
                 plan.depths = _plan_depths(hf, plan, bpw, overrides, progress)
+            if norm_epochs:
+                _tune_norms(hf, plan, calib.windows, norm_epochs, progress)
             return _write_trit_checkpoint(hf, out, plan, recover, force, shard_bytes, progress)
 
 
 def _stage_progress(progress: Progress | None, stage: str):
     return None if progress is None else (lambda done, total: progress(f"{stage} {done}/{total}", 0))
+
+
+def _tune_norms(src: Path, plan: QuantizePlan, windows: list[list[int]], epochs: int, progress) -> None:
+    """Every matrix quantized now (kept in plan.results for the writing), then the norms fitted with them in
+    place (codec.norm_tuning); the tuned norms go to plan.kept_values, the settings to trit.json."""
+    _, files = read_source(src)
+    plan.results = {}
+    for name, f in _source_tensors(files):
+        if is_quantized_tensor(name, f.tensors[name].shape):
+            plan.results[name] = plan.quantize(to_float32(f.read(name), f.tensors[name].dtype), name)
+            if progress:
+                progress(f"quantize {len(plan.results)} {name}", 0)
+    plan.kept_values, record = tune_norms(src, {n: qm.dequantize(np.float32) for n, qm in plan.results.items()},
+                                          windows, epochs, progress=_stage_progress(progress, "norm tuning"))
+    plan.record = {**plan.record, "norm_tuning": record}
 
 
 def _plan_depths(src: Path, plan: QuantizePlan, bpw: float | None, overrides: list, progress) -> dict[str, int]:
@@ -269,6 +297,8 @@ def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bo
                     qm = plan.quantize(to_float32(stored, info.dtype), name)
                 add_quantized(name, qm, info)
             else:
+                if plan.kept_values is not None and name in plan.kept_values:
+                    stored = from_float(plan.kept_values[name], info.dtype)
                 if info.dtype in FLOAT_DTYPES and not np.isfinite(to_float32(stored, info.dtype)).all():
                     raise CodecError(f"{f.path}: tensor '{name}' contains NaN or Inf")
                 if plan.quantize_head and name == head_source:

@@ -76,6 +76,10 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens (default: 32)")
     p.add_argument("--bpw", type=float, help="mixed depth: a depth 1..4 per matrix by sensitivity, average packed "
                    "bits/weight at most this (1.9..6.7); uses --calibration when given")
+    p.add_argument("--tune-norms", type=int, nargs="?", const=2, default=0, metavar="PASSES",
+                   help="with --calibration: after quantizing, fit the RMSNorm weights so that the model's outputs "
+                        "match the source model's on the calibration text (PASSES over it, default 2; SmolLM2 on 2 "
+                        "cores: ~4 s a window and pass); lowers perplexity, the format is unchanged")
     p.add_argument("--tensor-depth", action="append", default=[], metavar="PATTERN=D",
                    help="pin the depth of tensors matching a glob, e.g. '*.mlp.down_proj.weight=4' (repeatable)")
     p.add_argument("--quantize-head", action="store_true",
@@ -93,7 +97,7 @@ def _quantize(args: argparse.Namespace) -> int:
     with bar:
         manifest = write_trit_checkpoint(args.src, args.out, args.depth, args.mode, args.recover, args.force,
                                          int(args.shard_size * (1 << 30)), step, args.calibration, args.samples,
-                                         args.bpw, tuple(args.tensor_depth), args.quantize_head)
+                                         args.bpw, tuple(args.tensor_depth), args.quantize_head, args.tune_norms)
     n_q = sum(int(np.prod(q["shape"])) for q in manifest["quantized"].values())
     size = sum(s["bytes"] for s in manifest["shards"].values())
     log.info("wrote %s: %d quantized matrices (%.1f M weights, depth %s, mode %s), %d kept tensors, "

@@ -89,9 +89,10 @@ def test_calibrated_checkpoint_records_its_calibration_and_runs_token_exact(tiny
     from trit_tvm.runtime import TritModel
     out = tmp_path / "trit"
     assert quantize_main([str(tiny_hf), str(out), "--calibration", str(calib_text), "--samples", "2", "--bpw", "4.4",
-                          "--tensor-depth", "*.mlp.down_proj.weight=4"]) == 0
+                          "--tensor-depth", "*.mlp.down_proj.weight=4", "--tune-norms", "1"]) == 0
     manifest = load_trit_checkpoint(out).manifest
     assert manifest["codec_mode"] == "gptq" and manifest["calibration"]["file"] == "calibration.txt"
+    assert manifest["calibration"]["norm_tuning"]["epochs"] == 1  # the tuned norms are what runs token-exact
     assert manifest["calibration"]["samples"] == 2 and manifest["bits_per_weight_budget"] == 4.4
     depths = {n: e["depth"] for n, e in manifest["quantized"].items()}
     assert all(d == 4 for n, d in depths.items() if n.endswith("down_proj.weight"))
@@ -133,6 +134,40 @@ def test_mixed_depth_writes_the_gptq_results_it_measured(tiny_hf, calib_text, tm
         np.testing.assert_array_equal(written.matrix(name).scale_idx, expected.scale_idx)
 
 
+def _kl_from_source(source_dir, model_dir, windows) -> float:
+    """Mean KL divergence (nats per token) of model_dir's next-token distributions from source_dir's."""
+    from transformers import AutoModelForCausalLM
+    p, q = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in (source_dir, model_dir))
+    with torch.no_grad():
+        kl = [torch.nn.functional.kl_div(torch.log_softmax(q(torch.tensor([w])).logits[0], -1),
+                                         torch.log_softmax(p(torch.tensor([w])).logits[0], -1),
+                                         log_target=True, reduction="batchmean") for w in windows]
+    return float(sum(kl) / len(kl))
+
+
+def test_norm_tuning_brings_the_quantized_model_closer_to_the_source(tiny_hf, calib_text, tmp_path):
+    """The same GPTQ codes with and without --tune-norms: only the norms change, and with them the quantized
+    model's distributions move toward the source model's on the calibration text (a run that ignored the
+    tuning, or wrote the source's norms, would fail)."""
+    from codec.calibration import collect_hessians
+    windows = collect_hessians(tiny_hf, calib_text, 2).windows
+    for name, flags in (("plain", []), ("tuned", ["--tune-norms", "3"])):
+        assert quantize_main([str(tiny_hf), str(tmp_path / name), "--depth", "2", "--calibration", str(calib_text),
+                              "--samples", "2", *flags]) == 0
+        assert dequantize_main([str(tmp_path / name), str(tmp_path / f"{name}-hf"), "--dtype", "float32"]) == 0
+    plain, tuned = load_trit_checkpoint(tmp_path / "plain"), load_trit_checkpoint(tmp_path / "tuned")
+    record = tuned.manifest["calibration"]["norm_tuning"]
+    assert record["epochs"] == 3 and record["windows"] == 2 and len(record["kl"]) == 3
+    assert "norm_tuning" not in plain.manifest["calibration"]
+    for name in plain.quantized_names:
+        np.testing.assert_array_equal(plain.matrix(name).codes, tuned.matrix(name).codes)
+    norms = [n for n in plain.kept_names if n.endswith("norm.weight")]
+    assert len(norms) == 5 and all(not np.array_equal(plain.kept(n)[0], tuned.kept(n)[0]) for n in norms)
+    before = _kl_from_source(tiny_hf, tmp_path / "plain-hf", windows)
+    after = _kl_from_source(tiny_hf, tmp_path / "tuned-hf", windows)
+    assert after < 0.95 * before, (before, after)
+
+
 def test_tensor_depth_overrides_a_uniform_depth(tiny_hf, tmp_path):
     assert quantize_main([str(tiny_hf), str(tmp_path / "t"), "--depth", "2", "--tensor-depth",
                           "model.layers.1.*=3", "--tensor-depth", "*.o_proj.weight=1"]) == 0
@@ -150,11 +185,15 @@ def test_tensor_depth_overrides_a_uniform_depth(tiny_hf, tmp_path):
     (["--tensor-depth", "*.nothing_here=3"], "matches no quantized tensor"),
     (["--tensor-depth", "*.o_proj.weight"], "expected PATTERN=D"),
     (["--tensor-depth", "*.o_proj.weight=5"], "expected PATTERN=D with D in [1, 2, 3, 4]"),
+    (["--tune-norms"], "--tune-norms needs --calibration"),
+    (["--calibration", "TEXT", "--tune-norms", "-1"], "the number of passes must be at least 1"),
 ])
 def test_bad_input_is_one_line(tiny_hf, tmp_path, capsys, flags, message):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
-    flags = [{"EMPTY": str(tmp_path / "empty.txt"), "BINARY": str(tmp_path / "binary.txt")}.get(f, f) for f in flags]
+    (tmp_path / "text.txt").write_text(TEXT)
+    paths = {"EMPTY": tmp_path / "empty.txt", "BINARY": tmp_path / "binary.txt", "TEXT": tmp_path / "text.txt"}
+    flags = [str(paths[f]) if f in paths else f for f in flags]
     assert quantize_main([str(tiny_hf), str(tmp_path / "out")] + flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err), err
