@@ -1,9 +1,10 @@
 """Perplexity vs bits/weight for SmolLM2-135M-Instruct on held-out text: the source model, uniform depths
-1..4 in both data-free modes, calibrated (GPTQ) depths 2..4, and mixed depth at several budgets. Each row is
+1..4 in both data-free modes, calibrated (GPTQ) depths 2..4, and mixed depth at several budgets, each of the
+calibrated ones also with its norms tuned (trit-quantize --tune-norms, 2 passes). Each row is
 quantized, compiled for this CPU and scored twice: by the compiled module (trit-eval) and by transformers
 on the dequantized weights; the two must agree within 0.1%.
 
-    python -m benchmarks.bench_quality [--eval-tokens 4096] [--plot benchmarks/quality.png]
+    python -m benchmarks.bench_quality [--eval-tokens 4096] [--plot benchmarks/quality.png] [--only ROW ...]
 
 Texts: Python's own `pydoc_data.topics`, split by topic: even-numbered topics calibrate, odd-numbered ones
 evaluate (the quantizer never sees them). Prints one JSON line per row, then a summary line.
@@ -19,6 +20,7 @@ from pathlib import Path
 from benchmarks.common import machine
 
 BUDGETS = (2.5, 3.5, 4.4, 5.5)
+NORM_PASSES = 2  # trit-quantize --tune-norms's default
 
 
 def split_texts(out: Path) -> tuple[Path, Path]:
@@ -34,6 +36,10 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096, help="tokens of evaluation text scored per row")
     ap.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens")
     ap.add_argument("--plot", type=Path, help="write perplexity vs bits/weight as a PNG")
+    ap.add_argument("--only", action="append", metavar="ROW",
+                    help="run only the rows named exactly so, e.g. 'd=3 calibrated + norms' (repeatable)")
+    ap.add_argument("--plot-with", type=Path, metavar="JSONL",
+                    help="an earlier run's output: its rows are plotted with this run's (rows run now replace them)")
     args = ap.parse_args()
 
     from codec.calibration import collect_hessians
@@ -63,6 +69,13 @@ def main() -> None:
         configs = [(f"d={d} {mode}", dict(depth=d, mode=mode)) for d in (1, 2, 3, 4) for mode in ("reference", "mse")]
         configs += [(f"d={d} calibrated", dict(depth=d, calibration=calib)) for d in (2, 3, 4)]
         configs += [(f"mixed {b} bpw calibrated", dict(bpw=b, calibration=calib)) for b in BUDGETS]
+        configs += [(f"{name} + norms", dict(kw, norm_epochs=NORM_PASSES)) for name, kw in configs
+                    if "calibration" in kw]
+        if args.only:
+            unknown = set(args.only) - {name for name, _ in configs}
+            if unknown:
+                raise SystemExit(f"--only: no row named {sorted(unknown)[0]!r}")
+            configs = [(name, kw) for name, kw in configs if name in args.only]
         target = parse_target("llvm")
         for i, (name, kw) in enumerate(configs):
             t0 = time.perf_counter()
@@ -84,7 +97,9 @@ def main() -> None:
                       "eval_tokens": len(ids), "calibration_samples": args.samples, **machine(),
                       "all_agree": all(r["agree"] for r in rows)}))
     if args.plot:
-        plot(rows, source, args.plot)
+        ran = {r["row"] for r in rows}
+        earlier = [json.loads(line) for line in args.plot_with.read_text().splitlines()] if args.plot_with else []
+        plot([r for r in earlier if r.get("bpw") and r["row"] not in ran] + rows, source, args.plot)
 
 
 def plot(rows: list[dict], source: float, path: Path) -> None:
@@ -92,9 +107,13 @@ def plot(rows: list[dict], source: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, marker in (("reference", "s"), ("mse", "o"), ("calibrated", "^"), ("mixed", "D")):
-        pts = sorted((r["bpw"], r["perplexity"]) for r in rows if kind in r["row"] and
-                     (kind != "calibrated" or "mixed" not in r["row"]))
+    def kind_of(row: str) -> str:
+        base = "mixed" if "mixed" in row else "calibrated" if "calibrated" in row else row.split()[-1]
+        return base + (" + norms" if row.endswith("+ norms") else "")
+
+    for kind, marker in (("reference", "s"), ("mse", "o"), ("calibrated", "^"), ("mixed", "D"),
+                         ("calibrated + norms", "v"), ("mixed + norms", "d")):
+        pts = sorted((r["bpw"], r["perplexity"]) for r in rows if kind_of(r["row"]) == kind)
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=kind)
     ax.axhline(source, color="gray", linestyle="--", label="source (Q4_1 GGUF, FP32)")
