@@ -165,7 +165,8 @@ def _inspect(args: argparse.Namespace) -> int:
     packed = ckpt.packed_bytes()
     summary = {"quantized_tensors": len(rows), "quantized_weights": n, "packed_bytes": packed,
                "bits_per_weight": packed * 8 / n, "codec_mode": ckpt.manifest["codec_mode"],
-               "format_version": ckpt.manifest["format_version"], "kept_tensors": len(ckpt.kept_names)}
+               "format_version": ckpt.manifest["format_version"], "kept_tensors": len(ckpt.kept_names),
+               **({"calibration": ckpt.manifest["calibration"]} if "calibration" in ckpt.manifest else {})}
     if args.json:
         print(json.dumps({"summary": summary, "tensors": rows}))
         return 0
@@ -178,6 +179,12 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"{len(rows)} quantized tensors, {n / 1e6:.2f} M weights, {packed / 1e6:.2f} MB packed, "
           f"{summary['bits_per_weight']:.3f} bits/weight; {len(ckpt.kept_names)} kept tensors; "
           f"mode {summary['codec_mode']}, format v{summary['format_version']}")
+    calibration = summary.get("calibration")
+    if calibration:
+        tuned = calibration.get("norm_tuning")
+        print(f"calibrated on {calibration.get('file')} ({calibration.get('samples')} windows, "
+              f"{calibration.get('tokens')} tokens)" + (f"; norms tuned: {tuned.get('epochs')} passes, KL from the "
+                                                        f"source per pass {tuned.get('kl')}" if tuned else ""))
     return 0
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from codec.checkpoint import load_trit_checkpoint
-from codec.cli import dequantize_main, quantize_main
+from codec.cli import dequantize_main, inspect_main, quantize_main
 from codec.gptq import gptq_depths, gptq_matrix, loss_increase_by_depth, output_error
 from codec.mixed import allocate
 from codec.quantize import quantize_matrix
@@ -145,7 +145,7 @@ def _kl_from_source(source_dir, model_dir, windows) -> float:
     return float(sum(kl) / len(kl))
 
 
-def test_norm_tuning_brings_the_quantized_model_closer_to_the_source(tiny_hf, calib_text, tmp_path):
+def test_norm_tuning_brings_the_quantized_model_closer_to_the_source(tiny_hf, calib_text, tmp_path, capsys):
     """The same GPTQ codes with and without --tune-norms: only the norms change, and with them the quantized
     model's distributions move toward the source model's on the calibration text (a run that ignored the
     tuning, or wrote the source's norms, would fail)."""
@@ -166,6 +166,8 @@ def test_norm_tuning_brings_the_quantized_model_closer_to_the_source(tiny_hf, ca
     before = _kl_from_source(tiny_hf, tmp_path / "plain-hf", windows)
     after = _kl_from_source(tiny_hf, tmp_path / "tuned-hf", windows)
     assert after < 0.95 * before, (before, after)
+    assert inspect_main([str(tmp_path / "tuned")]) == 0
+    assert "norms tuned: 3 passes" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_tensor_depth_overrides_a_uniform_depth(tiny_hf, tmp_path):
