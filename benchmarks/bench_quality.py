@@ -21,6 +21,7 @@ from benchmarks.common import machine
 
 BUDGETS = (2.5, 3.5, 4.4, 5.5)
 NORM_PASSES = 2  # trit-quantize --tune-norms's default
+OFF_SCALE = 3.0  # the plot's perplexity axis ends at this multiple of the source model's
 
 
 def split_texts(out: Path) -> tuple[Path, Path]:
@@ -111,15 +112,20 @@ def plot(rows: list[dict], source: float, path: Path) -> None:
         base = "mixed" if "mixed" in row else "calibrated" if "calibrated" in row else row.split()[-1]
         return base + (" + norms" if row.endswith("+ norms") else "")
 
+    top = OFF_SCALE * source  # d=1's perplexities (10⁴–10⁵) would flatten every other point: named, not drawn
+    off_scale = [f"{r['row']} {r['perplexity']:.0f}" for r in rows if r["perplexity"] > top]
     for kind, marker in (("reference", "s"), ("mse", "o"), ("calibrated", "^"), ("mixed", "D"),
                          ("calibrated + norms", "v"), ("mixed + norms", "d")):
-        pts = sorted((r["bpw"], r["perplexity"]) for r in rows if kind_of(r["row"]) == kind)
+        pts = sorted((r["bpw"], r["perplexity"]) for r in rows if kind_of(r["row"]) == kind and r["perplexity"] <= top)
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=kind)
     ax.axhline(source, color="gray", linestyle="--", label="source (Q4_1 GGUF, FP32)")
     ax.set_xlabel("packed bits / weight (codes + scales + codebook)")
     ax.set_ylabel("perplexity (held-out pydoc text)")
     ax.set_yscale("log")
+    ax.set_ylim(source * 0.97, top)
+    if off_scale:
+        ax.text(0.01, 0.99, "off scale: " + ", ".join(off_scale), transform=ax.transAxes, va="top", fontsize=8)
     ax.set_title("SmolLM2-135M: perplexity vs bits/weight (compiled module)")
     ax.legend()
     fig.tight_layout()

@@ -7,7 +7,7 @@ of each layer's activations a little. The norms' gains are where a model sets th
 end to end (Adam on the KL divergence from the source model's distributions, both models in transformers,
 float32, this CPU) recovers part of the loss the quantization caused without touching the format: the tuned
 norms are stored as the checkpoint's kept tensors. Measured on SmolLM2-135M (README, Quality): calibrated
-d=3 1.029x → 1.011x the source model's perplexity on held-out text, mixed depth at 4.4 bpw 1.052x → 1.029x.
+d=3 1.029x → 1.012x the source model's perplexity on held-out text, mixed depth at 4.4 bpw 1.052x → 1.029x.
 """
 from __future__ import annotations
 
