@@ -95,6 +95,13 @@ def test_layout_for_x86_avx512_looks_steps_up_by_permutes():
     assert not layout_for_target(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})).permute_steps
 
 
+def test_layout_for_x86_without_avx512_has_16_row_panels():
+    """One AVX2 register of 16-bit lanes (32 rows spill the GEMV's accumulators there); AVX-512 keeps 32."""
+    for cpu in ("znver2", "haswell"):
+        assert layout_for_target(tvm.target.Target({"kind": "llvm", "mcpu": cpu})).rows == 16
+    assert layout_for_target(LLVM).rows == 16 and layout_for_target(AVX512).rows == 32
+
+
 @pytest.mark.skipif(not HOST_HAS_AVX512, reason="this CPU has no AVX-512")
 @pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("n_out,n_in,parts",
