@@ -12,7 +12,7 @@ from .cpu import DenseLogitsCPU, TritGEMMCPU, TritGEMMVNNI, TritGEMVCPU, TritGEM
 from .cpu_rows import ElementwiseCPU, RowReductionCPU
 from .cuda import TritGEMMCuda, TritGEMVCuda
 from .x86_vnni import ROWS as VNNI_ROWS
-from .x86_vnni import supports as vnni_supported
+from .x86_vnni import isa_for_target
 
 __all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "RowReductionCPU",
            "TritGEMMCPU", "TritGEMMCuda", "TritGEMMVNNI", "TritGEMVCPU", "TritGEMVCuda", "TritGEMVVNNI",
@@ -48,9 +48,10 @@ def layout_rows_for_target(target: tvm.target.Target, int8_activations: bool = F
 
 
 def two_bit_depth1_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
-    """Depth-1 matrices in the 2-bit layout (codec.format.two_bit_codes): what the VNNI kernels read them in,
-    so only with int8 activations on CPUs that run those kernels."""
-    return int8_activations and vnni_supported(target)
+    """Depth-1 matrices in the 2-bit layout (codec.format.two_bit_codes): what the integer kernels read them
+    in (AVX-512 VNNI or AVX2), so only with int8 activations on CPUs that run those kernels."""
+    return (int8_activations and layout_rows_for_target(target, True) == VNNI_ROWS
+            and isa_for_target(target, two_bit=True) is not None)
 
 
 def decode_for_target(target: tvm.target.Target) -> str:

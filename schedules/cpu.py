@@ -18,9 +18,7 @@ from .base import INT8_ACTIVATIONS_ATTR, KERNEL_ATTR, LOGITS_KERNEL, PARTS_ATTR,
     vectorize_lanes
 from .x86_lookup import LANES, permute_lookup_intrin
 from .x86_vnni import ROWS as VNNI_ROWS
-from .x86_vnni import VNNIKnobs
-from .x86_vnni import supports as vnni_supported
-from .x86_vnni import vnni_gemm_func, vnni_gemv_func
+from .x86_vnni import VNNIKnobs, default_knobs, isa_for_target, vnni_gemm_func, vnni_gemv_func
 
 
 def _applies(func, target: Target) -> bool:
@@ -127,7 +125,8 @@ class TritGEMVCPU(ScheduleRule):
 
 class TritGEMVVNNI(ScheduleRule):
     """Decode with int8 activations on AVX-512 VNNI: the operator's int8-activation form on one row of x,
-    16-row panels, becomes the hand-written integer kernel of schedules/x86_vnni.py (same parameters).
+    16-row panels, becomes the hand-written integer kernel of schedules/x86_vnni.py (same parameters). On
+    CPUs with AVX2 but not VNNI, the same for matrices in the 2-bit layout (schedules/x86_avx2.py).
 
     choices: trit-tune's per-kernel picks by schedules.base.kernel_key, {"variant": "vnni", "knobs": {...}}
     (VNNIKnobs fields) or {"variant": "float"} (decline: the float rules compute the int8 form instead)."""
@@ -141,19 +140,22 @@ class TritGEMVVNNI(ScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
         if not (_applies(func, target) and int(func.attrs.get(INT8_ACTIVATIONS_ATTR, 0))
-                and layout_rows(func) == VNNI_ROWS and (row_count(func) == 1) == self.single_row
-                and vnni_supported(target)):
+                and layout_rows(func) == VNNI_ROWS and (row_count(func) == 1) == self.single_row):
+            return None
+        isa = isa_for_target(target, is_two_bit(func))
+        if isa is None:
             return None
         choice = self.choices.get(kernel_key(func), {})
         if choice.get("variant", "vnni") == "float" and not is_two_bit(func):
             return None
         params = list(func.params)  # buffers: x, codes, scales, codebook, [bias], out
-        x, out = params[0], params[-1]
+        x, codebook, out = params[0], params[3], params[-1]
+        knobs = VNNIKnobs(**choice["knobs"]) if "knobs" in choice else default_knobs(isa)
         kernel = (vnni_gemv_func if self.single_row else vnni_gemm_func)(
             int(func.attrs["trit.n_out"]), int(func.attrs["trit.n_in"]), int(func.attrs["trit.depth"]),
             tuple(int(p) for p in func.attrs[PARTS_ATTR]), bias=len(params) == 6, dtype=str(x.dtype),
-            x_shape=tuple(x.shape), out_shape=tuple(out.shape), knobs=VNNIKnobs(**choice.get("knobs", {})),
-            two_bit=is_two_bit(func))
+            x_shape=tuple(x.shape), out_shape=tuple(out.shape), knobs=knobs, two_bit=is_two_bit(func), isa=isa,
+            table_size=int(codebook.shape[0]))
         return s_tir.Schedule(kernel)
 
 

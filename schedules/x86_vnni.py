@@ -36,6 +36,7 @@ from tvm.script import tirx as T
 from codec.format import TWO_BIT_ROWS, padded_blocks, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 
+from . import x86_avx2
 from .base import ACT_MAX
 from .prefetch import LINE_BYTES, PREFETCH_BLOCKS, prefetch_call
 from .x86_lookup import TABLE_WINDOW, permute_lookup
@@ -46,6 +47,9 @@ WORD_PAIRS = 8  # 512-bit loads per block and panel: 16 weights x 16 rows of 16-
 CHUNKS = GROUP_SIZE // 4  # vpdpbusd instructions per group and panel (4 weights each)
 TILE_BYTES = 64  # one chunk of a panel's byte tile: 16 rows x 4 weights
 ROW_TILE = 8  # prefill: rows of x per pass over a panel's tile (their accumulators stay in registers)
+ROW_TILE_AVX2 = 4  # the same with 16 ymm registers: 2 per row of accumulators
+ISA_VNNI = "avx512-vnni"  # vpdpbusd, vpermt2b, vpermi2ps: every layout
+ISA_AVX2 = "avx2"  # vpmaddubsw + vpmaddwd, vpermps (x86_avx2.py): the 2-bit layout only
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,11 @@ class VNNIKnobs:
         return dataclasses.asdict(self)
 
 
+def default_knobs(isa: str) -> VNNIKnobs:
+    """The hand-written choices of an ISA's kernels (AVX2: half the registers, so half the prefill row tile)."""
+    return VNNIKnobs(row_tile=ROW_TILE_AVX2) if isa == ISA_AVX2 else VNNIKnobs()
+
+
 REQUIRED_FEATURES = ("avx512bw", "avx512vnni", "avx512vbmi")  # 16-bit multiplies, vpdpbusd, vpermt2b
 
 
@@ -70,6 +79,14 @@ def supports(target: tvm.target.Target) -> bool:
     """The target's CPU has the instructions these kernels use."""
     return target.kind.name == "llvm" and all(
         bool(tvm.target.codegen.target_has_features(f, target)) for f in REQUIRED_FEATURES)
+
+
+def isa_for_target(target: tvm.target.Target, two_bit: bool) -> str | None:
+    """Which form of these kernels the target runs for a matrix in the words (two_bit False) or 2-bit layout:
+    AVX-512 VNNI for both, AVX2 for the 2-bit layout only, None where they do not run."""
+    if supports(target):
+        return ISA_VNNI
+    return ISA_AVX2 if two_bit and x86_avx2.supports(target) else None
 
 
 def _byte_order() -> tirx.PrimExpr:
@@ -108,6 +125,12 @@ class _Sizes:
     depth: int
     parts: tuple[int, ...]
     two_bit: bool = False
+    isa: str = ISA_VNNI
+    table_size: int | None = None  # codebook parameter entries (default: padded for the AVX-512 permutes)
+
+    def __post_init__(self):
+        if self.isa == ISA_AVX2 and not self.two_bit:
+            raise ValueError("the AVX2 integer kernels read the 2-bit layout only")
 
     @property
     def m(self) -> int:  # digits (groups) per word
@@ -135,7 +158,25 @@ class _Sizes:
 
     @property
     def table(self) -> int:  # codebook entries, padded for the permutes
+        if self.table_size is not None:
+            return self.table_size
         return -(-CODEBOOK_SIZE * max(len(self.parts), 1) // TABLE_WINDOW) * TABLE_WINDOW
+
+    def lookup(self, codebook, index, panel) -> tirx.PrimExpr:
+        """The 16 rows' steps (float32x16) at the absolute codebook indices in `index` (int32x16 buffer)."""
+        if self.isa == ISA_VNNI:
+            return permute_lookup(codebook, index)
+        one_matrix = all(p % ROWS == 0 for p in itertools.accumulate(self.parts[:-1]))  # panels within one
+        return x86_avx2.step_lookup(codebook, index[tirx.Ramp(0, 1, ROWS)],
+                                    self.codebook_base(panel * ROWS) if one_matrix else None)
+
+    def group_dot(self, chunks: list, x4s: list, init: tirx.PrimExpr) -> tirx.PrimExpr:
+        """init + the 16 rows' dot products over a group's 4 chunks (64 weight bytes, 4 activation bytes each)."""
+        if self.isa == ISA_AVX2:
+            return x86_avx2.group_dot(chunks, x4s, init)
+        for chunk, x4 in zip(chunks, x4s):
+            init = _dot(init, chunk, x4)
+        return init
 
     def codebook_base(self, row) -> tirx.PrimExpr:
         """Offset of the row's matrix's codebook in the concatenated codebooks (stacked matrices)."""
@@ -212,6 +253,19 @@ def _two_bit_bytes(words: tirx.PrimExpr, c) -> tirx.PrimExpr:
     return tirx.reinterpret("int8x64", tirx.bitwise_and(shifted, tirx.Broadcast(tirx.const(0x0303, "uint16"), 32)))
 
 
+def _two_bit_group_dot(s: _Sizes, words, xq4, g, init: tirx.PrimExpr) -> tirx.PrimExpr:
+    """init + the panel's dot products over group g, its 2-bit codes loaded in `words` (decode)."""
+    codes = words.vload([0], "uint16x32")
+    return s.group_dot([_two_bit_bytes(codes, c) for c in range(CHUNKS)], [xq4[g * CHUNKS + c] for c in range(CHUNKS)],
+                       init)
+
+
+def _tile_group_dot(s: _Sizes, tile, xq4, row, g, init: tirx.PrimExpr) -> tirx.PrimExpr:
+    """init + the panel's dot products over group g with row `row` of x, from the panel's byte tile (prefill)."""
+    return s.group_dot([tile.vload([(g * CHUNKS + c) * TILE_BYTES], "int8x64") for c in range(CHUNKS)],
+                       [xq4[(row * s.groups + g) * CHUNKS + c] for c in range(CHUNKS)], init)
+
+
 @T.macro
 def _next_digit(s, words, p):
     """T_p+1 = T_p · 3^d mod 2^16 in every word (after the block's last digit: nothing)."""
@@ -246,7 +300,7 @@ def _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc
     """acc[16 rows] += float(dot) · step of group g · x's scale of group g."""
     index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, g, offset)
     acc[T.ramp(0, 1, ROWS)] = acc[T.ramp(0, 1, ROWS)] + T.Cast("float32x16", dot[T.ramp(0, 1, ROWS)]) * (
-        permute_lookup(codebook, index) * T.Broadcast(x_scale[g], ROWS))
+        s.lookup(codebook, index, panel) * T.Broadcast(x_scale[g], ROWS))
 
 
 @T.macro
@@ -273,21 +327,22 @@ def _group_dots_2bit(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, 
     """Decode: the panel's dot products over all groups, 2-bit layout (one 64-byte load per group)."""
     for g in T.serial(s.groups):
         _load_group_2bit(s, knobs, codes_flat, words, panel, g)
-        dot[T.ramp(0, 1, ROWS)] = T.Broadcast(x_corr[g], ROWS)
-        for c in T.unroll(CHUNKS):
-            dot[T.ramp(0, 1, ROWS)] = _dot(dot[T.ramp(0, 1, ROWS)], _two_bit_bytes(words[T.ramp(0, 1, 32)], c),
-                                           xq4[g * CHUNKS + c])
+        dot[T.ramp(0, 1, ROWS)] = _two_bit_group_dot(s, words, xq4, g, T.Broadcast(x_corr[g], ROWS))
         _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc, panel, g)
 
 
 def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (), bias: bool = False,
                    dtype: str = "float32", x_shape: tuple | None = None, out_shape: tuple | None = None,
-                   knobs: VNNIKnobs = VNNIKnobs(), two_bit: bool = False) -> tirx.PrimFunc:
+                   knobs: VNNIKnobs | None = None, two_bit: bool = False, isa: str = ISA_VNNI,
+                   table_size: int | None = None) -> tirx.PrimFunc:
     """The decode kernel: one row of x (x_shape, default [1, n_in]; leading dims of 1), a words layout of 16
     rows per panel (codes [ceil(n_out/16), 16·B, 16], scales [ceil(n_out/16), ceil(m·B/3), 16]) or with
     two_bit the 2-bit layout (codes [ceil(n_out/16), K/8, 16], scales [ceil(n_out/16), ceil(K/48), 16]), the
-    operator's parameters (x, codes, scales, codebook, [bias], out); parts: row counts of stacked matrices."""
-    s = _Sizes(n_out, n_in, depth, tuple(parts), two_bit)
+    operator's parameters (x, codes, scales, codebook, [bias], out); parts: row counts of stacked matrices.
+    isa: ISA_VNNI or ISA_AVX2 (2-bit only); table_size: entries of the codebook parameter (default: padded
+    to the AVX-512 permutes' 32-entry windows, as WeightLayout.permute_steps has it)."""
+    s = _Sizes(n_out, n_in, depth, tuple(parts), two_bit, isa, table_size)
+    knobs = knobs or default_knobs(isa)
     group_dots = _group_dots_2bit if two_bit else _group_dots_words
 
     @T.macro
@@ -349,15 +404,16 @@ def _fill_tile_2bit(s, knobs, codes_flat, scales_flat, codebook, words, index, o
         for c in T.unroll(CHUNKS):
             tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _two_bit_bytes(words[T.ramp(0, 1, 32)], c)
         index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, g, offset)
-        steps[T.ramp(g * ROWS, 1, ROWS)] = permute_lookup(codebook, index)
+        steps[T.ramp(g * ROWS, 1, ROWS)] = s.lookup(codebook, index, panel)
 
 
 def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bias: bool, dtype: str,
-                   x_shape: tuple, out_shape: tuple, knobs: VNNIKnobs = VNNIKnobs(),
-                   two_bit: bool = False) -> tirx.PrimFunc:
+                   x_shape: tuple, out_shape: tuple, knobs: VNNIKnobs | None = None,
+                   two_bit: bool = False, isa: str = ISA_VNNI, table_size: int | None = None) -> tirx.PrimFunc:
     """The prefill kernel: any number of rows of x (x_shape [..., n_in], symbolic dims allowed), the same
     layouts and parameters as vnni_gemv_func."""
-    s = _Sizes(n_out, n_in, depth, tuple(parts), two_bit)
+    s = _Sizes(n_out, n_in, depth, tuple(parts), two_bit, isa, table_size)
+    knobs = knobs or default_knobs(isa)
     fill_tile = _fill_tile_2bit if two_bit else _fill_tile_words
     row_tile = knobs.row_tile
     n_rows = tirx.Cast("int32", math.prod(x_shape[:-1]))
@@ -406,12 +462,8 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                     for g in T.serial(s.groups):
                         for r in T.unroll(row_tile):
                             row: T.let[T.int32] = T.min(rt * row_tile + r, n_rows - 1)
-                            dot[T.ramp(0, 1, ROWS)] = T.Broadcast(x_corr[row * s.groups + g], ROWS)
-                            for c in T.unroll(CHUNKS):
-                                dot[T.ramp(0, 1, ROWS)] = _dot(
-                                    dot[T.ramp(0, 1, ROWS)],
-                                    tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)],
-                                    xq4[(row * s.groups + g) * CHUNKS + c])
+                            dot[T.ramp(0, 1, ROWS)] = _tile_group_dot(s, tile, xq4, row, g,
+                                                                      T.Broadcast(x_corr[row * s.groups + g], ROWS))
                             acc[T.ramp(r * ROWS, 1, ROWS)] = acc[T.ramp(r * ROWS, 1, ROWS)] + T.Cast(
                                 "float32x16", dot[T.ramp(0, 1, ROWS)]) * (
                                 steps[T.ramp(g * ROWS, 1, ROWS)] * T.Broadcast(x_scale[row * s.groups + g], ROWS))

@@ -1,6 +1,7 @@
 """The int8-activation form of trit_decode_matmul (x quantized to 8 bits per group of 16) against the numpy
 reference that models that quantization: through the generic CPU rules on every depth and odd shapes, as the
-AVX-512 VNNI integer kernels where this CPU has them, and in a compiled model."""
+AVX-512 VNNI integer kernels where this CPU has them, as the AVX2 ones (2-bit layout) on any x86 CPU, and in a
+compiled model."""
 import json
 
 import numpy as np
@@ -9,6 +10,8 @@ import tvm
 
 from helpers import SHAPES, STACKS, operator_inputs, stacked_operator_inputs
 from schedules import TritGEMMCPU, TritGEMMVNNI, TritGEMVCPU, TritGEMVVNNI
+from schedules import x86_avx2
+from schedules.x86_vnni import isa_for_target
 from schedules.x86_vnni import supports as vnni_supported
 from trit_tvm.operator import WeightLayout, layout_for_target, quantize_activations, reference_decode_matmul, \
     trit_decode_matmul_func
@@ -19,8 +22,10 @@ INT8 = WeightLayout(16, int8_activations=True)
 ICELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})  # AVX-512 VNNI and VBMI
 INT8_PERMUTE = WeightLayout(16, permute_steps=True, int8_activations=True)
 INT8_2BIT = WeightLayout(16, permute_steps=True, int8_activations=True, two_bit_depth1=True)
+ZEN2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})  # AVX2, no AVX-512: the AVX2 integer kernels
 HOST = parse_target("llvm")
 HOST_HAS_VNNI = vnni_supported(HOST)
+HOST_HAS_AVX2 = x86_avx2.supports(HOST)
 
 
 def test_quantize_activations_rounds_each_group_to_127_levels():
@@ -71,7 +76,10 @@ def test_layout_for_int8_activations_has_16_row_panels():
     assert layout_for_target(ICELAKE, int8_activations=True) == INT8_2BIT  # d=1 in the VNNI kernels' 2-bit layout
     assert layout_for_target(ICELAKE).rows == 32 and not layout_for_target(ICELAKE).int8_activations
     no_vnni = layout_for_target(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}), True)
-    assert no_vnni.int8_activations and not no_vnni.two_bit(1)
+    assert no_vnni.int8_activations and no_vnni.two_bit(1) and no_vnni.permute_steps  # d=1: the AVX2 kernels
+    avx2 = layout_for_target(ZEN2, True)
+    assert avx2 == WeightLayout(16, int8_activations=True, two_bit_depth1=True) and avx2.codebook_size(3) == 81
+    assert not layout_for_target(ZEN2).two_bit_depth1
     arm = layout_for_target(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}), True)
     assert arm.rows == 8 and arm.int8_activations and not arm.two_bit(1)
     assert INT8_2BIT.two_bit(1) and not INT8_2BIT.two_bit(2) and INT8_2BIT.name == "trit-rows16-words-v1+d1-2bit-v1"
@@ -194,6 +202,53 @@ def test_two_bit_vnni_kernels_read_each_stacked_matrix_codebook(parts):
         _assert_int8_result(got, [x, codes, scales, codebook], parts)
 
 
+def _avx2_libs(n_out, n_in, bias=False, parts=()):
+    """The decode and prefill kernels of a depth-1 matrix as the rules give them for an AVX2-only x86 CPU."""
+    layout = layout_for_target(ZEN2, True)
+    libs = []
+    for rule, rows in ((TritGEMVVNNI(), 1), (TritGEMMVNNI(), None)):
+        func = trit_decode_matmul_func(n_out, n_in, 1, layout, rows=rows, bias=bias, parts=parts)
+        libs.append(tvm.compile(rule.apply(func, ZEN2, False).mod["main"], target=ZEN2))
+    for lib in libs:
+        asm = lib.mod.inspect_source("asm")
+        assert "vpmaddubsw" in asm and "zmm" not in asm
+    return layout, libs
+
+
+def test_avx2_rules_take_only_the_two_bit_layout():
+    layout = layout_for_target(ZEN2, True)
+    assert TritGEMVVNNI().apply(trit_decode_matmul_func(64, 96, 1, layout, rows=1), ZEN2, False) is not None
+    assert TritGEMVVNNI().apply(trit_decode_matmul_func(64, 96, 3, layout, rows=1), ZEN2, False) is None
+    assert TritGEMMVNNI().apply(trit_decode_matmul_func(64, 96, 2, layout), ZEN2, False) is None
+    assert TritGEMVCPU().apply(trit_decode_matmul_func(64, 96, 3, layout, rows=1), ZEN2, False) is not None
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2")
+@pytest.mark.parametrize("n_out,n_in", SHAPES + [(300, 16 * 61)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_avx2_kernels_match_reference(n_out, n_in, bias):
+    """vpmaddubsw / vpmaddwd dot products and vpermps step lookups on the 2-bit layout (d=1): odd N, one group,
+    K long enough for the prefetches; the prefill kernel on 1, 7 and 13 rows (not a multiple of its row tile)."""
+    layout, (gemv, gemm) = _avx2_libs(n_out, n_in, bias)
+    for lib, rows in ((gemv, 1), (gemm, 1), (gemm, 7), (gemm, 13)):
+        arrays = operator_inputs(n_out, n_in, 1, rows, bias, seed=n_out + rows + 7)
+        _assert_int8_result(_run(lib, layout, arrays, n_in, 1, rows, n_out), arrays)
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2")
+@pytest.mark.parametrize("parts", STACKS + [(24, 40, 8)])
+def test_avx2_kernels_read_each_stacked_matrix_codebook(parts):
+    """Stacked matrices: panels within one matrix look their steps up in its 27 entries (vpermps windows at
+    the panel's offset); (37, 16, 16), (40, 40) and (24, 40, 8) have panels across two matrices (per-lane
+    loads)."""
+    n_out, n_in = sum(parts), 16 * 13
+    layout, libs = _avx2_libs(n_out, n_in, parts=parts)
+    for lib, rows in zip(libs, (1, 7)):
+        x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, 1, rows, seed=len(parts) + rows + 3)
+        got = _run(lib, layout, [x, codes, scales, codebook], n_in, 1, rows, n_out)
+        _assert_int8_result(got, [x, codes, scales, codebook], parts)
+
+
 @pytest.fixture(scope="module")
 def int8_artifact(trit_ckpt):
     """trit_ckpt (the tiny model at d=3) compiled with trit-compile --int8-activations."""
@@ -229,7 +284,8 @@ def test_depth_1_int8_model_decodes_as_it_prefills(tiny_hf, tmp_path_factory):
     assert quantize_main([str(tiny_hf), str(tmp / "trit"), "--depth", "1"]) == 0
     assert compile_main([str(tmp / "trit"), "--target", "llvm", "--int8-activations", "-o", str(tmp / "art")]) == 0
     layout = json.loads((tmp / "art" / "manifest.json").read_text())["weight_layout"]
-    assert layout == layout_for_target(HOST, True).name and ("2bit" in layout) == HOST_HAS_VNNI
+    assert layout == layout_for_target(HOST, True).name
+    assert ("2bit" in layout) == (isa_for_target(HOST, two_bit=True) is not None)
     model = TritModel(tmp / "art")
     prompt, cont = [5, 17, 42, 99, 3, 250, 7], [11, 12, 13]
     steps = model.decode_logits(prompt, cont)

@@ -1,0 +1,79 @@
+"""The integer kernels' two primitives on CPUs with AVX2 but not AVX-512 VNNI (AMD Zen 2, older Intel).
+
+The kernels of x86_vnni.py are written per panel of 16 rows: a group's dot products are an int32x16 vector and
+its steps a float32x16 one; on AVX2 each is two 256-bit halves (rows 0-7 and 8-15), which LLVM keeps in two
+registers. Only the 2-bit layout of depth 1 runs here (codec.format.two_bit_codes): its 64 bytes per chunk
+of 4 weights are already in the order `vpmaddubsw` reads, where the words layout needs AVX-512 VBMI's byte
+permute to get there (and its decode is as many multiplies per weight as the float kernels', on the one pipe
+Zen 2 multiplies integers on).
+
+- Dot: `vpmaddubsw` multiplies the unsigned weight bytes by the signed activation bytes and adds pairs into
+  16-bit lanes (|u·x + u·x| ≤ 2·2·127 at depth 1, and the 4 chunks of a group sum to at most 2032: no
+  saturation), then one `vpmaddwd` by ones per group adds the pairs of each row into its int32 lane (VNNI's
+  `vpdpbusd` does both, per chunk).
+- Step lookup: AVX-512's two-table permute picks from 32 entries; AVX2's `vpermps` from 8. When every panel
+  of 16 rows lies in one matrix (stacked parts multiples of 16, as in every model here) the 27 entries of
+  that matrix are 4 windows of 8 read at the panel's codebook offset (the last one ending at entry 26, so
+  nothing past the codebook is read), picked by the index's window; otherwise each lane loads its own.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+
+from codec.quantize import CODEBOOK_SIZE
+
+HALF = 8  # int32 / float32 lanes of one 256-bit register
+WINDOWS = -(-CODEBOOK_SIZE // HALF)  # vpermps tables per codebook
+
+
+def supports(target: tvm.target.Target) -> bool:
+    """An x86 llvm target with AVX2 (every x86-64 CPU this project benchmarks on)."""
+    return (target.kind.name == "llvm" and not str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64"))
+            and bool(tvm.target.codegen.target_has_features("avx2", target)))
+
+
+def _half(vec: tirx.PrimExpr, h: int, lanes: int) -> tirx.PrimExpr:
+    """Lanes [h·lanes, (h+1)·lanes) of a vector."""
+    return tirx.Shuffle([vec], [tirx.const(h * lanes + i, "int32") for i in range(lanes)])
+
+
+def _concat(low: tirx.PrimExpr, high: tirx.PrimExpr, lanes: int = HALF) -> tirx.PrimExpr:
+    """Two vectors of `lanes` lanes as one."""
+    return tirx.Shuffle([low, high], [tirx.const(i, "int32") for i in range(2 * lanes)])
+
+
+def group_dot(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], init: tirx.PrimExpr) -> tirx.PrimExpr:
+    """init (int32x16) + Σ over the group's chunks of the 16 rows' dot products: chunk c is 64 bytes (int8x64,
+    byte 4t+q = u of weight 4c+q of row t, u ≤ 2), x4s[c] the 4 signed activation bytes of those weights
+    packed in an int32."""
+    pairs = [None, None]
+    for chunk, x4 in zip(chunks, x4s):
+        x_bytes = tirx.reinterpret("int8x32", tirx.Broadcast(x4, HALF))
+        for h in range(2):
+            pair = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", _half(chunk, h, 32), x_bytes)
+            pairs[h] = pair if pairs[h] is None else pairs[h] + pair
+    ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
+    rows = [tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs[h], ones) for h in range(2)]
+    return init + _concat(*rows)
+
+
+def step_lookup(codebook, index: tirx.PrimExpr, panel_base: tirx.PrimExpr | None) -> tirx.PrimExpr:
+    """codebook[index] for 16 lanes (int32x16 absolute indices into the concatenated codebooks). panel_base:
+    the codebook offset shared by all 16 rows (None when the panel straddles stacked matrices)."""
+    if panel_base is None:
+        return codebook[index]
+    halves = []
+    for h in range(2):
+        rel = _half(index, h, HALF) - tirx.Broadcast(panel_base, HALF)
+        result = None
+        for w in range(WINDOWS):
+            start = min(w * HALF, CODEBOOK_SIZE - HALF)  # the last window ends at the codebook's last entry
+            # vpermps reads an index's low 3 bits (rel - start where start is a multiple of 8)
+            idx = rel if start == w * HALF else rel - tirx.Broadcast(tirx.const(start, "int32"), HALF)
+            window = tirx.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps",
+                                                codebook.vload([panel_base + start], "float32x8"), idx)
+            ge = rel >= tirx.Broadcast(tirx.const(w * HALF, "int32"), HALF)
+            result = window if result is None else tirx.Select(ge, window, result)
+        halves.append(result)
+    return _concat(*halves)
