@@ -59,21 +59,25 @@ def group_dot(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], init: tirx.
 
 
 def step_lookup(codebook, index: tirx.PrimExpr, panel_base: tirx.PrimExpr | None) -> tirx.PrimExpr:
-    """codebook[index] for 16 lanes (int32x16 absolute indices into the concatenated codebooks). panel_base:
-    the codebook offset shared by all 16 rows (None when the panel straddles stacked matrices)."""
+    """The steps of 16 rows (float32x16). panel_base: the codebook offset of the matrix all 16 rows are in, and
+    `index` (int32x16) indices into its 27 entries; None: the panel straddles stacked matrices and `index`
+    holds absolute indices into the concatenated codebooks."""
     if panel_base is None:
         return codebook[index]
     halves = []
     for h in range(2):
-        rel = _half(index, h, HALF) - tirx.Broadcast(panel_base, HALF)
-        result = None
+        rel = _half(index, h, HALF)
+        picks = []
         for w in range(WINDOWS):
             start = min(w * HALF, CODEBOOK_SIZE - HALF)  # the last window ends at the codebook's last entry
             # vpermps reads an index's low 3 bits (rel - start where start is a multiple of 8)
             idx = rel if start == w * HALF else rel - tirx.Broadcast(tirx.const(start, "int32"), HALF)
-            window = tirx.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps",
-                                                codebook.vload([panel_base + start], "float32x8"), idx)
-            ge = rel >= tirx.Broadcast(tirx.const(w * HALF, "int32"), HALF)
-            result = window if result is None else tirx.Select(ge, window, result)
-        halves.append(result)
+            picks.append(tirx.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps",
+                                                    codebook.vload([panel_base + start], "float32x8"), idx))
+        # the window's number is bits 3 and 4 of the index, each moved to the sign bit (which vblendvps tests)
+        for bit in (3, 4):
+            chosen = (rel << tirx.Broadcast(tirx.const(31 - bit, "int32"), HALF)) < tirx.Broadcast(
+                tirx.const(0, "int32"), HALF)
+            picks = [tirx.Select(chosen, picks[i + 1], picks[i]) for i in range(0, len(picks), 2)]
+        halves.append(picks[0])
     return _concat(*halves)

@@ -162,13 +162,18 @@ class _Sizes:
             return self.table_size
         return -(-CODEBOOK_SIZE * max(len(self.parts), 1) // TABLE_WINDOW) * TABLE_WINDOW
 
+    @property
+    def panel_lookup(self) -> bool:
+        """Steps looked up in the panel's own matrix's codebook (AVX2, every panel within one matrix): the step
+        indices are then relative to it."""
+        return self.isa == ISA_AVX2 and all(p % ROWS == 0 for p in itertools.accumulate(self.parts[:-1]))
+
     def lookup(self, codebook, index, panel) -> tirx.PrimExpr:
-        """The 16 rows' steps (float32x16) at the absolute codebook indices in `index` (int32x16 buffer)."""
+        """The 16 rows' steps (float32x16) at the codebook indices in `index` (int32x16 buffer, step_index's)."""
         if self.isa == ISA_VNNI:
             return permute_lookup(codebook, index)
-        one_matrix = all(p % ROWS == 0 for p in itertools.accumulate(self.parts[:-1]))  # panels within one
         return x86_avx2.step_lookup(codebook, index[tirx.Ramp(0, 1, ROWS)],
-                                    self.codebook_base(panel * ROWS) if one_matrix else None)
+                                    self.codebook_base(panel * ROWS) if self.panel_lookup else None)
 
     def group_dot(self, chunks: list, x4s: list, init: tirx.PrimExpr) -> tirx.PrimExpr:
         """init + the 16 rows' dot products over a group's 4 chunks (64 weight bytes, 4 activation bytes each)."""
@@ -188,7 +193,7 @@ class _Sizes:
     def step_index(self, scales_flat, panel, g, offset) -> tirx.PrimExpr:
         """Codebook indices of group g for the panel's 16 rows (int32x16): digit g % 3 (most significant
         first) of the 16-bit scale words, the high half of 27·(word·27^(g%3) mod 2^16) as
-        codec.format.chain_digits, plus the rows' codebook offsets."""
+        codec.format.chain_digits, plus the rows' codebook offsets (not with panel_lookup)."""
         scale_m = word_digits(CODEBOOK_SIZE)
         word = tirx.Cast("int32x16", scales_flat[tirx.Ramp((panel * self.scale_words + g // scale_m) * ROWS, 1, ROWS)])
         k = tirx.truncmod(g, scale_m)
@@ -196,8 +201,9 @@ class _Sizes:
                            tirx.Select(k == 1, tirx.const(CODEBOOK_SIZE, "int32"),
                                        tirx.const(CODEBOOK_SIZE ** 2 % 65536, "int32")))
         t = tirx.bitwise_and(word * tirx.Broadcast(mult, ROWS), tirx.Broadcast(tirx.const(0xFFFF, "int32"), ROWS))
-        return tirx.shift_right(t * tirx.Broadcast(tirx.const(CODEBOOK_SIZE, "int32"), ROWS),
-                                tirx.Broadcast(tirx.const(16, "int32"), ROWS)) + offset[tirx.Ramp(0, 1, ROWS)]
+        digit = tirx.shift_right(t * tirx.Broadcast(tirx.const(CODEBOOK_SIZE, "int32"), ROWS),
+                                 tirx.Broadcast(tirx.const(16, "int32"), ROWS))
+        return digit if self.panel_lookup else digit + offset[tirx.Ramp(0, 1, ROWS)]
 
 
 @T.macro
