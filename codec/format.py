@@ -164,24 +164,27 @@ def scale_words(packed_scales: np.ndarray, n_in: int, depth: int, groups: int | 
     return values_to_words(idx, CODEBOOK_SIZE, m)
 
 
-TWO_BIT_ROWS = 16  # rows per panel of the 2-bit layout: the int32 lanes of one vpdpbusd
-TWO_BIT_CHUNK = 4  # weights of a row per byte of the 2-bit layout (vpdpbusd multiplies 4 bytes per lane)
+DOT_ROWS = 16  # rows per panel of the dot-order layouts: the int32 lanes of one vpdpbusd
+DOT_CHUNK = 4  # weights of a row per 4-byte lane (vpdpbusd multiplies 4 bytes per lane)
+DOT_BITS = (2, 8)  # field widths of the dot-order layouts: 2-bit (depth 1), bytes (depth 4)
 
 
-def two_bit_codes(packed_codes: np.ndarray, n_in: int) -> np.ndarray:
-    """[N, 1, ceil(K/5)] d=1 checkpoint codes -> [ceil(N/16), K/8, 16] uint16 (the bytes of the 2-bit run-time
-    layout, docs/FORMAT.md): per panel of 16 rows and group g, 64 bytes, byte 4t+q holding weights
-    16g+4c+q (c = 0..3) of row t as u = q + 1 ∈ {0, 1, 2} in bits 2c..2c+1. Shifting the group's 64 bytes
-    right by 2c and masking each byte with 3 gives chunk c in the byte order `vpdpbusd` reads (16 rows x 4
-    weights): two instructions per 64 weights, where the words layout needs a multiply chain and a permute."""
-    n_out = packed_codes.shape[0]
-    if packed_codes.shape[1] != 1 or n_in % GROUP_SIZE:
-        raise CodecError(f"the 2-bit layout holds depth 1 with whole groups, got depth {packed_codes.shape[1]}, "
-                         f"K = {n_in}")
+def dot_order_codes(packed_codes: np.ndarray, n_in: int, bits: int) -> np.ndarray:
+    """[N, d, ceil(K/5)] checkpoint codes -> [ceil(N/16), K·bits/16, 16] uint16 (the bytes of a dot-order run-time
+    layout, docs/FORMAT.md): per panel of 16 rows and group g, 64·bits/2 bytes in bits/2 planes of 64; weight
+    16g+4c+q of row t is u = q + qmax in bits b·(c mod f)..+b of byte 4t+q of plane c div f (f = 8/bits
+    fields per byte). Shifting plane c div f right and masking each byte gives chunk c in the byte order
+    `vpdpbusd` and `vpmaddubsw` read (16 rows x 4 weights): 2-bit (depth 1): one plane, a shift and a mask per
+    64 weights; bytes (depth 4, u ≤ 80): four planes, nothing to decode, at the words layout's 8 bits a weight."""
+    n_out, depth = packed_codes.shape[:2]
+    if bits not in DOT_BITS or 3 ** depth > 1 << bits or n_in % GROUP_SIZE:
+        raise CodecError(f"a {bits}-bit dot-order layout holds depths with 3^d ≤ 2^{bits} and whole groups, got "
+                         f"depth {depth}, K = {n_in}")
     u = from_digits(_block_order(unpack_trits(packed_codes, n_in), inverse=True)).astype(np.uint8)
-    u = np.concatenate([u, np.zeros((-n_out % TWO_BIT_ROWS, n_in), np.uint8)])
-    # [panel, t, g, c, q] -> bytes [panel, g, t, q]
-    u = u.reshape(-1, TWO_BIT_ROWS, n_in // GROUP_SIZE, GROUP_SIZE // TWO_BIT_CHUNK, TWO_BIT_CHUNK)
-    shifts = (2 * np.arange(GROUP_SIZE // TWO_BIT_CHUNK, dtype=np.uint8))[:, None]
-    data = np.bitwise_or.reduce(u << shifts, axis=3).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(data).view("<u2").reshape(data.shape[0], -1, TWO_BIT_ROWS)
+    u = np.concatenate([u, np.zeros((-n_out % DOT_ROWS, n_in), np.uint8)])
+    fields = 8 // bits
+    # [panel, t, g, plane, field, q] -> bytes [panel, g, plane, t, q]
+    u = u.reshape(-1, DOT_ROWS, n_in // GROUP_SIZE, GROUP_SIZE // DOT_CHUNK // fields, fields, DOT_CHUNK)
+    shifts = (bits * np.arange(fields, dtype=np.uint8))[:, None]
+    data = np.bitwise_or.reduce(u << shifts, axis=4).transpose(0, 2, 3, 1, 4)
+    return np.ascontiguousarray(data).view("<u2").reshape(data.shape[0], -1, DOT_ROWS)

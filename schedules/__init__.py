@@ -12,12 +12,12 @@ from .cpu import DenseLogitsCPU, TritGEMMCPU, TritGEMMVNNI, TritGEMVCPU, TritGEM
 from .cpu_rows import ElementwiseCPU, RowReductionCPU
 from .cuda import TritGEMMCuda, TritGEMVCuda
 from .x86_vnni import ROWS as VNNI_ROWS
-from .x86_vnni import isa_for_target
+from .x86_vnni import ISA_AVX2, isa_for_target
 
 __all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "RowReductionCPU",
            "TritGEMMCPU", "TritGEMMCuda", "TritGEMMVNNI", "TritGEMVCPU", "TritGEMVCuda", "TritGEMVVNNI",
-           "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target", "rules_for_target",
-           "two_bit_depth1_for_target"]
+           "byte_depth4_for_target", "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target",
+           "rules_for_target", "two_bit_depth1_for_target"]
 
 LAYOUT_ROWS = 32  # x86: 32 rows x 16-bit lanes = one AVX-512 register; CUDA: one warp reads 32 rows' bytes
 # x86 without AVX-512: 16 rows x 16-bit lanes = one AVX2 register. With 32 there the decode GEMV's group
@@ -48,10 +48,17 @@ def layout_rows_for_target(target: tvm.target.Target, int8_activations: bool = F
 
 
 def two_bit_depth1_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
-    """Depth-1 matrices in the 2-bit layout (codec.format.two_bit_codes): what the integer kernels read them
+    """Depth-1 matrices in the 2-bit layout (codec.format.dot_order_codes): what the integer kernels read them
     in (AVX-512 VNNI or AVX2), so only with int8 activations on CPUs that run those kernels."""
     return (int8_activations and layout_rows_for_target(target, True) == VNNI_ROWS
-            and isa_for_target(target, two_bit=True) is not None)
+            and isa_for_target(target, dot_order=True) is not None)
+
+
+def byte_depth4_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
+    """Depth-4 matrices as bytes in the same order (codec.format.dot_order_codes) where the integer kernels are
+    AVX2's: they have no byte permute to decode the words layout with, and bytes are the words' 8 bits a weight."""
+    return (two_bit_depth1_for_target(target, int8_activations)
+            and isa_for_target(target, dot_order=True) == ISA_AVX2)
 
 
 def decode_for_target(target: tvm.target.Target) -> str:

@@ -14,7 +14,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from .base import INT8_ACTIVATIONS_ATTR, KERNEL_ATTR, LOGITS_KERNEL, PARTS_ATTR, PREFILL_ROW_TILE, \
-    is_trit_decode_matmul, is_two_bit, kernel_key, layout_rows, row_count, split_loops, static_extent, trit_blocks, \
+    dot_bits, is_trit_decode_matmul, kernel_key, layout_rows, row_count, split_loops, static_extent, trit_blocks, \
     vectorize_lanes
 from .x86_lookup import LANES, permute_lookup_intrin
 from .x86_vnni import ROWS as VNNI_ROWS
@@ -26,8 +26,8 @@ def _applies(func, target: Target) -> bool:
 
 
 def _applies_words(func, target: Target) -> bool:
-    """The float rules read the words layout only (the 2-bit one is the VNNI kernels')."""
-    return _applies(func, target) and not is_two_bit(func)
+    """The float rules read the words layout only (the dot-order ones are the integer kernels')."""
+    return _applies(func, target) and not dot_bits(func)
 
 
 def _word_layout_blocks(sch: s_tir.Schedule) -> dict | None:
@@ -142,11 +142,11 @@ class TritGEMVVNNI(ScheduleRule):
         if not (_applies(func, target) and int(func.attrs.get(INT8_ACTIVATIONS_ATTR, 0))
                 and layout_rows(func) == VNNI_ROWS and (row_count(func) == 1) == self.single_row):
             return None
-        isa = isa_for_target(target, is_two_bit(func))
+        isa = isa_for_target(target, bool(dot_bits(func)))
         if isa is None:
             return None
         choice = self.choices.get(kernel_key(func), {})
-        if choice.get("variant", "vnni") == "float" and not is_two_bit(func):
+        if choice.get("variant", "vnni") == "float" and not dot_bits(func):
             return None
         params = list(func.params)  # buffers: x, codes, scales, codebook, [bias], out
         x, codebook, out = params[0], params[3], params[-1]
@@ -154,7 +154,7 @@ class TritGEMVVNNI(ScheduleRule):
         kernel = (vnni_gemv_func if self.single_row else vnni_gemm_func)(
             int(func.attrs["trit.n_out"]), int(func.attrs["trit.n_in"]), int(func.attrs["trit.depth"]),
             tuple(int(p) for p in func.attrs[PARTS_ATTR]), bias=len(params) == 6, dtype=str(x.dtype),
-            x_shape=tuple(x.shape), out_shape=tuple(out.shape), knobs=knobs, two_bit=is_two_bit(func), isa=isa,
+            x_shape=tuple(x.shape), out_shape=tuple(out.shape), knobs=knobs, bits=dot_bits(func), isa=isa,
             table_size=int(codebook.shape[0]))
         return s_tir.Schedule(kernel)
 

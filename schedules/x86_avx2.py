@@ -2,15 +2,15 @@
 
 The kernels of x86_vnni.py are written per panel of 16 rows: a group's dot products are an int32x16 vector and
 its steps a float32x16 one; on AVX2 each is two 256-bit halves (rows 0-7 and 8-15), which LLVM keeps in two
-registers. Only the 2-bit layout of depth 1 runs here (codec.format.two_bit_codes): its 64 bytes per chunk
-of 4 weights are already in the order `vpmaddubsw` reads, where the words layout needs AVX-512 VBMI's byte
-permute to get there (and its decode is as many multiplies per weight as the float kernels', on the one pipe
-Zen 2 multiplies integers on).
+registers. Only the dot-order layouts run here (codec.format.dot_order_codes: depth 1 in 2 bits, depth 4 in
+bytes): their 64 bytes per chunk of 4 weights are already in the order `vpmaddubsw` reads, where the words
+layout needs AVX-512 VBMI's byte permute to get there (and its decode is as many multiplies per weight as the
+float kernels', on the one pipe Zen 2 multiplies integers on).
 
 - Dot: `vpmaddubsw` multiplies the unsigned weight bytes by the signed activation bytes and adds pairs into
-  16-bit lanes (|u·x + u·x| ≤ 2·2·127 at depth 1, and the 4 chunks of a group sum to at most 2032: no
-  saturation), then one `vpmaddwd` by ones per group adds the pairs of each row into its int32 lane (VNNI's
-  `vpdpbusd` does both, per chunk).
+  16-bit lanes, then `vpmaddwd` by ones adds the pairs of each row into its int32 lane (VNNI's `vpdpbusd`
+  does both). No sum may pass 32767: at depth 1 (u ≤ 2) a group's 4 chunks add up in 16 bits first (at most
+  2032) and take one `vpmaddwd`; at depth 4 (u ≤ 80, 20320 a chunk) every chunk takes its own.
 - Step lookup: AVX-512's two-table permute picks from 32 entries; AVX2's `vpermps` from 8. When every panel
   of 16 rows lies in one matrix (stacked parts multiples of 16, as in every model here) the 27 entries of
   that matrix are 4 windows of 8 read at the panel's codebook offset (the last one ending at entry 26, so
@@ -23,7 +23,10 @@ from tvm import tirx
 
 from codec.quantize import CODEBOOK_SIZE
 
+from .base import ACT_MAX
+
 HALF = 8  # int32 / float32 lanes of one 256-bit register
+INT16_MAX = 32767
 WINDOWS = -(-CODEBOOK_SIZE // HALF)  # vpermps tables per codebook
 
 
@@ -43,18 +46,24 @@ def _concat(low: tirx.PrimExpr, high: tirx.PrimExpr, lanes: int = HALF) -> tirx.
     return tirx.Shuffle([low, high], [tirx.const(i, "int32") for i in range(2 * lanes)])
 
 
-def group_dot(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], init: tirx.PrimExpr) -> tirx.PrimExpr:
+def group_dot(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], init: tirx.PrimExpr,
+              max_u: int) -> tirx.PrimExpr:
     """init (int32x16) + Σ over the group's chunks of the 16 rows' dot products: chunk c is 64 bytes (int8x64,
-    byte 4t+q = u of weight 4c+q of row t, u ≤ 2), x4s[c] the 4 signed activation bytes of those weights
+    byte 4t+q = u of weight 4c+q of row t, u ≤ max_u), x4s[c] the 4 signed activation bytes of those weights
     packed in an int32."""
-    pairs = [None, None]
-    for chunk, x4 in zip(chunks, x4s):
-        x_bytes = tirx.reinterpret("int8x32", tirx.Broadcast(x4, HALF))
-        for h in range(2):
-            pair = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", _half(chunk, h, 32), x_bytes)
-            pairs[h] = pair if pairs[h] is None else pairs[h] + pair
+    per_sum = max(1, INT16_MAX // (2 * ACT_MAX * max_u))  # chunks whose pair sums add up in 16 bits
     ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
-    rows = [tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs[h], ones) for h in range(2)]
+    rows = [None, None]
+    for first in range(0, len(chunks), per_sum):
+        for h in range(2):
+            pairs = None
+            for chunk, x4 in zip(chunks[first:first + per_sum], x4s[first:first + per_sum]):
+                x_bytes = tirx.reinterpret("int8x32", tirx.Broadcast(x4, HALF))
+                pair = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", _half(chunk, h, 32),
+                                                  x_bytes)
+                pairs = pair if pairs is None else pairs + pair
+            row = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, ones)
+            rows[h] = row if rows[h] is None else rows[h] + row
     return init + _concat(*rows)
 
 

@@ -10,8 +10,9 @@ rows × 4 weights) per instruction. The weights are the words layout with 16 row
 load holds 2 weights × 16 rows of 16-bit words, and each of its m base-3^d digits (one group each) comes out
 with a multiply-high (and a wrapping multiply for the next digit), as in the FP32 kernels. `vpermt2b` then
 gathers the low bytes of two such registers into the 16 rows × 4 weights byte order `vpdpbusd` reads.
-Depth-1 matrices are in the 2-bit layout instead (codec.format.two_bit_codes): one 512-bit load per group
-and panel, stored in that byte order already, so each group of 4 weights × 16 rows is a shift and a mask.
+Depth-1 matrices are in the 2-bit layout instead (codec.format.dot_order_codes): one 512-bit load per group
+and panel, stored in that byte order already, so each group of 4 weights × 16 rows is a shift and a mask;
+on AVX2 CPUs depth-4 matrices are in bytes in that order too (nothing to decode).
 
 Decode (one row of x, `vnni_gemv_func`): the digits go straight into the dot products, ~34 instructions per
 256 weights against ~64 for the FP32 GEMV (digits widened to float, one FMA per weight and 16 rows), whose
@@ -33,7 +34,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from codec.format import TWO_BIT_ROWS, padded_blocks, word_block, word_digits
+from codec.format import DOT_ROWS, padded_blocks, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 
 from . import x86_avx2
@@ -42,14 +43,14 @@ from .prefetch import LINE_BYTES, PREFETCH_BLOCKS, prefetch_call
 from .x86_lookup import TABLE_WINDOW, permute_lookup
 
 ROWS = 16  # weight rows per panel: the int32 lanes of one 512-bit register
-assert TWO_BIT_ROWS == ROWS, "the 2-bit layout is stored in the byte order of these kernels' vpdpbusd operands"
+assert DOT_ROWS == ROWS, "the dot-order layouts are stored in the byte order of these kernels' vpdpbusd operands"
 WORD_PAIRS = 8  # 512-bit loads per block and panel: 16 weights x 16 rows of 16-bit words, 2 weights each
 CHUNKS = GROUP_SIZE // 4  # vpdpbusd instructions per group and panel (4 weights each)
 TILE_BYTES = 64  # one chunk of a panel's byte tile: 16 rows x 4 weights
 ROW_TILE = 8  # prefill: rows of x per pass over a panel's tile (their accumulators stay in registers)
 ROW_TILE_AVX2 = 4  # the same with 16 ymm registers: 2 per row of accumulators
 ISA_VNNI = "avx512-vnni"  # vpdpbusd, vpermt2b, vpermi2ps: every layout
-ISA_AVX2 = "avx2"  # vpmaddubsw + vpmaddwd, vpermps (x86_avx2.py): the 2-bit layout only
+ISA_AVX2 = "avx2"  # vpmaddubsw + vpmaddwd, vpermps (x86_avx2.py): the dot-order layouts only
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,12 @@ def supports(target: tvm.target.Target) -> bool:
         bool(tvm.target.codegen.target_has_features(f, target)) for f in REQUIRED_FEATURES)
 
 
-def isa_for_target(target: tvm.target.Target, two_bit: bool) -> str | None:
-    """Which form of these kernels the target runs for a matrix in the words (two_bit False) or 2-bit layout:
-    AVX-512 VNNI for both, AVX2 for the 2-bit layout only, None where they do not run."""
+def isa_for_target(target: tvm.target.Target, dot_order: bool) -> str | None:
+    """Which form of these kernels the target runs for a matrix in the words layout or (dot_order) a dot-order
+    one: AVX-512 VNNI for both, AVX2 for the dot-order layouts only, None where they do not run."""
     if supports(target):
         return ISA_VNNI
-    return ISA_AVX2 if two_bit and x86_avx2.supports(target) else None
+    return ISA_AVX2 if dot_order and x86_avx2.supports(target) else None
 
 
 def _byte_order() -> tirx.PrimExpr:
@@ -119,26 +120,27 @@ def _dot(acc: tirx.PrimExpr, weights: tirx.PrimExpr, x4: tirx.PrimExpr) -> tirx.
 
 @dataclass(frozen=True)
 class _Sizes:
-    """A matrix's sizes in the 16-row words layout, or the 2-bit layout (two_bit: one group per block)."""
+    """A matrix's sizes in the 16-row words layout, or a dot-order layout of `bits` per weight (one group per
+    block, bits/2 planes of 64 bytes per group)."""
     n_out: int
     n_in: int
     depth: int
     parts: tuple[int, ...]
-    two_bit: bool = False
+    bits: int = 0
     isa: str = ISA_VNNI
     table_size: int | None = None  # codebook parameter entries (default: padded for the AVX-512 permutes)
 
     def __post_init__(self):
-        if self.isa == ISA_AVX2 and not self.two_bit:
-            raise ValueError("the AVX2 integer kernels read the 2-bit layout only")
+        if self.isa == ISA_AVX2 and not self.bits:
+            raise ValueError("the AVX2 integer kernels read the dot-order layouts only")
 
     @property
     def m(self) -> int:  # digits (groups) per word
-        return 1 if self.two_bit else word_block(self.depth)[0]
+        return 1 if self.bits else word_block(self.depth)[0]
 
     @property
     def blocks(self) -> int:
-        return self.n_in // GROUP_SIZE if self.two_bit else padded_blocks(self.n_in, self.depth)
+        return self.n_in // GROUP_SIZE if self.bits else padded_blocks(self.n_in, self.depth)
 
     @property
     def groups(self) -> int:  # of the padded K
@@ -149,8 +151,12 @@ class _Sizes:
         return -(-self.n_out // ROWS)
 
     @property
-    def units(self) -> int:  # 16-bit words per row (2-bit layout: 16 rows x 16 weights x 2 bits = 2 x 16 words)
-        return self.blocks * (2 if self.two_bit else GROUP_SIZE)
+    def units(self) -> int:  # 16-bit words per row (dot order: 16 rows x 16 weights x bits = bits x 16 words)
+        return self.blocks * (self.bits or GROUP_SIZE)
+
+    @property
+    def planes(self) -> int:  # 64-byte planes per group of a dot-order layout
+        return self.bits // 2
 
     @property
     def scale_words(self) -> int:
@@ -178,7 +184,7 @@ class _Sizes:
     def group_dot(self, chunks: list, x4s: list, init: tirx.PrimExpr) -> tirx.PrimExpr:
         """init + the 16 rows' dot products over a group's 4 chunks (64 weight bytes, 4 activation bytes each)."""
         if self.isa == ISA_AVX2:
-            return x86_avx2.group_dot(chunks, x4s, init)
+            return x86_avx2.group_dot(chunks, x4s, init, 3 ** self.depth - 1)
         for chunk, x4 in zip(chunks, x4s):
             init = _dot(init, chunk, x4)
         return init
@@ -244,25 +250,32 @@ def _load_block(s, knobs, codes_flat, words, panel, b):
 
 
 @T.macro
-def _load_group_2bit(s, knobs, codes_flat, words, panel, g):
-    """The group's 64 bytes (2-bit layout) into `words[0:32]`, after prefetching the line as many bytes ahead
-    as the words layout's prefetch (knobs.prefetch_blocks blocks of 512 bytes: 8 groups each)."""
+def _load_group_dot(s, knobs, codes_flat, words, panel, g):
+    """The group's planes (dot-order layout, 64 bytes each) into `words`, after prefetching their lines as many
+    bytes ahead as the words layout's prefetch (knobs.prefetch_blocks blocks of 512 bytes)."""
     if knobs.prefetch_blocks > 0:
-        T.evaluate(prefetch_call(codes_flat, (panel * s.units + (g + knobs.prefetch_blocks * 8) * 2) * ROWS))
-    words[T.ramp(0, 1, 32)] = codes_flat[T.ramp((panel * s.units + g * 2) * ROWS, 1, 32)]
+        for line in T.unroll(s.planes):
+            T.evaluate(prefetch_call(codes_flat, (panel * s.units + g * s.bits + knobs.prefetch_blocks * GROUP_SIZE
+                                                  + line * 2) * ROWS))
+    for plane in T.unroll(s.planes):
+        words[T.ramp(plane * 32, 1, 32)] = codes_flat[T.ramp((panel * s.units + g * s.bits + plane * 2) * ROWS, 1, 32)]
 
 
-def _two_bit_bytes(words: tirx.PrimExpr, c) -> tirx.PrimExpr:
-    """Chunk c of a group in the 2-bit layout (uint16x32 of its 64 bytes) -> 64 bytes, byte 4t+q = u of
-    weight 4c+q of row t: a shift of the 16-bit lanes and a mask of each byte (codec.format.two_bit_codes)."""
-    shifted = tirx.shift_right(words, tirx.Broadcast(tirx.Cast("uint16", 2 * c), 32))
-    return tirx.reinterpret("int8x64", tirx.bitwise_and(shifted, tirx.Broadcast(tirx.const(0x0303, "uint16"), 32)))
+def _dot_chunk(s: _Sizes, words, c) -> tirx.PrimExpr:
+    """Chunk c of the group loaded in `words` -> 64 bytes, byte 4t+q = u of weight 4c+q of row t: its plane,
+    with bits < 8 a shift of the 16-bit lanes and a mask of each byte (codec.format.dot_order_codes)."""
+    fields = 8 // s.bits
+    plane = words.vload([c // fields * 32], "uint16x32")
+    if fields == 1:
+        return tirx.reinterpret("int8x64", plane)
+    shifted = tirx.shift_right(plane, tirx.Broadcast(tirx.Cast("uint16", s.bits * (c % fields)), 32))
+    mask = ((1 << s.bits) - 1) * 0x0101
+    return tirx.reinterpret("int8x64", tirx.bitwise_and(shifted, tirx.Broadcast(tirx.const(mask, "uint16"), 32)))
 
 
-def _two_bit_group_dot(s: _Sizes, words, xq4, g, init: tirx.PrimExpr) -> tirx.PrimExpr:
-    """init + the panel's dot products over group g, its 2-bit codes loaded in `words` (decode)."""
-    codes = words.vload([0], "uint16x32")
-    return s.group_dot([_two_bit_bytes(codes, c) for c in range(CHUNKS)], [xq4[g * CHUNKS + c] for c in range(CHUNKS)],
+def _dot_group_dot(s: _Sizes, words, xq4, g, init: tirx.PrimExpr) -> tirx.PrimExpr:
+    """init + the panel's dot products over group g, its dot-order codes loaded in `words` (decode)."""
+    return s.group_dot([_dot_chunk(s, words, c) for c in range(CHUNKS)], [xq4[g * CHUNKS + c] for c in range(CHUNKS)],
                        init)
 
 
@@ -328,28 +341,28 @@ def _group_dots_words(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale,
 
 
 @T.macro
-def _group_dots_2bit(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index, offset,
+def _group_dots_dot_order(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index, offset,
                      acc, panel):
-    """Decode: the panel's dot products over all groups, 2-bit layout (one 64-byte load per group)."""
+    """Decode: the panel's dot products over all groups, dot-order layout (one 64-byte load per plane)."""
     for g in T.serial(s.groups):
-        _load_group_2bit(s, knobs, codes_flat, words, panel, g)
-        dot[T.ramp(0, 1, ROWS)] = _two_bit_group_dot(s, words, xq4, g, T.Broadcast(x_corr[g], ROWS))
+        _load_group_dot(s, knobs, codes_flat, words, panel, g)
+        dot[T.ramp(0, 1, ROWS)] = _dot_group_dot(s, words, xq4, g, T.Broadcast(x_corr[g], ROWS))
         _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc, panel, g)
 
 
 def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (), bias: bool = False,
                    dtype: str = "float32", x_shape: tuple | None = None, out_shape: tuple | None = None,
-                   knobs: VNNIKnobs | None = None, two_bit: bool = False, isa: str = ISA_VNNI,
+                   knobs: VNNIKnobs | None = None, bits: int = 0, isa: str = ISA_VNNI,
                    table_size: int | None = None) -> tirx.PrimFunc:
     """The decode kernel: one row of x (x_shape, default [1, n_in]; leading dims of 1), a words layout of 16
     rows per panel (codes [ceil(n_out/16), 16·B, 16], scales [ceil(n_out/16), ceil(m·B/3), 16]) or with
-    two_bit the 2-bit layout (codes [ceil(n_out/16), K/8, 16], scales [ceil(n_out/16), ceil(K/48), 16]), the
+    bits a dot-order layout (codes [ceil(n_out/16), K·bits/16, 16], scales [ceil(n_out/16), ceil(K/48), 16]), the
     operator's parameters (x, codes, scales, codebook, [bias], out); parts: row counts of stacked matrices.
-    isa: ISA_VNNI or ISA_AVX2 (2-bit only); table_size: entries of the codebook parameter (default: padded
+    isa: ISA_VNNI or ISA_AVX2 (dot order only); table_size: entries of the codebook parameter (default: padded
     to the AVX-512 permutes' 32-entry windows, as WeightLayout.permute_steps has it)."""
-    s = _Sizes(n_out, n_in, depth, tuple(parts), two_bit, isa, table_size)
+    s = _Sizes(n_out, n_in, depth, tuple(parts), bits, isa, table_size)
     knobs = knobs or default_knobs(isa)
-    group_dots = _group_dots_2bit if two_bit else _group_dots_words
+    group_dots = _group_dots_dot_order if bits else _group_dots_words
 
     @T.macro
     def body(x, codes, scales, codebook, out, bias_at):
@@ -403,24 +416,24 @@ def _fill_tile_words(s, knobs, codes_flat, scales_flat, codebook, words, index, 
 
 
 @T.macro
-def _fill_tile_2bit(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel):
-    """Prefill: the panel's weights as bytes in vpdpbusd's order and its group steps, 2-bit layout."""
+def _fill_tile_dot_order(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel):
+    """Prefill: the panel's weights as bytes in vpdpbusd's order and its group steps, dot-order layout."""
     for g in T.serial(s.groups):
-        _load_group_2bit(s, knobs, codes_flat, words, panel, g)
+        _load_group_dot(s, knobs, codes_flat, words, panel, g)
         for c in T.unroll(CHUNKS):
-            tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _two_bit_bytes(words[T.ramp(0, 1, 32)], c)
+            tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _dot_chunk(s, words, c)
         index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, g, offset)
         steps[T.ramp(g * ROWS, 1, ROWS)] = s.lookup(codebook, index, panel)
 
 
 def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bias: bool, dtype: str,
                    x_shape: tuple, out_shape: tuple, knobs: VNNIKnobs | None = None,
-                   two_bit: bool = False, isa: str = ISA_VNNI, table_size: int | None = None) -> tirx.PrimFunc:
+                   bits: int = 0, isa: str = ISA_VNNI, table_size: int | None = None) -> tirx.PrimFunc:
     """The prefill kernel: any number of rows of x (x_shape [..., n_in], symbolic dims allowed), the same
     layouts and parameters as vnni_gemv_func."""
-    s = _Sizes(n_out, n_in, depth, tuple(parts), two_bit, isa, table_size)
+    s = _Sizes(n_out, n_in, depth, tuple(parts), bits, isa, table_size)
     knobs = knobs or default_knobs(isa)
-    fill_tile = _fill_tile_2bit if two_bit else _fill_tile_words
+    fill_tile = _fill_tile_dot_order if bits else _fill_tile_words
     row_tile = knobs.row_tile
     n_rows = tirx.Cast("int32", math.prod(x_shape[:-1]))
     tile_len = s.groups * CHUNKS * TILE_BYTES

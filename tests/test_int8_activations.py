@@ -22,6 +22,7 @@ INT8 = WeightLayout(16, int8_activations=True)
 ICELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})  # AVX-512 VNNI and VBMI
 INT8_PERMUTE = WeightLayout(16, permute_steps=True, int8_activations=True)
 INT8_2BIT = WeightLayout(16, permute_steps=True, int8_activations=True, two_bit_depth1=True)
+AVX2_INT8 = WeightLayout(16, int8_activations=True, two_bit_depth1=True, byte_depth4=True)  # what ZEN2 gets
 ZEN2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})  # AVX2, no AVX-512: the AVX2 integer kernels
 HOST = parse_target("llvm")
 HOST_HAS_VNNI = vnni_supported(HOST)
@@ -76,13 +77,16 @@ def test_layout_for_int8_activations_has_16_row_panels():
     assert layout_for_target(ICELAKE, int8_activations=True) == INT8_2BIT  # d=1 in the VNNI kernels' 2-bit layout
     assert layout_for_target(ICELAKE).rows == 32 and not layout_for_target(ICELAKE).int8_activations
     no_vnni = layout_for_target(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}), True)
-    assert no_vnni.int8_activations and no_vnni.two_bit(1) and no_vnni.permute_steps  # d=1: the AVX2 kernels
+    assert no_vnni.int8_activations and no_vnni.permute_steps  # d=1 and d=4: the AVX2 kernels
+    assert (no_vnni.dot_bits(1), no_vnni.dot_bits(3), no_vnni.dot_bits(4)) == (2, 0, 8)
     avx2 = layout_for_target(ZEN2, True)
-    assert avx2 == WeightLayout(16, int8_activations=True, two_bit_depth1=True) and avx2.codebook_size(3) == 81
-    assert not layout_for_target(ZEN2).two_bit_depth1
+    assert avx2 == AVX2_INT8 and avx2.codebook_size(3) == 81
+    assert avx2.name == "trit-rows16-words-v1+d1-2bit-v1+d4-bytes-v1"
+    assert layout_for_target(ZEN2) == WeightLayout(16) and layout_for_target(ICELAKE, True).dot_bits(4) == 0
     arm = layout_for_target(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}), True)
-    assert arm.rows == 8 and arm.int8_activations and not arm.two_bit(1)
-    assert INT8_2BIT.two_bit(1) and not INT8_2BIT.two_bit(2) and INT8_2BIT.name == "trit-rows16-words-v1+d1-2bit-v1"
+    assert arm.rows == 8 and arm.int8_activations and not arm.dot_bits(1) and not arm.dot_bits(4)
+    assert INT8_2BIT.dot_bits(1) == 2 and not INT8_2BIT.dot_bits(2)
+    assert INT8_2BIT.name == "trit-rows16-words-v1+d1-2bit-v1"
     with pytest.raises(ValueError):
         WeightLayout(32, two_bit_depth1=True)  # only the 16-row int8 layout has it
 
@@ -152,32 +156,37 @@ def test_two_bit_layout_is_the_vnni_kernels_alone():
     assert TritGEMVCPU().apply(d2, ICELAKE, False) is not None
 
 
+@pytest.mark.parametrize("depth,bits", [(1, 2), (4, 8)])
 @pytest.mark.parametrize("n_out,n_in", SHAPES + [(300, 16 * 61)])
-def test_two_bit_codes_decode_to_the_checkpoint_weights(n_out, n_in):
-    """codec.format.two_bit_codes: per panel of 16 rows and group, byte 4t+q holds weights 4c+q (c = 0..3) of
-    row t in bits 2c..2c+1; zero rows pad the last panel; 2 bits per weight; scales as the words layout's."""
-    arrays = operator_inputs(n_out, n_in, 1, 1, False, seed=n_out)
-    codes = INT8_2BIT.repack_codes(arrays[1], n_in)
-    assert codes.dtype == np.uint16
-    assert codes.shape == INT8_2BIT.code_shape(n_out, n_in, 1) == (-(-n_out // 16), n_in // 8, 16)
-    panels = codes.view(np.uint8).reshape(-1, n_in // 16, 16, 4)  # [panel, group, row t, q]
-    u = np.stack([(panels >> (2 * c)) & 3 for c in range(4)], axis=3)  # [panel, group, t, c, q]
+def test_dot_order_codes_decode_to_the_checkpoint_weights(n_out, n_in, depth, bits):
+    """codec.format.dot_order_codes: per panel of 16 rows and group, bits/2 planes of 64 bytes; weight 4c+q of
+    row t in bits bits·(c mod f).. of byte 4t+q of plane c div f (f = 8/bits); zero rows pad the last panel;
+    `bits` bits per weight; scales as the words layout's."""
+    arrays = operator_inputs(n_out, n_in, depth, 1, False, seed=n_out)
+    codes = AVX2_INT8.repack_codes(arrays[1], n_in)
+    assert codes.dtype == np.uint16 and AVX2_INT8.dot_bits(depth) == bits
+    assert codes.shape == AVX2_INT8.code_shape(n_out, n_in, depth) == (-(-n_out // 16), n_in * bits // 16, 16)
+    fields, planes = 8 // bits, bits // 2
+    panel_bytes = codes.view(np.uint8).reshape(-1, n_in // 16, planes, 16, 4)  # [panel, group, plane, row t, q]
+    u = np.stack([(panel_bytes[:, :, c // fields] >> (bits * (c % fields))) & ((1 << bits) - 1) for c in range(4)],
+                 axis=3)  # [panel, group, t, c, q]
     u = u.transpose(0, 2, 1, 3, 4).reshape(-1, n_in).astype(np.int64)
     from codec.format import unpack_matrix
     qm = unpack_matrix({"trit_codes": arrays[1], "trit_scales": arrays[2], "trit_codebook": arrays[3]}, n_in)
-    np.testing.assert_array_equal(u[:n_out] - 1, qm.codes)
-    assert not u[n_out:].any() and codes.nbytes == -(-n_out // 16) * 16 * n_in // 4
-    assert INT8_2BIT.repack_scales(arrays[2], n_in, 1).shape == INT8_2BIT.scale_shape(n_out, n_in, 1) == \
+    np.testing.assert_array_equal(u[:n_out] - (3 ** depth - 1) // 2, qm.codes)
+    assert not u[n_out:].any() and codes.nbytes == -(-n_out // 16) * 16 * n_in * bits // 8
+    assert AVX2_INT8.repack_scales(arrays[2], n_in, depth).shape == AVX2_INT8.scale_shape(n_out, n_in, depth) == \
         (-(-n_out // 16), -(-n_in // 48), 16)
 
 
+@pytest.mark.parametrize("depth", [1, 4])
 @pytest.mark.parametrize("n_out,n_in", [(37, 16 * 5), (7, 16)])
-def test_two_bit_operator_states_the_layout(n_out, n_in):
-    """The operator's compute on the 2-bit layout, unscheduled (what a target without the rules would run),
-    equals the int8 reference: the TE reads the layout it claims."""
-    func = trit_decode_matmul_func(n_out, n_in, 1, INT8_2BIT, rows=3)
-    arrays = operator_inputs(n_out, n_in, 1, 3, False, seed=n_out + 1)
-    _assert_int8_result(_run(tvm.compile(func, target=LLVM), INT8_2BIT, arrays, n_in, 1, 3, n_out), arrays)
+def test_dot_order_operator_states_the_layout(n_out, n_in, depth):
+    """The operator's compute on the 2-bit and byte layouts, unscheduled (what a target without the rules would
+    run), equals the int8 reference: the TE reads the layout it claims."""
+    func = trit_decode_matmul_func(n_out, n_in, depth, AVX2_INT8, rows=3)
+    arrays = operator_inputs(n_out, n_in, depth, 3, False, seed=n_out + 1)
+    _assert_int8_result(_run(tvm.compile(func, target=LLVM), AVX2_INT8, arrays, n_in, depth, 3, n_out), arrays)
 
 
 @pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI / VBMI")
@@ -202,12 +211,12 @@ def test_two_bit_vnni_kernels_read_each_stacked_matrix_codebook(parts):
         _assert_int8_result(got, [x, codes, scales, codebook], parts)
 
 
-def _avx2_libs(n_out, n_in, bias=False, parts=()):
-    """The decode and prefill kernels of a depth-1 matrix as the rules give them for an AVX2-only x86 CPU."""
+def _avx2_libs(n_out, n_in, depth, bias=False, parts=()):
+    """The decode and prefill kernels of a matrix as the rules give them for an AVX2-only x86 CPU."""
     layout = layout_for_target(ZEN2, True)
     libs = []
     for rule, rows in ((TritGEMVVNNI(), 1), (TritGEMMVNNI(), None)):
-        func = trit_decode_matmul_func(n_out, n_in, 1, layout, rows=rows, bias=bias, parts=parts)
+        func = trit_decode_matmul_func(n_out, n_in, depth, layout, rows=rows, bias=bias, parts=parts)
         libs.append(tvm.compile(rule.apply(func, ZEN2, False).mod["main"], target=ZEN2))
     for lib in libs:
         asm = lib.mod.inspect_source("asm")
@@ -215,24 +224,31 @@ def _avx2_libs(n_out, n_in, bias=False, parts=()):
     return layout, libs
 
 
-def test_avx2_rules_take_only_the_two_bit_layout():
+def test_avx2_rules_take_only_the_dot_order_layouts():
+    from schedules.base import kernel_key
     layout = layout_for_target(ZEN2, True)
     assert TritGEMVVNNI().apply(trit_decode_matmul_func(64, 96, 1, layout, rows=1), ZEN2, False) is not None
+    d4 = trit_decode_matmul_func(64, 96, 4, layout)
+    assert TritGEMMVNNI().apply(d4, ZEN2, False) is not None and TritGEMMCPU().apply(d4, ZEN2, False) is None
+    assert kernel_key(d4).endswith("int8 bytes")
     assert TritGEMVVNNI().apply(trit_decode_matmul_func(64, 96, 3, layout, rows=1), ZEN2, False) is None
     assert TritGEMMVNNI().apply(trit_decode_matmul_func(64, 96, 2, layout), ZEN2, False) is None
     assert TritGEMVCPU().apply(trit_decode_matmul_func(64, 96, 3, layout, rows=1), ZEN2, False) is not None
 
 
 @pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2")
+@pytest.mark.parametrize("depth", [1, 4])
 @pytest.mark.parametrize("n_out,n_in", SHAPES + [(300, 16 * 61)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_avx2_kernels_match_reference(n_out, n_in, bias):
-    """vpmaddubsw / vpmaddwd dot products and vpermps step lookups on the 2-bit layout (d=1): odd N, one group,
-    K long enough for the prefetches; the prefill kernel on 1, 7 and 13 rows (not a multiple of its row tile)."""
-    layout, (gemv, gemm) = _avx2_libs(n_out, n_in, bias)
+def test_avx2_kernels_match_reference(n_out, n_in, bias, depth):
+    """vpmaddubsw / vpmaddwd dot products and vpermps step lookups on the 2-bit (d=1) and byte (d=4) layouts:
+    odd N, one group, K long enough for the prefetches; the prefill kernel on 1, 7 and 13 rows (not a multiple
+    of its row tile). At d=4 the activations' extremes (±127 against u = 80) would pass 16 bits if the chunks'
+    pair sums were added before widening."""
+    layout, (gemv, gemm) = _avx2_libs(n_out, n_in, depth, bias)
     for lib, rows in ((gemv, 1), (gemm, 1), (gemm, 7), (gemm, 13)):
-        arrays = operator_inputs(n_out, n_in, 1, rows, bias, seed=n_out + rows + 7)
-        _assert_int8_result(_run(lib, layout, arrays, n_in, 1, rows, n_out), arrays)
+        arrays = operator_inputs(n_out, n_in, depth, rows, bias, seed=n_out + rows + 7)
+        _assert_int8_result(_run(lib, layout, arrays, n_in, depth, rows, n_out), arrays)
 
 
 @pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2")
@@ -242,7 +258,7 @@ def test_avx2_kernels_read_each_stacked_matrix_codebook(parts):
     the panel's offset); (37, 16, 16), (40, 40) and (24, 40, 8) have panels across two matrices (per-lane
     loads)."""
     n_out, n_in = sum(parts), 16 * 13
-    layout, libs = _avx2_libs(n_out, n_in, parts=parts)
+    layout, libs = _avx2_libs(n_out, n_in, 1, parts=parts)
     for lib, rows in zip(libs, (1, 7)):
         x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, 1, rows, seed=len(parts) + rows + 3)
         got = _run(lib, layout, [x, codes, scales, codebook], n_in, 1, rows, n_out)
@@ -285,7 +301,7 @@ def test_depth_1_int8_model_decodes_as_it_prefills(tiny_hf, tmp_path_factory):
     assert compile_main([str(tmp / "trit"), "--target", "llvm", "--int8-activations", "-o", str(tmp / "art")]) == 0
     layout = json.loads((tmp / "art" / "manifest.json").read_text())["weight_layout"]
     assert layout == layout_for_target(HOST, True).name
-    assert ("2bit" in layout) == (isa_for_target(HOST, two_bit=True) is not None)
+    assert ("2bit" in layout) == (isa_for_target(HOST, dot_order=True) is not None)
     model = TritModel(tmp / "art")
     prompt, cont = [5, 17, 42, 99, 3, 250, 7], [11, 12, 13]
     steps = model.decode_logits(prompt, cont)

@@ -9,7 +9,8 @@ r < 5 groups is packed in plain order (weight 80B+t: byte 16B + t/5, position t%
 CPU kernels read the words layout instead (WeightLayout.words): u = q + qmax of every weight as one
 base-3^d digit of a 16-bit word, m per word, blocks of m groups, K zero-padded to whole blocks (x is padded
 alike, so there is no tail): digit(word, p) = (3^d · T_p) >> 16. With int8 activations on VNNI CPUs, depth-1
-matrices are in the 2-bit layout instead (WeightLayout.two_bit_depth1, codec.format.two_bit_codes).
+matrices are in the 2-bit layout instead (WeightLayout.two_bit_depth1, codec.format.dot_order_codes), and where
+those kernels are AVX2's, depth-4 matrices in bytes (WeightLayout.byte_depth4).
 The TE below states the computation as blocks of one PrimFunc, in one of two forms (`_dequantized_tiles`):
   grouped:     trit_decode (u = q + qmax), per-group dot products (trit_group_dot, corrected by qmax·Σx
                from trit_xsum), group steps (trit_step) and their accumulation (trit_matmul)
@@ -30,13 +31,13 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from codec.format import BLOCK, SCALE_DIGITS, TWO_BIT_CHUNK, TWO_BIT_ROWS, code_words, interleave_rows, padded_blocks, \
-    scale_words, two_bit_codes, unpack_matrix, word_block, word_digits
+from codec.format import BLOCK, DOT_CHUNK, DOT_ROWS, SCALE_DIGITS, code_words, dot_order_codes, interleave_rows, \
+    padded_blocks, scale_words, unpack_matrix, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
-from schedules import decode_for_target, layout_rows_for_target, two_bit_depth1_for_target
+from schedules import byte_depth4_for_target, decode_for_target, layout_rows_for_target, two_bit_depth1_for_target
 from schedules.base import ACT_MAX, DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, INT8_ACTIVATIONS_ATTR, \
-    LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR, TWO_BIT_ATTR
+    DOT_BITS_ATTR, LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
 from schedules.x86_lookup import LANES, TABLE_WINDOW
 
 TRIT_OP_NAME = "decode_matmul"
@@ -141,22 +142,28 @@ class WeightLayout:
     decode: how kernels decode digits (DECODE_SIMD16 on CPUs; DECODE_INT32 / DECODE_TABLE32 on GPUs).
     int8_activations: the operator quantizes x to 8 bits per group of 16 (quantize_activations) before the
     product, so kernels may compute it with integer dot products (schedules/x86_vnni.py).
-    two_bit_depth1: depth-1 matrices in the 2-bit layout instead of words (codec.format.two_bit_codes: the
-    bytes `vpdpbusd` reads after a shift and a mask; 16 rows per panel, int8 activations on VNNI CPUs).
+    two_bit_depth1: depth-1 matrices in the 2-bit layout instead of words (codec.format.dot_order_codes: the
+    bytes `vpdpbusd` reads after a shift and a mask; 16 rows per panel, int8 activations on x86).
+    byte_depth4: depth-4 matrices in the same order as bytes (the words' 8 bits a weight, nothing to decode;
+    int8 activations where the integer kernels are AVX2's, which have no byte permute to decode words with).
     """
     rows: int = 0
     decode: str = DECODE_SIMD16
     permute_steps: bool = False  # x86 AVX-512: group steps by register permutes (schedules/x86_lookup.py)
     int8_activations: bool = False
     two_bit_depth1: bool = False
+    byte_depth4: bool = False
 
     def __post_init__(self):
-        if self.two_bit_depth1 and not (self.rows == TWO_BIT_ROWS and self.words and self.int8_activations):
-            raise ValueError(f"the 2-bit layout is for {TWO_BIT_ROWS}-row words layouts with int8 activations")
+        if (self.two_bit_depth1 or self.byte_depth4) and not (
+                self.rows == DOT_ROWS and self.words and self.int8_activations):
+            raise ValueError(f"the dot-order layouts are for {DOT_ROWS}-row words layouts with int8 activations")
 
-    def two_bit(self, depth: int) -> bool:
-        """A matrix of this depth is in the 2-bit layout."""
-        return self.two_bit_depth1 and depth == 1
+    def dot_bits(self, depth: int) -> int:
+        """Bits per weight of the dot-order layout a matrix of this depth is in (2 or 8), 0 for words or planes."""
+        if depth == 1 and self.two_bit_depth1:
+            return 2
+        return 8 if depth == 4 and self.byte_depth4 else 0
 
     @property
     def words(self) -> bool:
@@ -167,9 +174,10 @@ class WeightLayout:
     def name(self) -> str:
         if self.rows == 0:
             return "trit-planes-v1"
-        if self.two_bit_depth1:
-            return f"trit-rows{self.rows}-words-v1+d1-2bit-v1"
-        return f"trit-rows{self.rows}-words-v1" if self.words else f"trit-rows{self.rows}-v1"
+        if self.words:
+            return (f"trit-rows{self.rows}-words-v1" + ("+d1-2bit-v1" if self.two_bit_depth1 else "")
+                    + ("+d4-bytes-v1" if self.byte_depth4 else ""))
+        return f"trit-rows{self.rows}-v1"
 
     @property
     def activations(self) -> str:
@@ -184,8 +192,8 @@ class WeightLayout:
         return (n_out,) + inner if self.rows == 0 else (-(-n_out // self.rows),) + inner + (self.rows,)
 
     def code_shape(self, n_out: int, n_in: int, depth: int) -> tuple[int, ...]:
-        if self.two_bit(depth):  # 16 rows x 16 weights x 2 bits per group: 32 uint16
-            return self._rows_outer(n_out, (n_in // (2 * TWO_BIT_CHUNK),))
+        if self.dot_bits(depth):  # 16 rows x 16 weights x bits per group: bits·16 uint16
+            return self._rows_outer(n_out, (n_in * self.dot_bits(depth) // 16,))
         if self.words:
             return self._rows_outer(n_out, (padded_blocks(n_in, depth) * GROUP_SIZE,))
         return self._rows_outer(n_out, (depth, packed_len(n_in)))
@@ -204,12 +212,12 @@ class WeightLayout:
 
     def _groups(self, n_in: int, depth: int) -> int:
         """Groups of K as the kernels see it: the words layout pads K to whole blocks, the 2-bit one does not."""
-        return n_in // GROUP_SIZE if self.two_bit(depth) else padded_blocks(n_in, depth) * word_block(depth)[0]
+        return n_in // GROUP_SIZE if self.dot_bits(depth) else padded_blocks(n_in, depth) * word_block(depth)[0]
 
     def repack_codes(self, packed: np.ndarray, n_in: int) -> np.ndarray:
         """Checkpoint codes [N, d, Kb] -> this layout (numpy, at compile time)."""
-        if self.two_bit(packed.shape[1]):
-            return two_bit_codes(packed, n_in)
+        if self.dot_bits(packed.shape[1]):
+            return dot_order_codes(packed, n_in, self.dot_bits(packed.shape[1]))
         return self._interleave(code_words(packed, n_in) if self.words else packed)
 
     def repack_scales(self, packed: np.ndarray, n_in: int, depth: int) -> np.ndarray:
@@ -243,7 +251,8 @@ def layout_for_target(target, int8_activations: bool = False) -> WeightLayout:
     rows, decode = layout_rows_for_target(target, int8_activations), decode_for_target(target)
     permute = (target.kind.name == "llvm" and rows % LANES == 0
                and bool(tvm.target.codegen.target_has_features("avx512f", target)))
-    return WeightLayout(rows, decode, permute, int8_activations, two_bit_depth1_for_target(target, int8_activations))
+    return WeightLayout(rows, decode, permute, int8_activations, two_bit_depth1_for_target(target, int8_activations),
+                        byte_depth4_for_target(target, int8_activations))
 
 
 def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:
@@ -268,13 +277,16 @@ def _word_digit(word: tirx.PrimExpr, pos, base: int, ndigits: int) -> tirx.PrimE
     return _chain_digit(word, pos, base, ndigits=ndigits).astype("int32")
 
 
-def _two_bit_value(codes: te.Tensor, n, unit) -> tirx.PrimExpr:
-    """u of weight `unit` (16g + 4c + q) of row n in the 2-bit layout (codec.format.two_bit_codes): bits 2c..2c+1
-    of byte 64g + 4t + q of the row's panel (t = n mod 16), read from its uint16 words (little-endian)."""
-    g, c, q = unit // GROUP_SIZE, unit % GROUP_SIZE // TWO_BIT_CHUNK, unit % TWO_BIT_CHUNK
-    half = 2 * (n % TWO_BIT_ROWS) + q // 2  # uint16 of the group's 32 in the panel
-    word = codes[n // TWO_BIT_ROWS, 2 * g + half // TWO_BIT_ROWS, half % TWO_BIT_ROWS].astype("int32")
-    return tirx.bitwise_and(tirx.shift_right(word, (q % 2) * 8 + c * 2), tirx.const(3, "int32"))
+def _dot_order_value(codes: te.Tensor, n, unit, bits: int) -> tirx.PrimExpr:
+    """u of weight `unit` (16g + 4c + q) of row n in a dot-order layout (codec.format.dot_order_codes): bits
+    bits·(c mod f)..+bits of byte 4t + q of plane p = c div f of group g in the row's panel (t = n mod 16,
+    f = 8/bits fields per byte, bits/2 planes of 64 bytes per group), read from its uint16 words (little-endian)."""
+    fields, planes = 8 // bits, bits // 2
+    g, c, q = unit // GROUP_SIZE, unit % GROUP_SIZE // DOT_CHUNK, unit % DOT_CHUNK
+    half = ((g * planes + c // fields) * 64 + DOT_CHUNK * (n % DOT_ROWS) + q) // 2  # the panel's uint16
+    word = codes[n // DOT_ROWS, half // DOT_ROWS, half % DOT_ROWS].astype("int32")
+    shift = (q % 2) * 8 + (c % fields) * bits
+    return tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << bits) - 1, "int32"))
 
 
 def _activation_values(x: te.Tensor, int8: bool):
@@ -321,8 +333,8 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
     """
     n_in = int(x.shape[-1])
     qmax = qmax_of(depth)
-    two_bit = layout.two_bit(depth)
-    if two_bit:  # a block is one group; K is whole groups
+    dot_bits = layout.dot_bits(depth)
+    if dot_bits:  # a block is one group; K is whole groups
         positions, block, n_blocks, tail = 1, GROUP_SIZE, n_in // GROUP_SIZE, 0
     elif layout.words:  # K padded to whole blocks (codec.format.padded_blocks): no tail, x padded with zeros
         (positions, block), n_blocks, tail = word_block(depth), padded_blocks(n_in, depth), 0
@@ -340,8 +352,8 @@ def trit_decode_matmul_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, cod
 
         # (the words layout has no K tail: `tail` is only the planes layouts' switch)
         def code_value(n, unit, pos, tail=False):  # u = q + qmax, in [0, 3^d)
-            if two_bit:
-                return _two_bit_value(codes, n, unit)
+            if dot_bits:
+                return _dot_order_value(codes, n, unit, dot_bits)
             return _word_digit(code_at(n, unit), pos, 3 ** depth, positions)
 
         def scale_index(n, g, tail=False):
@@ -455,8 +467,8 @@ def trit_op_attrs(n_out: int, n_in: int, depth: int, has_bias: bool, layout: Wei
              "trit.bias": int(has_bias), LAYOUT_ROWS_ATTR: layout.rows, "op_pattern": OP_PATTERN_OPAQUE}
     if layout.int8_activations:
         attrs.update({INT8_ACTIVATIONS_ATTR: 1, PARTS_ATTR: list(parts or (n_out,))})
-    if layout.two_bit(depth):
-        attrs[TWO_BIT_ATTR] = 1
+    if layout.dot_bits(depth):
+        attrs[DOT_BITS_ATTR] = layout.dot_bits(depth)
     return attrs
 
 

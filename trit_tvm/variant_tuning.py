@@ -26,7 +26,7 @@ import tvm
 from tvm import tirx
 
 from schedules import TritGEMVVNNI, is_trit_decode_matmul
-from schedules.base import INT8_ACTIVATIONS_ATTR, is_two_bit, kernel_key, row_count
+from schedules.base import INT8_ACTIVATIONS_ATTR, dot_bits, kernel_key, row_count
 from schedules.x86_vnni import VNNIKnobs, supports
 
 from .errors import CompileError
@@ -57,8 +57,8 @@ def candidates(func: tirx.PrimFunc) -> list[dict]:
                 for p in (0, VNNIKnobs().prefetch_blocks)]
     default = VNNIKnobs()
     grid = [default] + [k for k in grid if k != default]
-    # the float rules read the words layout only: a matrix in the 2-bit layout has the VNNI kernel or none
-    floats = [] if is_two_bit(func) else [{"variant": "float"}]
+    # the float rules read the words layout only: a matrix in a dot-order layout has the integer kernel or none
+    floats = [] if dot_bits(func) else [{"variant": "float"}]
     return [{"variant": "vnni", "knobs": k.as_dict()} for k in grid] + floats
 
 
