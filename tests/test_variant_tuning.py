@@ -9,7 +9,8 @@ import tvm
 from helpers import operator_inputs
 from schedules import TritGEMMVNNI, TritGEMVVNNI
 from schedules.base import kernel_key
-from schedules.x86_vnni import VNNIKnobs
+from schedules import x86_avx2
+from schedules.x86_vnni import ISA_AVX2, VNNIKnobs
 from schedules.x86_vnni import supports as vnni_supported
 from trit_tvm.errors import CompileError
 from trit_tvm.operator import WeightLayout, reference_decode_matmul, trit_decode_matmul_func
@@ -20,6 +21,7 @@ from trit_tvm.variant_tuning import VARIANTS_FILE, build_candidate, candidates, 
 HOST = parse_target("llvm")
 ICELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})  # AVX-512 VNNI and VBMI
 INT8 = WeightLayout(16, permute_steps=True, int8_activations=True)
+AVX2_INT8 = WeightLayout(16, int8_activations=True, two_bit_depth1=True, byte_depth4=True)
 needs_vnni = pytest.mark.skipif(not vnni_supported(HOST), reason="this CPU has no AVX-512 VNNI / VBMI")
 
 
@@ -35,6 +37,8 @@ def test_candidates_start_with_the_default_and_include_the_float_rules():
         assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)
     assert {c["knobs"]["prefetch_blocks"] for c in decode[:-1]} >= {0, 64}
     assert {c["knobs"]["row_tile"] for c in prefill[:-1]} == {4, 8, 12, 16}
+    avx2 = candidates(trit_decode_matmul_func(64, 96, 4, AVX2_INT8), ISA_AVX2)  # bytes: no float variant
+    assert avx2[0]["knobs"]["row_tile"] == 4 and {c["knobs"]["row_tile"] for c in avx2} == {2, 4, 6, 8}
     two_bit = WeightLayout(16, permute_steps=True, int8_activations=True, two_bit_depth1=True)
     d1 = candidates(trit_decode_matmul_func(64, 96, 1, two_bit, rows=1))  # the float rules cannot read it
     assert d1 == decode[:-1]
@@ -106,9 +110,24 @@ def test_malformed_variants_file_is_a_one_line_error(tmp_path, text):
     assert "\n" not in str(err.value)
 
 
-def test_tuning_int8_kernels_needs_vnni():
-    with pytest.raises(CompileError, match="VNNI"):
+def test_tuning_int8_kernels_needs_integer_kernels():
+    with pytest.raises(CompileError, match="VNNI or AVX2"):
         tune_variants({"k": _func(1)}, parse_target("aarch64"))
+    zen2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})
+    with pytest.raises(CompileError, match="no int8-activation trit kernels with an integer kernel"):
+        tune_variants({"d3": _func(1)}, zen2)  # AVX2: words (depth 3) have the float rules only
+
+
+@pytest.mark.skipif(not x86_avx2.supports(HOST), reason="this CPU has no AVX2")
+def test_tuning_on_avx2_times_the_dot_order_kernels():
+    """On an AVX2-only target the depth-1 and depth-4 kernels are tuned (their candidates, AVX2 defaults first)
+    and the words-layout ones left to the float rules."""
+    zen2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})
+    kernels = {"d1": trit_decode_matmul_func(64, 96, 1, AVX2_INT8, rows=1),
+               "d4": trit_decode_matmul_func(37, 80, 4, AVX2_INT8), "d3": _func(1)}
+    rows = tune_variants(kernels, zen2, progress=lambda _: None)
+    assert [r["key"] for r in rows] == ["gemv d1 96->64 int8 2bit", "gemm d4 80->37 int8 bytes"]
+    assert all(r["candidates"][0]["knobs"]["row_tile"] == 4 and r["best_s"] > 0 for r in rows)
 
 
 @needs_vnni

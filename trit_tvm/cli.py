@@ -45,7 +45,8 @@ def compile_parser() -> argparse.ArgumentParser:
                         "for an HF/GGUF MODEL, else MODEL must be a trit checkpoint quantized with it")
     p.add_argument("--int8-activations", action="store_true",
                    help="CPU targets: quantize each linear's input to 8 bits per group of 16 weights, so decode and "
-                        "prefill run integer dot products (AVX-512 VNNI; elsewhere the same numbers in float); off "
+                        "prefill run integer dot products (AVX-512 VNNI; AVX2 for depths 1 and 4; elsewhere the "
+                        "same numbers in float); off "
                         "by default: float activations match transformers exactly")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                    help="storage of the KV cache: float16 halves the bytes a decode step reads from a long context "
@@ -297,9 +298,10 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=16, help="measured candidates per kernel (default 16)")
     p.add_argument("--int8-activations", action="store_true",
                    help="tune the model's int8-activation kernels instead (decode and prefill; as trit-compile "
-                        "--int8-activations builds them): every variant and knob of the AVX-512 VNNI kernels and "
+                        "--int8-activations builds them): every variant and knob of the integer kernels and "
                         "the float rules on the int8 form, timed here; choices to TUNING_LOGS/<target key>/"
-                        "variants.json (needs a CPU with AVX-512 VNNI and VBMI)")
+                        "variants.json (needs x86 with AVX-512 VNNI and VBMI, or AVX2: there the depth-1 and "
+                        "depth-4 kernels)")
     p.add_argument("--tuning-logs", type=Path, default=None,
                    help="records root (default: the repository's tuning_logs/)")
     p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its servers")

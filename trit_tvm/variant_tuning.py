@@ -3,7 +3,8 @@
 MetaSchedule tunes schedules of the operator (trit_tvm/tuning.py). The int8-activation kernels of
 schedules/x86_vnni.py are not schedules of it but kernels put in its place, so their choices are kept here,
 in `tuning_logs/<target key>/variants.json`, keyed by schedules.base.kernel_key. For each int8-activation
-kernel of a model the candidates are the VNNI kernel at every point of its knob grid (prefetch distance;
+kernel of a model the candidates are the integer kernel (AVX-512 VNNI; on AVX2 CPUs the depth-1 and depth-4
+kernels only) at every point of its knob grid (prefetch distance;
 for prefill also the rows of x per pass over a panel's tile) and the float rules on the same int8 form
 ("float", which decode variant). Decode kernels are timed with their weights coming from memory (cycling
 through copies larger than the caches, as in a model, whose weights never stay cached), prefill kernels on
@@ -27,14 +28,14 @@ from tvm import tirx
 
 from schedules import TritGEMVVNNI, is_trit_decode_matmul
 from schedules.base import INT8_ACTIVATIONS_ATTR, dot_bits, kernel_key, row_count
-from schedules.x86_vnni import VNNIKnobs, supports
+from schedules.x86_vnni import ISA_AVX2, ISA_VNNI, VNNIKnobs, default_knobs, isa_for_target
 
 from .errors import CompileError
 from .pipeline import schedule_pass
 
 VARIANTS_FILE = "variants.json"
 PREFETCH_GRID = (0, 4, 8, 16, 32, 64)  # weight blocks ahead (16 is the hand-written default)
-ROW_TILE_GRID = (4, 8, 12, 16)  # prefill: rows of x per pass over a panel's tile (8: default)
+ROW_TILE_GRID = {ISA_VNNI: (4, 8, 12, 16), ISA_AVX2: (2, 4, 6, 8)}  # prefill: rows of x per pass over a tile
 PREFILL_ROWS = 128
 COLD_BYTES = 256 << 20  # decode timings cycle through this many bytes of weight copies (well past any L3)
 MAX_COPIES = 64
@@ -48,14 +49,15 @@ def int8_kernels(mod: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
             if is_trit_decode_matmul(f) and int(f.attrs.get(INT8_ACTIVATIONS_ATTR, 0))}
 
 
-def candidates(func: tirx.PrimFunc) -> list[dict]:
-    """The choices tried for a kernel, the hand-written default first."""
+def candidates(func: tirx.PrimFunc, isa: str = ISA_VNNI) -> list[dict]:
+    """The choices tried for a kernel, the hand-written default first (variant "vnni": the integer kernel, of
+    AVX-512 VNNI or of AVX2 as isa says)."""
+    default = default_knobs(isa)
     if row_count(func) == 1:
-        grid = [VNNIKnobs(prefetch_blocks=p) for p in PREFETCH_GRID]
+        grid = [VNNIKnobs(prefetch_blocks=p, row_tile=default.row_tile) for p in PREFETCH_GRID]
     else:
-        grid = [VNNIKnobs(prefetch_blocks=p, row_tile=t) for t in ROW_TILE_GRID
-                for p in (0, VNNIKnobs().prefetch_blocks)]
-    default = VNNIKnobs()
+        grid = [VNNIKnobs(prefetch_blocks=p, row_tile=t) for t in ROW_TILE_GRID[isa]
+                for p in (0, default.prefetch_blocks)]
     grid = [default] + [k for k in grid if k != default]
     # the float rules read the words layout only: a matrix in a dot-order layout has the integer kernel or none
     floats = [] if dot_bits(func) else [{"variant": "float"}]
@@ -138,18 +140,21 @@ def tune_variants(kernels: dict[str, tirx.PrimFunc], target: tvm.target.Target,
     """Time every candidate of every kernel on this machine; one row per kernel with the default's and the
     best candidate's seconds (from a second alternating timing of just those two), every candidate's seconds
     in the search, and the weight bytes."""
-    if not supports(target):
-        raise CompileError("tuning the int8 kernels needs an llvm target with AVX-512 VNNI and VBMI "
-                           f"(schedules/x86_vnni.py); {target} has none, so the float rules run the int8 form")
+    if isa_for_target(target, dot_order=True) is None:
+        raise CompileError("tuning the int8 kernels needs an x86 llvm target with AVX-512 VNNI or AVX2 "
+                           f"(schedules/x86_vnni.py); {target} has neither, so the float rules run the int8 form")
+    # on AVX2 only the dot-order layouts (depths 1 and 4) have an integer kernel; the float rules run the rest
+    kernels = {name: f for name, f in kernels.items() if isa_for_target(target, bool(dot_bits(f)))}
     if not kernels:
-        raise CompileError("the model has no int8-activation trit kernels to tune")
+        raise CompileError("the model has no int8-activation trit kernels with an integer kernel on "
+                           f"{target} to tune")
     rows = []
     for i, (name, func) in enumerate(sorted(kernels.items()), 1):
         decode = row_count(func) == 1
         nbytes = weight_bytes(func)
         copies = min(MAX_COPIES, max(2, -(-COLD_BYTES // nbytes))) if decode else 1
         io, weight_sets = _arguments(func, copies)
-        choices = candidates(func)
+        choices = candidates(func, isa_for_target(target, bool(dot_bits(func))))
         t0 = time.perf_counter()
         timers = [copies_timer(build_candidate(func, target, c), io, weight_sets) for c in choices]
         best = [float("inf")] * len(timers)
