@@ -115,6 +115,15 @@ def _vnni_libs(n_out, n_in, depth, bias=False, parts=(), layout=INT8_PERMUTE):
     return libs
 
 
+@pytest.mark.parametrize("depth,layout", [(1, INT8_2BIT), (3, INT8_PERMUTE)])
+def test_vnni_kernels_build_everywhere(depth, layout):
+    """The VNNI kernels compile for an AVX-512 VNNI target on any host (the runs below need such a CPU)."""
+    for rule, rows in ((TritGEMVVNNI(), 1), (TritGEMMVNNI(), None)):
+        func = trit_decode_matmul_func(37, 16 * 13, depth, layout, rows=rows, parts=(21, 16))
+        asm = tvm.compile(rule.apply(func, ICELAKE, False).mod["main"], target=ICELAKE).mod.inspect_source("asm")
+        assert "vpdpbusd" in asm and "zmm" in asm
+
+
 @pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI / VBMI")
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 @pytest.mark.parametrize("n_out,n_in", SHAPES + [(300, 16 * 61)])
