@@ -166,25 +166,53 @@ def scale_words(packed_scales: np.ndarray, n_in: int, depth: int, groups: int | 
 
 DOT_ROWS = 16  # rows per panel of the dot-order layouts: the int32 lanes of one vpdpbusd
 DOT_CHUNK = 4  # weights of a row per 4-byte lane (vpdpbusd multiplies 4 bytes per lane)
-DOT_BITS = (2, 8)  # field widths of the dot-order layouts: 2-bit (depth 1), bytes (depth 4)
+DOT_BITS = (2, 5, 8)  # bits per weight of the dot-order layouts: 2-bit (depth 1), 5-bit (depth 3), bytes (depth 4)
+DOT_HIGH_BITS = 5  # the layout whose fields (4 bits) hold u's low bits, its bit 4 in a plane of its own
+DOT_PLANE = 64  # bytes per plane: one chunk of 16 rows x 4 weights
+
+
+def dot_field_bits(bits: int) -> int:
+    """Width of the fields of a dot-order layout's 64-byte planes (5-bit: the low 4 bits of u)."""
+    return 4 if bits == DOT_HIGH_BITS else bits
+
+
+def _dot_planes(u: np.ndarray, bits: int) -> np.ndarray:
+    """u [panel, t, group, 16] (each < 2^bits) -> [panel, group, planes·64] bytes: byte 4t+q of plane c div f holds
+    weight 4c+q in bits bits·(c mod f).. (f = 8/bits fields per byte)."""
+    fields = 8 // bits
+    u = u.reshape(u.shape[:3] + (GROUP_SIZE // DOT_CHUNK // fields, fields, DOT_CHUNK))  # [panel, t, g, plane, f, q]
+    shifts = (bits * np.arange(fields, dtype=np.uint8))[:, None]
+    data = np.bitwise_or.reduce(u << shifts, axis=4).transpose(0, 2, 3, 1, 4)  # [panel, g, plane, t, q]
+    return data.reshape(data.shape[:2] + (-1,))
+
+
+def _dot_high_plane(high: np.ndarray) -> np.ndarray:
+    """Bit 4 of u [panel, t, group, 16] -> [panel, group, 32] bytes: the bit of weight 4c+q of row t (position
+    i = 4t+q of chunk c) is bit c + 4·(i div 32) of byte i mod 32."""
+    h = high.reshape(high.shape[:3] + (GROUP_SIZE // DOT_CHUNK, DOT_CHUNK)).transpose(0, 2, 3, 1, 4)  # [p, g, c, t, q]
+    h = h.reshape(h.shape[:3] + (2, DOT_PLANE // 2))  # [panel, g, c, half k, byte]
+    shifts = (np.arange(GROUP_SIZE // DOT_CHUNK, dtype=np.uint8)[:, None] + 4 * np.arange(2, dtype=np.uint8))
+    return np.bitwise_or.reduce((h << shifts[..., None]).reshape(h.shape[:2] + (-1, DOT_PLANE // 2)), axis=2)
 
 
 def dot_order_codes(packed_codes: np.ndarray, n_in: int, bits: int) -> np.ndarray:
     """[N, d, ceil(K/5)] checkpoint codes -> [ceil(N/16), K·bits/16, 16] uint16 (the bytes of a dot-order run-time
-    layout, docs/FORMAT.md): per panel of 16 rows and group g, 64·bits/2 bytes in bits/2 planes of 64; weight
-    16g+4c+q of row t is u = q + qmax in bits b·(c mod f)..+b of byte 4t+q of plane c div f (f = 8/bits
+    layout, docs/FORMAT.md): per panel of 16 rows and group g, 32·bits bytes. 2 and 8 bits: bits/2 planes of
+    64; weight 16g+4c+q of row t is u = q + qmax in bits b·(c mod f)..+b of byte 4t+q of plane c div f (f = 8/bits
     fields per byte). Shifting plane c div f right and masking each byte gives chunk c in the byte order
     `vpdpbusd` and `vpmaddubsw` read (16 rows x 4 weights): 2-bit (depth 1): one plane, a shift and a mask per
-    64 weights; bytes (depth 4, u ≤ 80): four planes, nothing to decode, at the words layout's 8 bits a weight."""
+    64 weights; bytes (depth 4, u ≤ 80): four planes, nothing to decode, at the words layout's 8 bits a weight.
+    5 bits (depth 3, u ≤ 26): u's low 4 bits as the 4-bit rule's two planes, then a 32-byte plane of bit 4
+    (_dot_high_plane), a shift and a mask per chunk half more: 5 bits a weight, below d=3 words' 5.33."""
     n_out, depth = packed_codes.shape[:2]
     if bits not in DOT_BITS or 3 ** depth > 1 << bits or n_in % GROUP_SIZE:
         raise CodecError(f"a {bits}-bit dot-order layout holds depths with 3^d ≤ 2^{bits} and whole groups, got "
                          f"depth {depth}, K = {n_in}")
     u = from_digits(_block_order(unpack_trits(packed_codes, n_in), inverse=True)).astype(np.uint8)
     u = np.concatenate([u, np.zeros((-n_out % DOT_ROWS, n_in), np.uint8)])
-    fields = 8 // bits
-    # [panel, t, g, plane, field, q] -> bytes [panel, g, plane, t, q]
-    u = u.reshape(-1, DOT_ROWS, n_in // GROUP_SIZE, GROUP_SIZE // DOT_CHUNK // fields, fields, DOT_CHUNK)
-    shifts = (bits * np.arange(fields, dtype=np.uint8))[:, None]
-    data = np.bitwise_or.reduce(u << shifts, axis=4).transpose(0, 2, 3, 1, 4)
+    u = u.reshape(-1, DOT_ROWS, n_in // GROUP_SIZE, GROUP_SIZE)  # [panel, t, g, weight]
+    field = dot_field_bits(bits)
+    data = _dot_planes(u & ((1 << field) - 1), field)
+    if bits == DOT_HIGH_BITS:
+        data = np.concatenate([data, _dot_high_plane(u >> field)], axis=-1)
     return np.ascontiguousarray(data).view("<u2").reshape(data.shape[0], -1, DOT_ROWS)

@@ -16,8 +16,8 @@ from .x86_vnni import ISA_AVX2, isa_for_target
 
 __all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "RowReductionCPU",
            "TritGEMMCPU", "TritGEMMCuda", "TritGEMMVNNI", "TritGEMVCPU", "TritGEMVCuda", "TritGEMVVNNI",
-           "byte_depth4_for_target", "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target",
-           "rules_for_target", "two_bit_depth1_for_target"]
+           "byte_depth4_for_target", "decode_for_target", "five_bit_depth3_for_target", "is_trit_decode_matmul",
+           "layout_rows_for_target", "rules_for_target", "two_bit_depth1_for_target"]
 
 LAYOUT_ROWS = 32  # x86: 32 rows x 16-bit lanes = one AVX-512 register; CUDA: one warp reads 32 rows' bytes
 # x86 without AVX-512: 16 rows x 16-bit lanes = one AVX2 register. With 32 there the decode GEMV's group
@@ -59,6 +59,12 @@ def byte_depth4_for_target(target: tvm.target.Target, int8_activations: bool = F
     AVX2's: they have no byte permute to decode the words layout with, and bytes are the words' 8 bits a weight."""
     return (two_bit_depth1_for_target(target, int8_activations)
             and isa_for_target(target, dot_order=True) == ISA_AVX2)
+
+
+def five_bit_depth3_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
+    """Depth-3 matrices in the 5-bit dot-order layout where the integer kernels are AVX2's: a shift and a mask per
+    chunk where the words need two multiplies a weight on the pipe Zen 2 multiplies integers on, in fewer bytes."""
+    return byte_depth4_for_target(target, int8_activations)
 
 
 def decode_for_target(target: tvm.target.Target) -> str:

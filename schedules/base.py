@@ -7,7 +7,7 @@ TRIT_OP_ATTR = "trit.op"  # set by trit_tvm.operator.trit_op_attrs
 LAYOUT_ROWS_ATTR = "trit.layout_rows"
 PARTS_ATTR = "trit.parts"  # row counts of the matrices stacked into the operator (one entry when not stacked)
 INT8_ACTIVATIONS_ATTR = "trit.int8_activations"  # 1: x is quantized per group of 16 (the operator's int8 form)
-DOT_BITS_ATTR = "trit.dot_bits"  # 2 or 8: the codes are in a dot-order layout (codec.format.dot_order_codes)
+DOT_BITS_ATTR = "trit.dot_bits"  # 2, 5 or 8: the codes are in a dot-order layout (codec.format.dot_order_codes)
 KERNEL_ATTR = "trit.kernel"  # other kernels the model emits with a rule of their own
 LOGITS_KERNEL = "logits_nt"  # rows interleaved in the weight layout (0: checkpoint planes)
 DECODE_SIMD16 = "simd16"  # CPUs: digits by multiply-and-shift in 16-bit SIMD lanes
@@ -50,7 +50,7 @@ def kernel_key(func: tirx.PrimFunc) -> str:
     rows = "gemv" if row_count(func) == 1 else "gemm"
     parts = "+".join(str(int(p)) for p in func.attrs.get(PARTS_ATTR, [func.attrs["trit.n_out"]]))
     form = "int8" if int(func.attrs.get(INT8_ACTIVATIONS_ATTR, 0)) else "float"
-    form += {0: "", 2: " 2bit", 8: " bytes"}[dot_bits(func)]
+    form += {0: "", 2: " 2bit", 5: " 5bit", 8: " bytes"}[dot_bits(func)]
     return f"{rows} d{int(func.attrs['trit.depth'])} {int(func.attrs['trit.n_in'])}->{parts} {form}"
 
 

@@ -2,15 +2,16 @@
 
 The kernels of x86_vnni.py are written per panel of 16 rows: a group's dot products are an int32x16 vector and
 its steps a float32x16 one; on AVX2 each is two 256-bit halves (rows 0-7 and 8-15), which LLVM keeps in two
-registers. Only the dot-order layouts run here (codec.format.dot_order_codes: depth 1 in 2 bits, depth 4 in
-bytes): their 64 bytes per chunk of 4 weights are already in the order `vpmaddubsw` reads, where the words
-layout needs AVX-512 VBMI's byte permute to get there (and its decode is as many multiplies per weight as the
-float kernels', on the one pipe Zen 2 multiplies integers on).
+registers. Only the dot-order layouts run here (codec.format.dot_order_codes: depth 1 in 2 bits, depth 3 in
+5, depth 4 in bytes): their 64 bytes per chunk of 4 weights are in the order `vpmaddubsw` reads after shifts and
+masks, where the words layout needs AVX-512 VBMI's byte permute to get there (and its decode is as many
+multiplies per weight as the float kernels', on the one pipe Zen 2 multiplies integers on).
 
 - Dot: `vpmaddubsw` multiplies the unsigned weight bytes by the signed activation bytes and adds pairs into
   16-bit lanes, then `vpmaddwd` by ones adds the pairs of each row into its int32 lane (VNNI's `vpdpbusd`
-  does both). No sum may pass 32767: at depth 1 (u ≤ 2) a group's 4 chunks add up in 16 bits first (at most
-  2032) and take one `vpmaddwd`; at depth 4 (u ≤ 80, 20320 a chunk) every chunk takes its own.
+  does both). No sum may pass 32767: at depths 1 and 3 (u ≤ 2, u ≤ 26) a group's 4 chunks add up in 16 bits
+  first (at most 2032 and 26416) and take one `vpmaddwd`; at depth 4 (u ≤ 80, 20320 a chunk) every chunk
+  takes its own.
 - Step lookup: AVX-512's two-table permute picks from 32 entries; AVX2's `vpermps` from 8. When every panel
   of 16 rows lies in one matrix (stacked parts multiples of 16, as in every model here) the 27 entries of
   that matrix are 4 windows of 8 read at the panel's codebook offset (the last one ending at entry 26, so
@@ -43,7 +44,7 @@ def _half(vec: tirx.PrimExpr, h: int, lanes: int) -> tirx.PrimExpr:
     return tirx.Shuffle([vec], [tirx.const(h * lanes + i, "int32") for i in range(lanes)])
 
 
-def _concat(low: tirx.PrimExpr, high: tirx.PrimExpr, lanes: int = HALF) -> tirx.PrimExpr:
+def concat(low: tirx.PrimExpr, high: tirx.PrimExpr, lanes: int = HALF) -> tirx.PrimExpr:
     """Two vectors of `lanes` lanes as one."""
     return tirx.Shuffle([low, high], [tirx.const(i, "int32") for i in range(2 * lanes)])
 
@@ -66,7 +67,7 @@ def group_dot(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], init: tirx.
                 pairs = pair if pairs is None else pairs + pair
             row = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, ones)
             rows[h] = row if rows[h] is None else rows[h] + row
-    return init + _concat(*rows)
+    return init + concat(*rows)
 
 
 def step_lookup(codebook, index: tirx.PrimExpr, panel_base: tirx.PrimExpr | None) -> tirx.PrimExpr:
@@ -91,4 +92,4 @@ def step_lookup(codebook, index: tirx.PrimExpr, panel_base: tirx.PrimExpr | None
                 tirx.const(0, "int32"), HALF)
             picks = [tirx.Select(chosen, picks[i + 1], picks[i]) for i in range(0, len(picks), 2)]
         halves.append(picks[0])
-    return _concat(*halves)
+    return concat(*halves)

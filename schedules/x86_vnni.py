@@ -12,7 +12,8 @@ with a multiply-high (and a wrapping multiply for the next digit), as in the FP3
 gathers the low bytes of two such registers into the 16 rows × 4 weights byte order `vpdpbusd` reads.
 Depth-1 matrices are in the 2-bit layout instead (codec.format.dot_order_codes): one 512-bit load per group
 and panel, stored in that byte order already, so each group of 4 weights × 16 rows is a shift and a mask;
-on AVX2 CPUs depth-4 matrices are in bytes in that order too (nothing to decode).
+on AVX2 CPUs depth-3 matrices are in 5 bits in that order too (4-bit fields and a plane of bit 4) and
+depth-4 ones in bytes (nothing to decode).
 
 Decode (one row of x, `vnni_gemv_func`): the digits go straight into the dot products, ~34 instructions per
 256 weights against ~64 for the FP32 GEMV (digits widened to float, one FMA per weight and 16 rows), whose
@@ -34,7 +35,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from codec.format import DOT_ROWS, padded_blocks, word_block, word_digits
+from codec.format import DOT_HIGH_BITS, DOT_ROWS, dot_field_bits, padded_blocks, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 
 from . import x86_avx2
@@ -155,8 +156,12 @@ class _Sizes:
         return self.blocks * (self.bits or GROUP_SIZE)
 
     @property
-    def planes(self) -> int:  # 64-byte planes per group of a dot-order layout
+    def planes(self) -> int:  # 64-byte planes per group of a dot-order layout (5-bit: and a 32-byte one)
         return self.bits // 2
+
+    @property
+    def lines(self) -> int:  # cache lines per group of a dot-order layout
+        return -(-self.bits * 32 // LINE_BYTES)
 
     @property
     def scale_words(self) -> int:
@@ -254,23 +259,45 @@ def _load_group_dot(s, knobs, codes_flat, words, panel, g):
     """The group's planes (dot-order layout, 64 bytes each) into `words`, after prefetching their lines as many
     bytes ahead as the words layout's prefetch (knobs.prefetch_blocks blocks of 512 bytes)."""
     if knobs.prefetch_blocks > 0:
-        for line in T.unroll(s.planes):
+        for line in T.unroll(s.lines):
             T.evaluate(prefetch_call(codes_flat, (panel * s.units + g * s.bits + knobs.prefetch_blocks * GROUP_SIZE
                                                   + line * 2) * ROWS))
     for plane in T.unroll(s.planes):
         words[T.ramp(plane * 32, 1, 32)] = codes_flat[T.ramp((panel * s.units + g * s.bits + plane * 2) * ROWS, 1, 32)]
+    if s.bits == DOT_HIGH_BITS:
+        words[T.ramp(s.planes * 32, 1, ROWS)] = codes_flat[T.ramp((panel * s.units + g * s.bits + s.planes * 2) * ROWS,
+                                                                  1, ROWS)]
+
+
+def _shifted_bits(lanes: tirx.PrimExpr, n: int, shift, mask: int) -> tirx.PrimExpr:
+    """(lanes >> shift, or << -shift) & mask in each of the n 16-bit lanes, mask repeated in both of its bytes;
+    shift an int or an expression of an unrolled loop's variable."""
+    if isinstance(shift, int):
+        right, left = max(shift, 0), max(-shift, 0)
+    else:
+        right, left = tirx.max(shift, 0), tirx.max(-shift, 0)
+    for amount, op in ((left, tirx.shift_left), (right, tirx.shift_right)):
+        if not (isinstance(amount, int) and amount == 0):
+            lanes = op(lanes, tirx.Broadcast(tirx.Cast("uint16", amount), n))
+    return tirx.bitwise_and(lanes, tirx.Broadcast(tirx.const(mask * 0x0101, "uint16"), n))
 
 
 def _dot_chunk(s: _Sizes, words, c) -> tirx.PrimExpr:
     """Chunk c of the group loaded in `words` -> 64 bytes, byte 4t+q = u of weight 4c+q of row t: its plane,
-    with bits < 8 a shift of the 16-bit lanes and a mask of each byte (codec.format.dot_order_codes)."""
-    fields = 8 // s.bits
+    with fields of less than 8 bits a shift of the 16-bit lanes and a mask of each byte, with 5 bits also bit 4
+    from the 32-byte plane after the others: bit c of its bytes for rows 0-7, bit c + 4 for rows 8-15
+    (codec.format.dot_order_codes)."""
+    field = dot_field_bits(s.bits)
+    fields = 8 // field
     plane = words.vload([c // fields * 32], "uint16x32")
     if fields == 1:
         return tirx.reinterpret("int8x64", plane)
-    shifted = tirx.shift_right(plane, tirx.Broadcast(tirx.Cast("uint16", s.bits * (c % fields)), 32))
-    mask = ((1 << s.bits) - 1) * 0x0101
-    return tirx.reinterpret("int8x64", tirx.bitwise_and(shifted, tirx.Broadcast(tirx.const(mask, "uint16"), 32)))
+    low = _shifted_bits(plane, 32, field * (c % fields), (1 << field) - 1)
+    if s.bits != DOT_HIGH_BITS:
+        return tirx.reinterpret("int8x64", low)
+    high_plane = words.vload([s.planes * 32], "uint16x16")
+    high = x86_avx2.concat(*[_shifted_bits(high_plane, ROWS, c + 4 * k - field, 1 << field) for k in range(2)], ROWS)
+    return tirx.reinterpret("int8x64", tirx.bitwise_or(low, high))
 
 
 def _dot_group_dot(s: _Sizes, words, xq4, g, init: tirx.PrimExpr) -> tirx.PrimExpr:

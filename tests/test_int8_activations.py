@@ -22,7 +22,8 @@ INT8 = WeightLayout(16, int8_activations=True)
 ICELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})  # AVX-512 VNNI and VBMI
 INT8_PERMUTE = WeightLayout(16, permute_steps=True, int8_activations=True)
 INT8_2BIT = WeightLayout(16, permute_steps=True, int8_activations=True, two_bit_depth1=True)
-AVX2_INT8 = WeightLayout(16, int8_activations=True, two_bit_depth1=True, byte_depth4=True)  # what ZEN2 gets
+AVX2_INT8 = WeightLayout(16, int8_activations=True, two_bit_depth1=True, byte_depth4=True,
+                         five_bit_depth3=True)  # what ZEN2 gets
 ZEN2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})  # AVX2, no AVX-512: the AVX2 integer kernels
 HOST = parse_target("llvm")
 HOST_HAS_VNNI = vnni_supported(HOST)
@@ -77,18 +78,20 @@ def test_layout_for_int8_activations_has_16_row_panels():
     assert layout_for_target(ICELAKE, int8_activations=True) == INT8_2BIT  # d=1 in the VNNI kernels' 2-bit layout
     assert layout_for_target(ICELAKE).rows == 32 and not layout_for_target(ICELAKE).int8_activations
     no_vnni = layout_for_target(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}), True)
-    assert no_vnni.int8_activations and no_vnni.permute_steps  # d=1 and d=4: the AVX2 kernels
-    assert (no_vnni.dot_bits(1), no_vnni.dot_bits(3), no_vnni.dot_bits(4)) == (2, 0, 8)
+    assert no_vnni.int8_activations and no_vnni.permute_steps  # d=1, d=3 and d=4: the AVX2 kernels
+    assert [no_vnni.dot_bits(d) for d in (1, 2, 3, 4)] == [2, 0, 5, 8]
     avx2 = layout_for_target(ZEN2, True)
     assert avx2 == AVX2_INT8 and avx2.codebook_size(3) == 81
-    assert avx2.name == "trit-rows16-words-v1+d1-2bit-v1+d4-bytes-v1"
+    assert avx2.name == "trit-rows16-words-v1+d1-2bit-v1+d3-5bit-v1+d4-bytes-v1"
     assert layout_for_target(ZEN2) == WeightLayout(16) and layout_for_target(ICELAKE, True).dot_bits(4) == 0
+    assert layout_for_target(ICELAKE, True).dot_bits(3) == 0  # VNNI decodes d=3 words with its byte permute
     arm = layout_for_target(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}), True)
-    assert arm.rows == 8 and arm.int8_activations and not arm.dot_bits(1) and not arm.dot_bits(4)
+    assert arm.rows == 8 and arm.int8_activations and not any(arm.dot_bits(d) for d in (1, 2, 3, 4))
     assert INT8_2BIT.dot_bits(1) == 2 and not INT8_2BIT.dot_bits(2)
     assert INT8_2BIT.name == "trit-rows16-words-v1+d1-2bit-v1"
-    with pytest.raises(ValueError):
-        WeightLayout(32, two_bit_depth1=True)  # only the 16-row int8 layout has it
+    for dot_order in ("two_bit_depth1", "five_bit_depth3", "byte_depth4"):
+        with pytest.raises(ValueError):
+            WeightLayout(32, **{dot_order: True})  # only the 16-row int8 layout has them
 
 
 def test_vnni_rules_take_only_the_int8_form_on_vnni_cpus():
@@ -165,20 +168,28 @@ def test_two_bit_layout_is_the_vnni_kernels_alone():
     assert TritGEMVCPU().apply(d2, ICELAKE, False) is not None
 
 
-@pytest.mark.parametrize("depth,bits", [(1, 2), (4, 8)])
+@pytest.mark.parametrize("depth,bits", [(1, 2), (3, 5), (4, 8)])
 @pytest.mark.parametrize("n_out,n_in", SHAPES + [(300, 16 * 61)])
 def test_dot_order_codes_decode_to_the_checkpoint_weights(n_out, n_in, depth, bits):
-    """codec.format.dot_order_codes: per panel of 16 rows and group, bits/2 planes of 64 bytes; weight 4c+q of
-    row t in bits bits·(c mod f).. of byte 4t+q of plane c div f (f = 8/bits); zero rows pad the last panel;
-    `bits` bits per weight; scales as the words layout's."""
+    """codec.format.dot_order_codes: per panel of 16 rows and group, 32·bits bytes; weight 4c+q of row t in bits
+    b·(c mod f).. of byte 4t+q of plane c div f (64-byte planes, b-bit fields, f = 8/b; b = bits but 4 for 5 bits,
+    whose bit 4 is bit c + 4·(i div 32) of byte i mod 32, i = 4t+q, of a last 32-byte plane); zero rows pad the
+    last panel; `bits` bits per weight; scales as the words layout's."""
     arrays = operator_inputs(n_out, n_in, depth, 1, False, seed=n_out)
     codes = AVX2_INT8.repack_codes(arrays[1], n_in)
     assert codes.dtype == np.uint16 and AVX2_INT8.dot_bits(depth) == bits
     assert codes.shape == AVX2_INT8.code_shape(n_out, n_in, depth) == (-(-n_out // 16), n_in * bits // 16, 16)
-    fields, planes = 8 // bits, bits // 2
-    panel_bytes = codes.view(np.uint8).reshape(-1, n_in // 16, planes, 16, 4)  # [panel, group, plane, row t, q]
-    u = np.stack([(panel_bytes[:, :, c // fields] >> (bits * (c % fields))) & ((1 << bits) - 1) for c in range(4)],
+    field = 4 if bits == 5 else bits
+    fields, planes = 8 // field, field // 2
+    group_bytes = codes.view(np.uint8).reshape(-1, n_in // 16, bits * 32)
+    panel_bytes = group_bytes[:, :, :planes * 64].reshape(-1, n_in // 16, planes, 16, 4)  # [panel, g, plane, t, q]
+    u = np.stack([(panel_bytes[:, :, c // fields] >> (field * (c % fields))) & ((1 << field) - 1) for c in range(4)],
                  axis=3)  # [panel, group, t, c, q]
+    if bits == 5:
+        high = group_bytes[:, :, 128:160]
+        i = 4 * np.arange(16)[:, None] + np.arange(4)  # [t, q]
+        for c in range(4):
+            u[:, :, :, c] |= (((high[:, :, i % 32] >> (c + 4 * (i // 32))) & 1) << 4).astype(np.uint8)
     u = u.transpose(0, 2, 1, 3, 4).reshape(-1, n_in).astype(np.int64)
     from codec.format import unpack_matrix
     qm = unpack_matrix({"trit_codes": arrays[1], "trit_scales": arrays[2], "trit_codebook": arrays[3]}, n_in)
@@ -188,10 +199,10 @@ def test_dot_order_codes_decode_to_the_checkpoint_weights(n_out, n_in, depth, bi
         (-(-n_out // 16), -(-n_in // 48), 16)
 
 
-@pytest.mark.parametrize("depth", [1, 4])
+@pytest.mark.parametrize("depth", [1, 3, 4])
 @pytest.mark.parametrize("n_out,n_in", [(37, 16 * 5), (7, 16)])
 def test_dot_order_operator_states_the_layout(n_out, n_in, depth):
-    """The operator's compute on the 2-bit and byte layouts, unscheduled (what a target without the rules would
+    """The operator's compute on the 2-bit, 5-bit and byte layouts, unscheduled (what a target without the rules would
     run), equals the int8 reference: the TE reads the layout it claims."""
     func = trit_decode_matmul_func(n_out, n_in, depth, AVX2_INT8, rows=3)
     arrays = operator_inputs(n_out, n_in, depth, 3, False, seed=n_out + 1)
@@ -240,20 +251,22 @@ def test_avx2_rules_take_only_the_dot_order_layouts():
     d4 = trit_decode_matmul_func(64, 96, 4, layout)
     assert TritGEMMVNNI().apply(d4, ZEN2, False) is not None and TritGEMMCPU().apply(d4, ZEN2, False) is None
     assert kernel_key(d4).endswith("int8 bytes")
-    assert TritGEMVVNNI().apply(trit_decode_matmul_func(64, 96, 3, layout, rows=1), ZEN2, False) is None
+    d3 = trit_decode_matmul_func(64, 96, 3, layout, rows=1)
+    assert TritGEMVVNNI().apply(d3, ZEN2, False) is not None and TritGEMVCPU().apply(d3, ZEN2, False) is None
+    assert kernel_key(d3).endswith("int8 5bit")
     assert TritGEMMVNNI().apply(trit_decode_matmul_func(64, 96, 2, layout), ZEN2, False) is None
-    assert TritGEMVCPU().apply(trit_decode_matmul_func(64, 96, 3, layout, rows=1), ZEN2, False) is not None
+    assert TritGEMVCPU().apply(trit_decode_matmul_func(64, 96, 2, layout, rows=1), ZEN2, False) is not None
 
 
 @pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2")
-@pytest.mark.parametrize("depth", [1, 4])
+@pytest.mark.parametrize("depth", [1, 3, 4])
 @pytest.mark.parametrize("n_out,n_in", SHAPES + [(300, 16 * 61)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_avx2_kernels_match_reference(n_out, n_in, bias, depth):
-    """vpmaddubsw / vpmaddwd dot products and vpermps step lookups on the 2-bit (d=1) and byte (d=4) layouts:
-    odd N, one group, K long enough for the prefetches; the prefill kernel on 1, 7 and 13 rows (not a multiple
-    of its row tile). At d=4 the activations' extremes (±127 against u = 80) would pass 16 bits if the chunks'
-    pair sums were added before widening."""
+    """vpmaddubsw / vpmaddwd dot products and vpermps step lookups on the 2-bit (d=1), 5-bit (d=3) and byte
+    (d=4) layouts: odd N, one group, K long enough for the prefetches; the prefill kernel on 1, 7 and 13 rows
+    (not a multiple of its row tile). At d=4 the activations' extremes (±127 against u = 80) would pass 16 bits
+    if the chunks' pair sums were added before widening."""
     layout, (gemv, gemm) = _avx2_libs(n_out, n_in, depth, bias)
     for lib, rows in ((gemv, 1), (gemm, 1), (gemm, 7), (gemm, 13)):
         arrays = operator_inputs(n_out, n_in, depth, rows, bias, seed=n_out + rows + 7)
@@ -261,16 +274,17 @@ def test_avx2_kernels_match_reference(n_out, n_in, bias, depth):
 
 
 @pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2")
-@pytest.mark.parametrize("parts", STACKS + [(24, 40, 8)])
-def test_avx2_kernels_read_each_stacked_matrix_codebook(parts):
+@pytest.mark.parametrize("parts,depth", [(parts, 1) for parts in STACKS] + [((24, 40, 8), 1), ((24, 40, 8), 3),
+                                                                           ((32, 48, 16), 3)])
+def test_avx2_kernels_read_each_stacked_matrix_codebook(parts, depth):
     """Stacked matrices: panels within one matrix look their steps up in its 27 entries (vpermps windows at
     the panel's offset); (37, 16, 16), (40, 40) and (24, 40, 8) have panels across two matrices (per-lane
     loads)."""
     n_out, n_in = sum(parts), 16 * 13
-    layout, libs = _avx2_libs(n_out, n_in, 1, parts=parts)
+    layout, libs = _avx2_libs(n_out, n_in, depth, parts=parts)
     for lib, rows in zip(libs, (1, 7)):
-        x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, 1, rows, seed=len(parts) + rows + 3)
-        got = _run(lib, layout, [x, codes, scales, codebook], n_in, 1, rows, n_out)
+        x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, depth, rows, seed=len(parts) + rows + 3)
+        got = _run(lib, layout, [x, codes, scales, codebook], n_in, depth, rows, n_out)
         _assert_int8_result(got, [x, codes, scales, codebook], parts)
 
 

@@ -10,7 +10,8 @@ CPU kernels read the words layout instead (WeightLayout.words): u = q + qmax of 
 base-3^d digit of a 16-bit word, m per word, blocks of m groups, K zero-padded to whole blocks (x is padded
 alike, so there is no tail): digit(word, p) = (3^d · T_p) >> 16. With int8 activations on VNNI CPUs, depth-1
 matrices are in the 2-bit layout instead (WeightLayout.two_bit_depth1, codec.format.dot_order_codes), and where
-those kernels are AVX2's, depth-4 matrices in bytes (WeightLayout.byte_depth4).
+those kernels are AVX2's, depth-3 matrices in 5 bits and depth-4 ones in bytes (WeightLayout.five_bit_depth3,
+byte_depth4).
 The TE below states the computation as blocks of one PrimFunc, in one of two forms (`_dequantized_tiles`):
   grouped:     trit_decode (u = q + qmax), per-group dot products (trit_group_dot, corrected by qmax·Σx
                from trit_xsum), group steps (trit_step) and their accumulation (trit_matmul)
@@ -31,11 +32,12 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from codec.format import BLOCK, DOT_CHUNK, DOT_ROWS, SCALE_DIGITS, code_words, dot_order_codes, interleave_rows, \
-    padded_blocks, scale_words, unpack_matrix, word_block, word_digits
+from codec.format import BLOCK, DOT_CHUNK, DOT_HIGH_BITS, DOT_PLANE, DOT_ROWS, SCALE_DIGITS, code_words, \
+    dot_field_bits, dot_order_codes, interleave_rows, padded_blocks, scale_words, unpack_matrix, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
-from schedules import byte_depth4_for_target, decode_for_target, layout_rows_for_target, two_bit_depth1_for_target
+from schedules import byte_depth4_for_target, decode_for_target, five_bit_depth3_for_target, layout_rows_for_target, \
+    two_bit_depth1_for_target
 from schedules.base import ACT_MAX, DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, INT8_ACTIVATIONS_ATTR, \
     DOT_BITS_ATTR, LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
 from schedules.x86_lookup import LANES, TABLE_WINDOW
@@ -146,6 +148,8 @@ class WeightLayout:
     bytes `vpdpbusd` reads after a shift and a mask; 16 rows per panel, int8 activations on x86).
     byte_depth4: depth-4 matrices in the same order as bytes (the words' 8 bits a weight, nothing to decode;
     int8 activations where the integer kernels are AVX2's, which have no byte permute to decode words with).
+    five_bit_depth3: depth-3 matrices in the 5-bit dot-order layout (4-bit fields and a plane of bit 4; below
+    the d=3 words' 5.33 bits a weight), also for the AVX2 integer kernels.
     """
     rows: int = 0
     decode: str = DECODE_SIMD16
@@ -153,17 +157,16 @@ class WeightLayout:
     int8_activations: bool = False
     two_bit_depth1: bool = False
     byte_depth4: bool = False
+    five_bit_depth3: bool = False
 
     def __post_init__(self):
-        if (self.two_bit_depth1 or self.byte_depth4) and not (
+        if (self.two_bit_depth1 or self.byte_depth4 or self.five_bit_depth3) and not (
                 self.rows == DOT_ROWS and self.words and self.int8_activations):
             raise ValueError(f"the dot-order layouts are for {DOT_ROWS}-row words layouts with int8 activations")
 
     def dot_bits(self, depth: int) -> int:
-        """Bits per weight of the dot-order layout a matrix of this depth is in (2 or 8), 0 for words or planes."""
-        if depth == 1 and self.two_bit_depth1:
-            return 2
-        return 8 if depth == 4 and self.byte_depth4 else 0
+        """Bits per weight of the dot-order layout a matrix of this depth is in (2, 5 or 8), 0 for words or planes."""
+        return {1: 2 * self.two_bit_depth1, 3: 5 * self.five_bit_depth3, 4: 8 * self.byte_depth4}.get(depth, 0)
 
     @property
     def words(self) -> bool:
@@ -176,6 +179,7 @@ class WeightLayout:
             return "trit-planes-v1"
         if self.words:
             return (f"trit-rows{self.rows}-words-v1" + ("+d1-2bit-v1" if self.two_bit_depth1 else "")
+                    + ("+d3-5bit-v1" if self.five_bit_depth3 else "")
                     + ("+d4-bytes-v1" if self.byte_depth4 else ""))
         return f"trit-rows{self.rows}-v1"
 
@@ -252,7 +256,8 @@ def layout_for_target(target, int8_activations: bool = False) -> WeightLayout:
     permute = (target.kind.name == "llvm" and rows % LANES == 0
                and bool(tvm.target.codegen.target_has_features("avx512f", target)))
     return WeightLayout(rows, decode, permute, int8_activations, two_bit_depth1_for_target(target, int8_activations),
-                        byte_depth4_for_target(target, int8_activations))
+                        byte_depth4_for_target(target, int8_activations),
+                        five_bit_depth3_for_target(target, int8_activations))
 
 
 def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:
@@ -277,16 +282,29 @@ def _word_digit(word: tirx.PrimExpr, pos, base: int, ndigits: int) -> tirx.PrimE
     return _chain_digit(word, pos, base, ndigits=ndigits).astype("int32")
 
 
+def _dot_order_byte(codes: te.Tensor, n, offset) -> tirx.PrimExpr:
+    """Byte `offset` of the panel of row n in a dot-order layout, read from its uint16 words (little-endian), as
+    int32."""
+    word = codes[n // DOT_ROWS, offset // 2 // DOT_ROWS, offset // 2 % DOT_ROWS].astype("int32")
+    return tirx.bitwise_and(tirx.shift_right(word, offset % 2 * 8), tirx.const(0xFF, "int32"))
+
+
 def _dot_order_value(codes: te.Tensor, n, unit, bits: int) -> tirx.PrimExpr:
-    """u of weight `unit` (16g + 4c + q) of row n in a dot-order layout (codec.format.dot_order_codes): bits
-    bits·(c mod f)..+bits of byte 4t + q of plane p = c div f of group g in the row's panel (t = n mod 16,
-    f = 8/bits fields per byte, bits/2 planes of 64 bytes per group), read from its uint16 words (little-endian)."""
-    fields, planes = 8 // bits, bits // 2
+    """u of weight `unit` (16g + 4c + q) of row n in a dot-order layout (codec.format.dot_order_codes): in a
+    group's 32·bits bytes, field c mod f (b bits, f = 8/b per byte) of byte 4t + q of plane c div f (t = n mod
+    16, planes of 64 bytes); with 5 bits (b = 4) plus bit c + 4·(i div 32) of byte 128 + i mod 32 (i = 4t + q)
+    as bit 4."""
+    field = dot_field_bits(bits)
+    fields = 8 // field
     g, c, q = unit // GROUP_SIZE, unit % GROUP_SIZE // DOT_CHUNK, unit % DOT_CHUNK
-    half = ((g * planes + c // fields) * 64 + DOT_CHUNK * (n % DOT_ROWS) + q) // 2  # the panel's uint16
-    word = codes[n // DOT_ROWS, half // DOT_ROWS, half % DOT_ROWS].astype("int32")
-    shift = (q % 2) * 8 + (c % fields) * bits
-    return tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << bits) - 1, "int32"))
+    i = DOT_CHUNK * (n % DOT_ROWS) + q
+    low = tirx.bitwise_and(tirx.shift_right(_dot_order_byte(codes, n, g * 32 * bits + c // fields * DOT_PLANE + i),
+                                            c % fields * field), tirx.const((1 << field) - 1, "int32"))
+    if bits != DOT_HIGH_BITS:
+        return low
+    high = _dot_order_byte(codes, n, g * 32 * bits + 2 * DOT_PLANE + i % (DOT_PLANE // 2))
+    bit = tirx.bitwise_and(tirx.shift_right(high, c + 4 * (i // (DOT_PLANE // 2))), tirx.const(1, "int32"))
+    return low + tirx.shift_left(bit, tirx.const(field, "int32"))
 
 
 def _activation_values(x: te.Tensor, int8: bool):
