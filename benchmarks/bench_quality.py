@@ -27,6 +27,7 @@ OFF_SCALE = 3.0  # the plot's perplexity axis ends at this multiple of the sourc
 def split_texts(out: Path) -> tuple[Path, Path]:
     import pydoc_data.topics
     topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.txt").write_text("\n\n".join(topics[0::2]))
     (out / "evaluation.txt").write_text("\n\n".join(topics[1::2]))
     return out / "calibration.txt", out / "evaluation.txt"
