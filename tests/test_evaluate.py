@@ -82,3 +82,14 @@ def test_bad_window(setup, capsys):
     art, _, text = setup
     assert eval_main([str(art), "--text", str(text), "--window", "64", "--stride", "65"]) == 2
     assert "--stride in [1, window]" in capsys.readouterr().err
+
+
+def test_held_out_split_writes_disjoint_texts_into_a_new_folder(tmp_path):
+    """bench_quality.split_texts (the README's calibration / evaluation texts): alternate pydoc topics, none in
+    both files, the folder created if missing."""
+    import pydoc_data.topics
+    from benchmarks.bench_quality import split_texts
+    calibration, evaluation = split_texts(tmp_path / "texts" / "new")
+    held_out, seen = evaluation.read_text(), calibration.read_text()
+    topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    assert topics[1] in held_out and topics[1] not in seen and topics[0] in seen and topics[0] not in held_out
