@@ -21,7 +21,8 @@ from trit_tvm.variant_tuning import VARIANTS_FILE, build_candidate, candidates, 
 HOST = parse_target("llvm")
 ICELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})  # AVX-512 VNNI and VBMI
 INT8 = WeightLayout(16, permute_steps=True, int8_activations=True)
-AVX2_INT8 = WeightLayout(16, int8_activations=True, two_bit_depth1=True, byte_depth4=True)
+AVX2_INT8 = WeightLayout(16, int8_activations=True, two_bit_depth1=True, byte_depth4=True,
+                         five_bit_depth3=True)  # what an AVX2-only x86 CPU gets
 needs_vnni = pytest.mark.skipif(not vnni_supported(HOST), reason="this CPU has no AVX-512 VNNI / VBMI")
 
 
@@ -120,13 +121,16 @@ def test_tuning_int8_kernels_needs_integer_kernels():
 
 @pytest.mark.skipif(not x86_avx2.supports(HOST), reason="this CPU has no AVX2")
 def test_tuning_on_avx2_times_the_dot_order_kernels():
-    """On an AVX2-only target the depth-1 and depth-4 kernels are tuned (their candidates, AVX2 defaults first)
-    and the words-layout ones left to the float rules."""
+    """On an AVX2-only target the depth-1, 3 and 4 kernels are tuned (their candidates, AVX2 defaults first)
+    and the words-layout ones (depth 2) left to the float rules."""
     zen2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})
     kernels = {"d1": trit_decode_matmul_func(64, 96, 1, AVX2_INT8, rows=1),
-               "d4": trit_decode_matmul_func(37, 80, 4, AVX2_INT8), "d3": _func(1)}
+               "d4": trit_decode_matmul_func(37, 80, 4, AVX2_INT8),
+               "d3": trit_decode_matmul_func(48, 96, 3, AVX2_INT8, rows=1),
+               "d2": trit_decode_matmul_func(64, 96, 2, AVX2_INT8, rows=1)}
     rows = tune_variants(kernels, zen2, progress=lambda _: None)
-    assert [r["key"] for r in rows] == ["gemv d1 96->64 int8 2bit", "gemm d4 80->37 int8 bytes"]
+    assert sorted(r["key"] for r in rows) == ["gemm d4 80->37 int8 bytes", "gemv d1 96->64 int8 2bit",
+                                              "gemv d3 96->48 int8 5bit"]
     assert all(r["candidates"][0]["knobs"]["row_tile"] == 4 and r["best_s"] > 0 for r in rows)
 
 

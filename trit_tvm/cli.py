@@ -45,7 +45,7 @@ def compile_parser() -> argparse.ArgumentParser:
                         "for an HF/GGUF MODEL, else MODEL must be a trit checkpoint quantized with it")
     p.add_argument("--int8-activations", action="store_true",
                    help="CPU targets: quantize each linear's input to 8 bits per group of 16 weights, so decode and "
-                        "prefill run integer dot products (AVX-512 VNNI; AVX2 for depths 1 and 4; elsewhere the "
+                        "prefill run integer dot products (AVX-512 VNNI; AVX2 for depths 1, 3 and 4; elsewhere the "
                         "same numbers in float); off "
                         "by default: float activations match transformers exactly")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
@@ -300,8 +300,8 @@ def tune_parser() -> argparse.ArgumentParser:
                    help="tune the model's int8-activation kernels instead (decode and prefill; as trit-compile "
                         "--int8-activations builds them): every variant and knob of the integer kernels and "
                         "the float rules on the int8 form, timed here; choices to TUNING_LOGS/<target key>/"
-                        "variants.json (needs x86 with AVX-512 VNNI and VBMI, or AVX2: there the depth-1 and "
-                        "depth-4 kernels)")
+                        "variants.json (needs x86 with AVX-512 VNNI and VBMI, or AVX2: there the depth-1, 3 and "
+                        "4 kernels)")
     p.add_argument("--tuning-logs", type=Path, default=None,
                    help="records root (default: the repository's tuning_logs/)")
     p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its servers")

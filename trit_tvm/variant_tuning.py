@@ -3,7 +3,7 @@
 MetaSchedule tunes schedules of the operator (trit_tvm/tuning.py). The int8-activation kernels of
 schedules/x86_vnni.py are not schedules of it but kernels put in its place, so their choices are kept here,
 in `tuning_logs/<target key>/variants.json`, keyed by schedules.base.kernel_key. For each int8-activation
-kernel of a model the candidates are the integer kernel (AVX-512 VNNI; on AVX2 CPUs the depth-1 and depth-4
+kernel of a model the candidates are the integer kernel (AVX-512 VNNI; on AVX2 CPUs the depth-1, 3 and 4
 kernels only) at every point of its knob grid (prefetch distance;
 for prefill also the rows of x per pass over a panel's tile) and the float rules on the same int8 form
 ("float", which decode variant). Decode kernels are timed with their weights coming from memory (cycling
@@ -143,7 +143,7 @@ def tune_variants(kernels: dict[str, tirx.PrimFunc], target: tvm.target.Target,
     if isa_for_target(target, dot_order=True) is None:
         raise CompileError("tuning the int8 kernels needs an x86 llvm target with AVX-512 VNNI or AVX2 "
                            f"(schedules/x86_vnni.py); {target} has neither, so the float rules run the int8 form")
-    # on AVX2 only the dot-order layouts (depths 1 and 4) have an integer kernel; the float rules run the rest
+    # on AVX2 only the dot-order layouts (depths 1, 3, 4) have an integer kernel; the float rules run the rest
     kernels = {name: f for name, f in kernels.items() if isa_for_target(target, bool(dot_bits(f)))}
     if not kernels:
         raise CompileError("the model has no int8-activation trit kernels with an integer kernel on "
