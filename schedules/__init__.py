@@ -16,8 +16,8 @@ from .x86_vnni import ISA_AVX2, isa_for_target
 
 __all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "RowReductionCPU",
            "TritGEMMCPU", "TritGEMMCuda", "TritGEMMVNNI", "TritGEMVCPU", "TritGEMVCuda", "TritGEMVVNNI",
-           "byte_depth4_for_target", "decode_for_target", "five_bit_depth3_for_target", "is_trit_decode_matmul",
-           "layout_rows_for_target", "rules_for_target", "two_bit_depth1_for_target"]
+           "avx2_dot_order_for_target", "decode_for_target", "is_trit_decode_matmul", "layout_rows_for_target",
+           "rules_for_target", "two_bit_depth1_for_target"]
 
 LAYOUT_ROWS = 32  # x86: 32 rows x 16-bit lanes = one AVX-512 register; CUDA: one warp reads 32 rows' bytes
 # x86 without AVX-512: 16 rows x 16-bit lanes = one AVX2 register. With 32 there the decode GEMV's group
@@ -54,17 +54,13 @@ def two_bit_depth1_for_target(target: tvm.target.Target, int8_activations: bool 
             and isa_for_target(target, dot_order=True) is not None)
 
 
-def byte_depth4_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
-    """Depth-4 matrices as bytes in the same order (codec.format.dot_order_codes) where the integer kernels are
-    AVX2's: they have no byte permute to decode the words layout with, and bytes are the words' 8 bits a weight."""
+def avx2_dot_order_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
+    """Depth-3 matrices in 5 bits and depth-4 ones in bytes (codec.format.dot_order_codes) where the integer
+    kernels are AVX2's: they have no byte permute to take the words layout apart, and Zen 2 multiplies integers
+    on one pipe, where d=3 words need two multiplies a weight; 5 bits and bytes are a shift and a mask, or
+    nothing, per chunk, in no more bytes than words (5 against 5.33 bits, 8 against 8)."""
     return (two_bit_depth1_for_target(target, int8_activations)
             and isa_for_target(target, dot_order=True) == ISA_AVX2)
-
-
-def five_bit_depth3_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
-    """Depth-3 matrices in the 5-bit dot-order layout where the integer kernels are AVX2's: a shift and a mask per
-    chunk where the words need two multiplies a weight on the pipe Zen 2 multiplies integers on, in fewer bytes."""
-    return byte_depth4_for_target(target, int8_activations)
 
 
 def decode_for_target(target: tvm.target.Target) -> str:

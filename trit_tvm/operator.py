@@ -36,8 +36,7 @@ from codec.format import BLOCK, DOT_CHUNK, DOT_HIGH_BITS, DOT_PLANE, DOT_ROWS, S
     dot_field_bits, dot_order_codes, interleave_rows, padded_blocks, scale_words, unpack_matrix, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
-from schedules import byte_depth4_for_target, decode_for_target, five_bit_depth3_for_target, layout_rows_for_target, \
-    two_bit_depth1_for_target
+from schedules import avx2_dot_order_for_target, decode_for_target, layout_rows_for_target, two_bit_depth1_for_target
 from schedules.base import ACT_MAX, DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, INT8_ACTIVATIONS_ATTR, \
     DOT_BITS_ATTR, LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
 from schedules.x86_lookup import LANES, TABLE_WINDOW
@@ -255,9 +254,9 @@ def layout_for_target(target, int8_activations: bool = False) -> WeightLayout:
     rows, decode = layout_rows_for_target(target, int8_activations), decode_for_target(target)
     permute = (target.kind.name == "llvm" and rows % LANES == 0
                and bool(tvm.target.codegen.target_has_features("avx512f", target)))
+    avx2_dot_order = avx2_dot_order_for_target(target, int8_activations)
     return WeightLayout(rows, decode, permute, int8_activations, two_bit_depth1_for_target(target, int8_activations),
-                        byte_depth4_for_target(target, int8_activations),
-                        five_bit_depth3_for_target(target, int8_activations))
+                        byte_depth4=avx2_dot_order, five_bit_depth3=avx2_dot_order)
 
 
 def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:
