@@ -17,7 +17,7 @@ import functools
 import numpy as np
 
 from .errors import CodecError
-from .quantize import CODEBOOK_SIZE, GROUP_SIZE, QuantizedMatrix, qmax_of
+from .quantize import CODEBOOK_SIZE, FACTOR_TABLE, GROUP_SIZE, QuantizedMatrix, qmax_of
 from .trits import TRITS_PER_BYTE, from_digits, pack_trits, packed_len, to_digits, unpack_trits
 
 CODES, SCALES, CODEBOOK = "trit_codes", "trit_scales", "trit_codebook"
@@ -216,3 +216,39 @@ def dot_order_codes(packed_codes: np.ndarray, n_in: int, bits: int) -> np.ndarra
     if bits == DOT_HIGH_BITS:
         data = np.concatenate([data, _dot_high_plane(u >> field)], axis=-1)
     return np.ascontiguousarray(data).view("<u2").reshape(data.shape[0], -1, DOT_ROWS)
+
+
+FACTORS = 2 * FACTOR_TABLE  # entries of a matrix's factor tables: B_0..B_7, then A_0..A_3, 0, 0, 0, exact
+_FACTOR_ULPS = np.arange(-2, 3)  # B_b candidates around the float32 of entry b / entry 0, in units in the last place
+
+
+def factor_tables_start(parts: int) -> int:
+    """Where a run-time codebook parameter with factor tables has them: after the `parts` codebooks, padded to a
+    multiple of 8 entries; matrix i's 16 at start + 16·i."""
+    return -(-CODEBOOK_SIZE * parts // FACTOR_TABLE) * FACTOR_TABLE
+
+
+def codebook_factors(codebooks: np.ndarray) -> np.ndarray:
+    """Concatenated codebooks [27·M] -> [M, 16] float32 factor tables: B_0..B_7, A_0..A_3, three zeros and
+    `exact`. exact = 1 where entry 8a + b is the float32 product A_a·B_b for every entry (A_a = entry 8a, B_b found
+    next to entry b / entry 0), as in every codebook codec.quantize writes; then a step is two 8-entry lookups
+    and a multiply, bit for bit the entry. Otherwise (recovered codebooks, whose steps are the data's) exact = 0
+    and a kernel reads the entries themselves."""
+    books = codebooks.reshape(-1, CODEBOOK_SIZE).astype(np.float32)
+    k = np.arange(CODEBOOK_SIZE)
+    outer = books[:, ::FACTOR_TABLE]  # [M, 4]
+    first = books[:, :1].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        guess = np.where(first > 0, books[:, :FACTOR_TABLE] / first, 1.0).astype(np.float32)  # [M, 8]
+    candidates = (guess.view(np.int32)[..., None] + _FACTOR_ULPS).view(np.float32)  # [M, 8, 5]
+    entry = np.full((len(books), FACTOR_TABLE, 4), np.nan, np.float32)  # entry 8a + b, NaN past the codebook
+    entry.reshape(len(books), -1)[:, (k % FACTOR_TABLE) * 4 + k // FACTOR_TABLE] = books
+    products = outer[:, None, None, :] * candidates[..., None]  # [M, 8, 5, 4]
+    fits = ((products == entry[:, :, None, :]) | np.isnan(entry[:, :, None, :])).all(axis=-1)  # [M, 8, 5]
+    inner = np.take_along_axis(candidates, fits.argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    exact = fits.any(axis=-1).all(axis=-1) & np.isfinite(books).all(axis=-1)
+    tables = np.zeros((len(books), FACTORS), np.float32)
+    tables[:, :FACTOR_TABLE] = inner
+    tables[:, FACTOR_TABLE:FACTOR_TABLE + outer.shape[1]] = outer
+    tables[:, -1] = exact
+    return tables

@@ -1,7 +1,8 @@
 """Balanced-ternary post-training quantization of one linear weight matrix.
 
 w ≈ step_g · q, q = Σ_{i<d} t_i·3^i, t_i ∈ {-1,0,1}, groups of 16 along `in`, step_g = codebook[idx_g]
-with a 27-entry log-spaced codebook per matrix (3 trits per group index).
+with a 27-entry log-spaced codebook per matrix (3 trits per group index), entry 8a + b the float32 product of
+two factors A_a and B_b (_log_codebook).
 
 Two modes, same bits:
 - "reference": the published rule. Per group the MSE-best of 4 order-statistic amplitudes, codebook
@@ -22,6 +23,8 @@ from .errors import CodecError
 
 GROUP_SIZE = 16
 CODEBOOK_SIZE = 27
+FACTOR_TABLE = 8  # codebook entry 8a + b = A_a·B_b: two tables of 8 (one AVX2 vpermps each)
+REVISION = 2  # of what a quantization setting writes (2: factored codebooks); caches of checkpoints key on it
 DEPTHS = (1, 2, 3, 4)
 MODES = ("mse", "reference")
 _AMPLITUDE_RANKS = (GROUP_SIZE - 6, GROUP_SIZE - 4, GROUP_SIZE - 2, GROUP_SIZE - 1)
@@ -86,10 +89,18 @@ def best_amplitude_steps(g: np.ndarray, qmax: int) -> np.ndarray:
 
 
 def _log_codebook(lo: float, hi: float) -> np.ndarray:
+    """27 log-spaced steps from lo to hi, entry 8a + b the float32 product A_a·B_b of A_a = lo·r^(8a) and
+    B_b = r^b (r = (hi/lo)^(1/26)): the same grid up to float32 rounding, whose steps a kernel finds with two
+    8-entry table reads and a multiply (codec.format.codebook_factors, the AVX2 integer kernels)."""
     if not hi > 0:
         return np.zeros(CODEBOOK_SIZE, np.float32)
+    lo, hi = float(lo), float(hi)
     lo = min(lo, hi) if lo > 0 else hi
-    return np.exp(np.linspace(np.log(lo), np.log(hi), CODEBOOK_SIZE)).astype(np.float32)
+    ratio = np.exp((np.log(hi) - np.log(lo)) / (CODEBOOK_SIZE - 1))
+    k = np.arange(CODEBOOK_SIZE)
+    outer = (lo * ratio ** k[::FACTOR_TABLE]).astype(np.float32)
+    inner = (ratio ** np.arange(FACTOR_TABLE)).astype(np.float32)
+    return outer[k // FACTOR_TABLE] * inner[k % FACTOR_TABLE]
 
 
 def log_position(step: np.ndarray, codebook: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ LAYOUT_ROWS_ATTR = "trit.layout_rows"
 PARTS_ATTR = "trit.parts"  # row counts of the matrices stacked into the operator (one entry when not stacked)
 INT8_ACTIVATIONS_ATTR = "trit.int8_activations"  # 1: x is quantized per group of 16 (the operator's int8 form)
 DOT_BITS_ATTR = "trit.dot_bits"  # 2, 5 or 8: the codes are in a dot-order layout (codec.format.dot_order_codes)
+FACTORED_STEPS_ATTR = "trit.factored_steps"  # 1: the codebook parameter ends in factor tables (codebook_factors)
 KERNEL_ATTR = "trit.kernel"  # other kernels the model emits with a rule of their own
 LOGITS_KERNEL = "logits_nt"  # rows interleaved in the weight layout (0: checkpoint planes)
 DECODE_SIMD16 = "simd16"  # CPUs: digits by multiply-and-shift in 16-bit SIMD lanes

@@ -13,7 +13,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .base import INT8_ACTIVATIONS_ATTR, KERNEL_ATTR, LOGITS_KERNEL, PARTS_ATTR, PREFILL_ROW_TILE, \
+from .base import FACTORED_STEPS_ATTR, INT8_ACTIVATIONS_ATTR, KERNEL_ATTR, LOGITS_KERNEL, PARTS_ATTR, PREFILL_ROW_TILE, \
     dot_bits, is_trit_decode_matmul, kernel_key, layout_rows, row_count, split_loops, static_extent, trit_blocks, \
     vectorize_lanes
 from .x86_lookup import LANES, permute_lookup_intrin
@@ -155,7 +155,7 @@ class TritGEMVVNNI(ScheduleRule):
             int(func.attrs["trit.n_out"]), int(func.attrs["trit.n_in"]), int(func.attrs["trit.depth"]),
             tuple(int(p) for p in func.attrs[PARTS_ATTR]), bias=len(params) == 6, dtype=str(x.dtype),
             x_shape=tuple(x.shape), out_shape=tuple(out.shape), knobs=knobs, bits=dot_bits(func), isa=isa,
-            table_size=int(codebook.shape[0]))
+            table_size=int(codebook.shape[0]), factored=bool(int(func.attrs.get(FACTORED_STEPS_ATTR, 0))))
         return s_tir.Schedule(kernel)
 
 

@@ -35,7 +35,8 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from codec.format import DOT_HIGH_BITS, DOT_ROWS, dot_field_bits, padded_blocks, word_block, word_digits
+from codec.format import DOT_HIGH_BITS, DOT_ROWS, FACTORS, dot_field_bits, factor_tables_start, padded_blocks, \
+    word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 
 from . import x86_avx2
@@ -130,6 +131,7 @@ class _Sizes:
     bits: int = 0
     isa: str = ISA_VNNI
     table_size: int | None = None  # codebook parameter entries (default: padded for the AVX-512 permutes)
+    factored: bool = False  # the codebook parameter ends in factor tables (codec.format.codebook_factors)
 
     def __post_init__(self):
         if self.isa == ISA_AVX2 and not self.bits:
@@ -179,12 +181,31 @@ class _Sizes:
         indices are then relative to it."""
         return self.isa == ISA_AVX2 and all(p % ROWS == 0 for p in itertools.accumulate(self.parts[:-1]))
 
-    def lookup(self, codebook, index, panel) -> tirx.PrimExpr:
-        """The 16 rows' steps (float32x16) at the codebook indices in `index` (int32x16 buffer, step_index's)."""
+    @property
+    def factored_lookup(self) -> bool:
+        """Steps from the factor tables where a matrix's are exact (AVX2 with panel_lookup and the tables)."""
+        return self.factored and self.panel_lookup
+
+    def lookup(self, codebook, index, panel, factored: bool = False) -> tirx.PrimExpr:
+        """The 16 rows' steps (float32x16) at the codebook indices in `index` (int32x16 buffer, step_index's);
+        factored: from the panel's matrix's factor tables (for panels whose tables are exact)."""
         if self.isa == ISA_VNNI:
             return permute_lookup(codebook, index)
+        if factored:
+            return x86_avx2.factored_lookup(codebook, index[tirx.Ramp(0, 1, ROWS)], self.factor_tables(panel * ROWS))
         return x86_avx2.step_lookup(codebook, index[tirx.Ramp(0, 1, ROWS)],
                                     self.codebook_base(panel * ROWS) if self.panel_lookup else None)
+
+    def factor_tables(self, row) -> tirx.PrimExpr:
+        """Offset of the row's matrix's factor tables in the codebook parameter."""
+        tables = tirx.const(factor_tables_start(len(self.parts)), "int32")
+        for start in itertools.accumulate(self.parts[:-1]):
+            tables = tables + tirx.Select(row >= start, tirx.const(FACTORS, "int32"), tirx.const(0, "int32"))
+        return tables
+
+    def exact_factors(self, codebook, panel) -> tirx.PrimExpr:
+        """Whether the panel's matrix's factor tables give its codebook exactly (their last entry)."""
+        return codebook[self.factor_tables(panel * ROWS) + FACTORS - 1] > tirx.const(0, "float32")
 
     def group_dot(self, chunks: list, x4s: list, init: tirx.PrimExpr) -> tirx.PrimExpr:
         """init + the 16 rows' dot products over a group's 4 chunks (64 weight bytes, 4 activation bytes each)."""
@@ -342,11 +363,11 @@ def _signature(s: _Sizes, bias: bool, dtype: str, x_shape, out_shape, body) -> t
 
 
 @T.macro
-def _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc, panel, g):
+def _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc, panel, g, factored):
     """acc[16 rows] += float(dot) · step of group g · x's scale of group g."""
     index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, g, offset)
     acc[T.ramp(0, 1, ROWS)] = acc[T.ramp(0, 1, ROWS)] + T.Cast("float32x16", dot[T.ramp(0, 1, ROWS)]) * (
-        s.lookup(codebook, index, panel) * T.Broadcast(x_scale[g], ROWS))
+        s.lookup(codebook, index, panel, factored) * T.Broadcast(x_scale[g], ROWS))
 
 
 @T.macro
@@ -364,30 +385,47 @@ def _group_dots_words(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale,
                                   _mulhi(words[T.ramp(c * 64 + 32, 1, 32)], 3 ** s.depth)),
                     xq4[(b * s.m + p) * CHUNKS + c])
             _next_digit(s, words, p)
-            _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc, panel, b * s.m + p)
+            _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc, panel, b * s.m + p, False)
 
 
 @T.macro
-def _group_dots_dot_order(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index, offset,
-                     acc, panel):
+def _dot_order_groups(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index, offset,
+                      acc, panel, factored):
     """Decode: the panel's dot products over all groups, dot-order layout (one 64-byte load per plane)."""
     for g in T.serial(s.groups):
         _load_group_dot(s, knobs, codes_flat, words, panel, g)
         dot[T.ramp(0, 1, ROWS)] = _dot_group_dot(s, words, xq4, g, T.Broadcast(x_corr[g], ROWS))
-        _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc, panel, g)
+        _accumulate_group(s, scales_flat, codebook, x_scale, dot, index, offset, acc, panel, g, factored)
+
+
+@T.macro
+def _group_dots_dot_order(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index, offset,
+                          acc, panel):
+    """_dot_order_groups, with the steps from the factor tables for the panels whose matrix's are exact."""
+    if s.factored_lookup:
+        if s.exact_factors(codebook, panel):
+            _dot_order_groups(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index,
+                              offset, acc, panel, True)
+        else:
+            _dot_order_groups(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index,
+                              offset, acc, panel, False)
+    else:
+        _dot_order_groups(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index, offset,
+                          acc, panel, False)
 
 
 def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (), bias: bool = False,
                    dtype: str = "float32", x_shape: tuple | None = None, out_shape: tuple | None = None,
                    knobs: VNNIKnobs | None = None, bits: int = 0, isa: str = ISA_VNNI,
-                   table_size: int | None = None) -> tirx.PrimFunc:
+                   table_size: int | None = None, factored: bool = False) -> tirx.PrimFunc:
     """The decode kernel: one row of x (x_shape, default [1, n_in]; leading dims of 1), a words layout of 16
     rows per panel (codes [ceil(n_out/16), 16·B, 16], scales [ceil(n_out/16), ceil(m·B/3), 16]) or with
     bits a dot-order layout (codes [ceil(n_out/16), K·bits/16, 16], scales [ceil(n_out/16), ceil(K/48), 16]), the
     operator's parameters (x, codes, scales, codebook, [bias], out); parts: row counts of stacked matrices.
     isa: ISA_VNNI or ISA_AVX2 (dot order only); table_size: entries of the codebook parameter (default: padded
-    to the AVX-512 permutes' 32-entry windows, as WeightLayout.permute_steps has it)."""
-    s = _Sizes(n_out, n_in, depth, tuple(parts), bits, isa, table_size)
+    to the AVX-512 permutes' 32-entry windows, as WeightLayout.permute_steps has it); factored: the parameter
+    ends in factor tables (WeightLayout.factored_steps)."""
+    s = _Sizes(n_out, n_in, depth, tuple(parts), bits, isa, table_size, factored)
     knobs = knobs or default_knobs(isa)
     group_dots = _group_dots_dot_order if bits else _group_dots_words
 
@@ -455,10 +493,11 @@ def _fill_tile_dot_order(s, knobs, codes_flat, scales_flat, codebook, words, ind
 
 def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bias: bool, dtype: str,
                    x_shape: tuple, out_shape: tuple, knobs: VNNIKnobs | None = None,
-                   bits: int = 0, isa: str = ISA_VNNI, table_size: int | None = None) -> tirx.PrimFunc:
+                   bits: int = 0, isa: str = ISA_VNNI, table_size: int | None = None,
+                   factored: bool = False) -> tirx.PrimFunc:
     """The prefill kernel: any number of rows of x (x_shape [..., n_in], symbolic dims allowed), the same
-    layouts and parameters as vnni_gemv_func."""
-    s = _Sizes(n_out, n_in, depth, tuple(parts), bits, isa, table_size)
+    layouts and parameters as vnni_gemv_func (the steps, looked up once per panel, from the codebooks)."""
+    s = _Sizes(n_out, n_in, depth, tuple(parts), bits, isa, table_size, factored)
     knobs = knobs or default_knobs(isa)
     fill_tile = _fill_tile_dot_order if bits else _fill_tile_words
     row_tile = knobs.row_tile

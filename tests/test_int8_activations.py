@@ -11,6 +11,8 @@ import tvm
 from helpers import SHAPES, STACKS, operator_inputs, stacked_operator_inputs
 from schedules import TritGEMMCPU, TritGEMMVNNI, TritGEMVCPU, TritGEMVVNNI
 from schedules import x86_avx2
+from codec import quantize_matrix
+from codec.format import FACTOR_TABLE, codebook_factors, factor_tables_start
 from schedules.x86_vnni import isa_for_target
 from schedules.x86_vnni import supports as vnni_supported
 from trit_tvm.operator import WeightLayout, layout_for_target, quantize_activations, reference_decode_matmul, \
@@ -23,7 +25,7 @@ ICELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})  # AVX-5
 INT8_PERMUTE = WeightLayout(16, permute_steps=True, int8_activations=True)
 INT8_2BIT = WeightLayout(16, permute_steps=True, int8_activations=True, two_bit_depth1=True)
 AVX2_INT8 = WeightLayout(16, int8_activations=True, two_bit_depth1=True, byte_depth4=True,
-                         five_bit_depth3=True)  # what ZEN2 gets
+                         five_bit_depth3=True, factored_steps=True)  # what ZEN2 gets
 ZEN2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})  # AVX2, no AVX-512: the AVX2 integer kernels
 HOST = parse_target("llvm")
 HOST_HAS_VNNI = vnni_supported(HOST)
@@ -81,15 +83,15 @@ def test_layout_for_int8_activations_has_16_row_panels():
     assert no_vnni.int8_activations and no_vnni.permute_steps  # d=1, d=3 and d=4: the AVX2 kernels
     assert [no_vnni.dot_bits(d) for d in (1, 2, 3, 4)] == [2, 0, 5, 8]
     avx2 = layout_for_target(ZEN2, True)
-    assert avx2 == AVX2_INT8 and avx2.codebook_size(3) == 81
-    assert avx2.name == "trit-rows16-words-v1+d1-2bit-v1+d3-5bit-v1+d4-bytes-v1"
+    assert avx2 == AVX2_INT8 and avx2.codebook_size(3) == 88 + 3 * 16  # 81 entries padded to 8, 3 factor tables
+    assert avx2.name == "trit-rows16-words-v1+d1-2bit-v1+d3-5bit-v1+d4-bytes-v1+factored-steps-v1"
     assert layout_for_target(ZEN2) == WeightLayout(16) and layout_for_target(ICELAKE, True).dot_bits(4) == 0
     assert layout_for_target(ICELAKE, True).dot_bits(3) == 0  # VNNI decodes d=3 words with its byte permute
     arm = layout_for_target(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}), True)
     assert arm.rows == 8 and arm.int8_activations and not any(arm.dot_bits(d) for d in (1, 2, 3, 4))
     assert INT8_2BIT.dot_bits(1) == 2 and not INT8_2BIT.dot_bits(2)
     assert INT8_2BIT.name == "trit-rows16-words-v1+d1-2bit-v1"
-    for dot_order in ("two_bit_depth1", "five_bit_depth3", "byte_depth4"):
+    for dot_order in ("two_bit_depth1", "five_bit_depth3", "byte_depth4", "factored_steps"):
         with pytest.raises(ValueError):
             WeightLayout(32, **{dot_order: True})  # only the 16-row int8 layout has them
 
@@ -286,6 +288,49 @@ def test_avx2_kernels_read_each_stacked_matrix_codebook(parts, depth):
         x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, depth, rows, seed=len(parts) + rows + 3)
         got = _run(lib, layout, [x, codes, scales, codebook], n_in, depth, rows, n_out)
         _assert_int8_result(got, [x, codes, scales, codebook], parts)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("mode", ["mse", "reference"])
+def test_codec_codebooks_are_exact_products(depth, mode):
+    """Entry 8a + b of a codebook the codec writes is the float32 product A_a·B_b of its factor tables, bit for
+    bit; a codebook that is no such product (sorted random steps) is flagged, all zeros is a product."""
+    w = np.random.default_rng(depth).standard_normal((40, 96)).astype(np.float32) * 0.02
+    book = quantize_matrix(w, depth, mode).codebook
+    tables = codebook_factors(np.concatenate([book, np.sort(np.random.default_rng(0).uniform(0.1, 1, 27)),
+                                              np.zeros(27)]).astype(np.float32))
+    assert tables[:, -1].tolist() == [1, 0, 1]
+    k = np.arange(27)
+    inner, outer = tables[0, :FACTOR_TABLE], tables[0, FACTOR_TABLE:]
+    np.testing.assert_array_equal(outer[k // FACTOR_TABLE] * inner[k % FACTOR_TABLE], book)
+    assert len(np.unique(book)) == 27 and (np.diff(book) > 0).all()
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2")
+def test_avx2_decode_reads_factor_tables_where_exact():
+    """Decode takes a matrix's steps from its factor tables where their `exact` entry is set (doubling B doubles
+    that matrix's outputs) and from its codebook where not (a codebook that is no product: still the reference's
+    result, and the doubled tables change nothing there)."""
+    parts, n_in = (32, 48), 16 * 13
+    layout, (gemv, _) = _avx2_libs(sum(parts), n_in, 1, parts=parts)
+    x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, 1, 1, seed=5)
+    codebook[27:] *= (1 + 0.01 * np.sin(np.arange(27))).astype(np.float32)
+    params = [x, layout.repack_codes(codes, n_in), layout.repack_scales(scales, n_in, 1),
+              layout.repack_codebook(codebook)]
+    tables = params[3][factor_tables_start(len(parts)):].reshape(len(parts), -1)
+    assert tables[:, -1].tolist() == [1, 0]
+
+    def run():
+        out = tvm.runtime.tensor(np.zeros((1, sum(parts)), np.float32), tvm.cpu())
+        gemv(*[tvm.runtime.tensor(a, tvm.cpu()) for a in params], out)
+        return out.numpy()
+
+    good = run()
+    _assert_int8_result(good, [x, codes, scales, codebook], parts)
+    tables[:, :FACTOR_TABLE] *= 2  # a view into params[3]
+    doubled = run()
+    np.testing.assert_allclose(doubled[:, :32], 2 * good[:, :32], rtol=1e-6)
+    np.testing.assert_array_equal(doubled[:, 32:], good[:, 32:])
 
 
 @pytest.fixture(scope="module")

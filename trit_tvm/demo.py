@@ -137,11 +137,13 @@ def cache_dir() -> Path:
 def cached_trit_checkpoint(gguf: Path, depth: int, mode: str, stage: Callable[[str], None],
                            quantize_head: bool = False) -> Path:
     """`gguf` quantized at `depth` into the cache, once: later runs reuse it (keyed by the file's size and
-    modification time, the depth, the mode and whether the head is quantized)."""
+    modification time, the depth, the mode, whether the head is quantized and the quantizer's revision)."""
     from codec.checkpoint import MANIFEST, write_trit_checkpoint
+    from codec.quantize import REVISION as QUANTIZER_REVISION
 
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    source = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:{QUANTIZER_REVISION}"
+    key = hashlib.sha256(source.encode()).hexdigest()[:12]
     out = cache_dir() / f"{gguf.stem}-d{depth}-{mode}{'-qhead' if quantize_head else ''}-{key}"
     if (out / MANIFEST).exists():
         stage(f"using the cached trit checkpoint {out}")

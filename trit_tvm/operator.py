@@ -32,13 +32,14 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from codec.format import BLOCK, DOT_CHUNK, DOT_HIGH_BITS, DOT_PLANE, DOT_ROWS, SCALE_DIGITS, code_words, \
-    dot_field_bits, dot_order_codes, interleave_rows, padded_blocks, scale_words, unpack_matrix, word_block, word_digits
+from codec.format import BLOCK, DOT_CHUNK, DOT_HIGH_BITS, DOT_PLANE, DOT_ROWS, FACTORS, SCALE_DIGITS, \
+    codebook_factors, code_words, dot_field_bits, dot_order_codes, factor_tables_start, interleave_rows, \
+    padded_blocks, scale_words, unpack_matrix, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
 from schedules import avx2_dot_order_for_target, decode_for_target, layout_rows_for_target, two_bit_depth1_for_target
 from schedules.base import ACT_MAX, DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, INT8_ACTIVATIONS_ATTR, \
-    DOT_BITS_ATTR, LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
+    DOT_BITS_ATTR, FACTORED_STEPS_ATTR, LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
 from schedules.x86_lookup import LANES, TABLE_WINDOW
 
 TRIT_OP_NAME = "decode_matmul"
@@ -149,6 +150,9 @@ class WeightLayout:
     int8 activations where the integer kernels are AVX2's, which have no byte permute to decode words with).
     five_bit_depth3: depth-3 matrices in the 5-bit dot-order layout (4-bit fields and a plane of bit 4; below
     the d=3 words' 5.33 bits a weight), also for the AVX2 integer kernels.
+    factored_steps: the codebook parameter also holds every matrix's factor tables (codec.format.codebook_factors,
+    after all the codebooks): AVX2's permute reads 8 entries, so a step is two lookups and a multiply there
+    instead of four lookups and three blends.
     """
     rows: int = 0
     decode: str = DECODE_SIMD16
@@ -157,9 +161,10 @@ class WeightLayout:
     two_bit_depth1: bool = False
     byte_depth4: bool = False
     five_bit_depth3: bool = False
+    factored_steps: bool = False
 
     def __post_init__(self):
-        if (self.two_bit_depth1 or self.byte_depth4 or self.five_bit_depth3) and not (
+        if (self.two_bit_depth1 or self.byte_depth4 or self.five_bit_depth3 or self.factored_steps) and not (
                 self.rows == DOT_ROWS and self.words and self.int8_activations):
             raise ValueError(f"the dot-order layouts are for {DOT_ROWS}-row words layouts with int8 activations")
 
@@ -179,7 +184,8 @@ class WeightLayout:
         if self.words:
             return (f"trit-rows{self.rows}-words-v1" + ("+d1-2bit-v1" if self.two_bit_depth1 else "")
                     + ("+d3-5bit-v1" if self.five_bit_depth3 else "")
-                    + ("+d4-bytes-v1" if self.byte_depth4 else ""))
+                    + ("+d4-bytes-v1" if self.byte_depth4 else "")
+                    + ("+factored-steps-v1" if self.factored_steps else ""))
         return f"trit-rows{self.rows}-v1"
 
     @property
@@ -231,14 +237,20 @@ class WeightLayout:
 
     def codebook_size(self, parts: int = 1) -> int:
         """Entries of the (concatenated) codebook parameter: 27 per matrix, zero-padded to a multiple of 32
-        with permute_steps (the permutes read whole 32-entry windows)."""
+        with permute_steps (the permutes read whole 32-entry windows); with factored_steps padded to a multiple
+        of 8, then 16 entries of factor tables per matrix."""
         size = CODEBOOK_SIZE * parts
+        if self.factored_steps:
+            return factor_tables_start(parts) + FACTORS * parts
         return -(-size // TABLE_WINDOW) * TABLE_WINDOW if self.permute_steps else size
 
     def repack_codebook(self, codebook: np.ndarray) -> np.ndarray:
         """Concatenated codebooks -> the codebook parameter (zero padding, see codebook_size)."""
-        out = np.zeros(self.codebook_size(len(codebook) // CODEBOOK_SIZE), np.float32)
+        parts = len(codebook) // CODEBOOK_SIZE
+        out = np.zeros(self.codebook_size(parts), np.float32)
         out[:len(codebook)] = codebook
+        if self.factored_steps:
+            out[factor_tables_start(parts):] = codebook_factors(codebook).ravel()
         return out
 
     def _interleave(self, arr: np.ndarray) -> np.ndarray:
@@ -256,7 +268,7 @@ def layout_for_target(target, int8_activations: bool = False) -> WeightLayout:
                and bool(tvm.target.codegen.target_has_features("avx512f", target)))
     avx2_dot_order = avx2_dot_order_for_target(target, int8_activations)
     return WeightLayout(rows, decode, permute, int8_activations, two_bit_depth1_for_target(target, int8_activations),
-                        byte_depth4=avx2_dot_order, five_bit_depth3=avx2_dot_order)
+                        byte_depth4=avx2_dot_order, five_bit_depth3=avx2_dot_order, factored_steps=avx2_dot_order)
 
 
 def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:
@@ -486,6 +498,8 @@ def trit_op_attrs(n_out: int, n_in: int, depth: int, has_bias: bool, layout: Wei
         attrs.update({INT8_ACTIVATIONS_ATTR: 1, PARTS_ATTR: list(parts or (n_out,))})
     if layout.dot_bits(depth):
         attrs[DOT_BITS_ATTR] = layout.dot_bits(depth)
+    if layout.factored_steps:
+        attrs[FACTORED_STEPS_ATTR] = 1
     return attrs
 
 

@@ -90,7 +90,11 @@ def _arguments(func: tirx.PrimFunc, copies: int) -> tuple[list, list[list]]:
             return rng.integers(0, np.iinfo(dtype).max, size=shape, dtype=dtype)
         return (rng.standard_normal(shape) * 0.02).astype(dtype)
 
-    weights = [make(info) for info in params[1:-1]]
+    def make_weight(info):  # positive floats, as steps are: factor tables' `exact` entries set (the fast path)
+        array = make(info)
+        return array if "int" in str(info.dtype) else np.abs(array)
+
+    weights = [make_weight(info) for info in params[1:-1]]
     out = params[-1]
     io = [tvm.runtime.tensor(make(params[0]), dev),
           tvm.runtime.tensor(np.zeros(_shape(out.shape, PREFILL_ROWS), str(out.dtype)), dev)]
