@@ -198,7 +198,7 @@ class _Sizes:
 
     def factor_tables(self, row) -> tirx.PrimExpr:
         """Offset of the row's matrix's factor tables in the codebook parameter."""
-        tables = tirx.const(factor_tables_start(len(self.parts)), "int32")
+        tables = tirx.const(factor_tables_start(max(len(self.parts), 1)), "int32")
         for start in itertools.accumulate(self.parts[:-1]):
             tables = tables + tirx.Select(row >= start, tirx.const(FACTORS, "int32"), tirx.const(0, "int32"))
         return tables
