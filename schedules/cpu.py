@@ -13,9 +13,9 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .base import FACTORED_STEPS_ATTR, INT8_ACTIVATIONS_ATTR, KERNEL_ATTR, LOGITS_KERNEL, PARTS_ATTR, PREFILL_ROW_TILE, \
-    dot_bits, is_trit_decode_matmul, kernel_key, layout_rows, row_count, split_loops, static_extent, trit_blocks, \
-    vectorize_lanes
+from .base import FACTORED_STEPS_ATTR, INT8_ACTIVATIONS_ATTR, KERNEL_ATTR, LOGITS_KERNEL, PARTS_ATTR, \
+    PREFILL_ROW_TILE, dot_bits, is_trit_decode_matmul, kernel_key, layout_rows, row_count, split_loops, static_extent, \
+    trit_blocks, vectorize_lanes
 from .x86_lookup import LANES, permute_lookup_intrin
 from .x86_vnni import ROWS as VNNI_ROWS
 from .x86_vnni import VNNIKnobs, default_knobs, isa_for_target, vnni_gemm_func, vnni_gemv_func

@@ -81,6 +81,7 @@ def test_layout_for_int8_activations_has_16_row_panels():
     assert layout_for_target(ICELAKE).rows == 32 and not layout_for_target(ICELAKE).int8_activations
     no_vnni = layout_for_target(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}), True)
     assert no_vnni.int8_activations and no_vnni.permute_steps  # d=1, d=3 and d=4: the AVX2 kernels
+    assert not no_vnni.factored_steps  # its codebook parameter stays in the permutes' 32-entry windows
     assert [no_vnni.dot_bits(d) for d in (1, 2, 3, 4)] == [2, 0, 5, 8]
     avx2 = layout_for_target(ZEN2, True)
     assert avx2 == AVX2_INT8 and avx2.codebook_size(3) == 88 + 3 * 16  # 81 entries padded to 8, 3 factor tables
@@ -94,6 +95,8 @@ def test_layout_for_int8_activations_has_16_row_panels():
     for dot_order in ("two_bit_depth1", "five_bit_depth3", "byte_depth4", "factored_steps"):
         with pytest.raises(ValueError):
             WeightLayout(32, **{dot_order: True})  # only the 16-row int8 layout has them
+    with pytest.raises(ValueError):
+        WeightLayout(16, permute_steps=True, int8_activations=True, factored_steps=True)
 
 
 def test_vnni_rules_take_only_the_int8_form_on_vnni_cpus():

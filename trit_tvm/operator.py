@@ -152,7 +152,8 @@ class WeightLayout:
     the d=3 words' 5.33 bits a weight), also for the AVX2 integer kernels.
     factored_steps: the codebook parameter also holds every matrix's factor tables (codec.format.codebook_factors,
     after all the codebooks): AVX2's permute reads 8 entries, so a step is two lookups and a multiply there
-    instead of four lookups and three blends.
+    instead of four lookups and three blends (not with permute_steps: AVX-512 CPUs without VNNI run the AVX2
+    kernels with the float kernels' 32-entry codebook windows).
     """
     rows: int = 0
     decode: str = DECODE_SIMD16
@@ -167,6 +168,8 @@ class WeightLayout:
         if (self.two_bit_depth1 or self.byte_depth4 or self.five_bit_depth3 or self.factored_steps) and not (
                 self.rows == DOT_ROWS and self.words and self.int8_activations):
             raise ValueError(f"the dot-order layouts are for {DOT_ROWS}-row words layouts with int8 activations")
+        if self.factored_steps and self.permute_steps:
+            raise ValueError("factored_steps is for AVX2's 8-entry permutes; permute_steps reads 32-entry windows")
 
     def dot_bits(self, depth: int) -> int:
         """Bits per weight of the dot-order layout a matrix of this depth is in (2, 5 or 8), 0 for words or planes."""
@@ -268,7 +271,8 @@ def layout_for_target(target, int8_activations: bool = False) -> WeightLayout:
                and bool(tvm.target.codegen.target_has_features("avx512f", target)))
     avx2_dot_order = avx2_dot_order_for_target(target, int8_activations)
     return WeightLayout(rows, decode, permute, int8_activations, two_bit_depth1_for_target(target, int8_activations),
-                        byte_depth4=avx2_dot_order, five_bit_depth3=avx2_dot_order, factored_steps=avx2_dot_order)
+                        byte_depth4=avx2_dot_order, five_bit_depth3=avx2_dot_order,
+                        factored_steps=avx2_dot_order and not permute)
 
 
 def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:
