@@ -20,7 +20,7 @@ multiplies per weight as the float kernels', on the one pipe Zen 2 multiplies in
   slower on Zen 2, the index digits by 16-bit multiplies instead of 32-bit ones no faster). The codebooks the
   codec writes are products, entry 8a + b = A_a·B_b (codec.quantize._log_codebook), and the layout's factor
   tables hold A and B (codec.format.codebook_factors): `factored_lookup` is then two `vpermps` and a multiply,
-  bit for bit the entry (Zen 2, Qwen2.5-3B gate/up d=1: 1048 -> 711 us). A matrix whose codebook is not such a
+  bit for bit the entry (Zen 2, Qwen2.5-3B gate/up d=1: 1048 -> 717 us). A matrix whose codebook is not such a
   product (recovered from a published checkpoint) has its tables' `exact` entry 0, and the kernels take the
   four windows for its panels.
 """
