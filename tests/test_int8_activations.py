@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tvm
 
+from codec import quantize_matrix
+from codec.format import FACTOR_TABLE, codebook_factors, factor_tables_start
 from helpers import SHAPES, STACKS, operator_inputs, stacked_operator_inputs
 from schedules import TritGEMMCPU, TritGEMMVNNI, TritGEMVCPU, TritGEMVVNNI
 from schedules import x86_avx2
-from codec import quantize_matrix
-from codec.format import FACTOR_TABLE, codebook_factors, factor_tables_start
 from schedules.x86_vnni import isa_for_target
 from schedules.x86_vnni import supports as vnni_supported
 from trit_tvm.operator import WeightLayout, layout_for_target, quantize_activations, reference_decode_matmul, \
