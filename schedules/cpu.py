@@ -151,11 +151,13 @@ class TritGEMVVNNI(ScheduleRule):
         params = list(func.params)  # buffers: x, codes, scales, codebook, [bias], out
         x, codebook, out = params[0], params[3], params[-1]
         knobs = VNNIKnobs(**choice["knobs"]) if "knobs" in choice else default_knobs(isa)
+        # the decode kernel may read the codebook parameter's factor tables; the prefill looks its steps up once
+        factored = {"factored": bool(int(func.attrs.get(FACTORED_STEPS_ATTR, 0)))} if self.single_row else {}
         kernel = (vnni_gemv_func if self.single_row else vnni_gemm_func)(
             int(func.attrs["trit.n_out"]), int(func.attrs["trit.n_in"]), int(func.attrs["trit.depth"]),
             tuple(int(p) for p in func.attrs[PARTS_ATTR]), bias=len(params) == 6, dtype=str(x.dtype),
             x_shape=tuple(x.shape), out_shape=tuple(out.shape), knobs=knobs, bits=dot_bits(func), isa=isa,
-            table_size=int(codebook.shape[0]), factored=bool(int(func.attrs.get(FACTORED_STEPS_ATTR, 0))))
+            table_size=int(codebook.shape[0]), **factored)
         return s_tir.Schedule(kernel)
 
 

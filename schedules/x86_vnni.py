@@ -181,11 +181,6 @@ class _Sizes:
         indices are then relative to it."""
         return self.isa == ISA_AVX2 and all(p % ROWS == 0 for p in itertools.accumulate(self.parts[:-1]))
 
-    @property
-    def factored_lookup(self) -> bool:
-        """Steps from the factor tables where a matrix's are exact (AVX2 with panel_lookup and the tables)."""
-        return self.factored and self.panel_lookup
-
     def lookup(self, codebook, index, panel, factored: bool = False) -> tirx.PrimExpr:
         """The 16 rows' steps (float32x16) at the codebook indices in `index` (int32x16 buffer, step_index's);
         factored: from the panel's matrix's factor tables (for panels whose tables are exact)."""
@@ -198,13 +193,13 @@ class _Sizes:
 
     def factor_tables(self, row) -> tirx.PrimExpr:
         """Offset of the row's matrix's factor tables in the codebook parameter."""
-        tables = tirx.const(factor_tables_start(max(len(self.parts), 1)), "int32")
-        for start in itertools.accumulate(self.parts[:-1]):
-            tables = tables + tirx.Select(row >= start, tirx.const(FACTORS, "int32"), tirx.const(0, "int32"))
-        return tables
+        return factor_tables_start(max(len(self.parts), 1)) + self._part_offset(row, FACTORS)
 
-    def exact_factors(self, codebook, panel) -> tirx.PrimExpr:
-        """Whether the panel's matrix's factor tables give its codebook exactly (their last entry)."""
+    def exact_factors(self, codebook, panel) -> tirx.PrimExpr | bool:
+        """Whether the panel's steps come from its matrix's factor tables: False where the kernel has none (or
+        its panels may straddle matrices), else the tables' `exact` entry tested at run time."""
+        if not (self.factored and self.panel_lookup):
+            return False
         return codebook[self.factor_tables(panel * ROWS) + FACTORS - 1] > tirx.const(0, "float32")
 
     def group_dot(self, chunks: list, x4s: list, init: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -217,9 +212,13 @@ class _Sizes:
 
     def codebook_base(self, row) -> tirx.PrimExpr:
         """Offset of the row's matrix's codebook in the concatenated codebooks (stacked matrices)."""
+        return self._part_offset(row, CODEBOOK_SIZE)
+
+    def _part_offset(self, row, stride: int) -> tirx.PrimExpr:
+        """stride × the index of the stacked matrix the row is in."""
         total = tirx.const(0, "int32")
         for start in itertools.accumulate(self.parts[:-1]):
-            total = total + tirx.Select(row >= start, tirx.const(CODEBOOK_SIZE, "int32"), tirx.const(0, "int32"))
+            total = total + tirx.Select(row >= start, tirx.const(stride, "int32"), tirx.const(0, "int32"))
         return total
 
     def step_index(self, scales_flat, panel, g, offset) -> tirx.PrimExpr:
@@ -402,13 +401,9 @@ def _dot_order_groups(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale,
 def _group_dots_dot_order(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index, offset,
                           acc, panel):
     """_dot_order_groups, with the steps from the factor tables for the panels whose matrix's are exact."""
-    if s.factored_lookup:
-        if s.exact_factors(codebook, panel):
-            _dot_order_groups(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index,
-                              offset, acc, panel, True)
-        else:
-            _dot_order_groups(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index,
-                              offset, acc, panel, False)
+    if s.exact_factors(codebook, panel):
+        _dot_order_groups(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index, offset,
+                          acc, panel, True)
     else:
         _dot_order_groups(s, knobs, codes_flat, scales_flat, codebook, xq4, x_scale, x_corr, words, dot, index, offset,
                           acc, panel, False)
@@ -493,11 +488,11 @@ def _fill_tile_dot_order(s, knobs, codes_flat, scales_flat, codebook, words, ind
 
 def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bias: bool, dtype: str,
                    x_shape: tuple, out_shape: tuple, knobs: VNNIKnobs | None = None,
-                   bits: int = 0, isa: str = ISA_VNNI, table_size: int | None = None,
-                   factored: bool = False) -> tirx.PrimFunc:
+                   bits: int = 0, isa: str = ISA_VNNI, table_size: int | None = None) -> tirx.PrimFunc:
     """The prefill kernel: any number of rows of x (x_shape [..., n_in], symbolic dims allowed), the same
-    layouts and parameters as vnni_gemv_func (the steps, looked up once per panel, from the codebooks)."""
-    s = _Sizes(n_out, n_in, depth, tuple(parts), bits, isa, table_size, factored)
+    layouts and parameters as vnni_gemv_func but `factored` (its steps, looked up once per panel and group for
+    all rows, come from the codebooks)."""
+    s = _Sizes(n_out, n_in, depth, tuple(parts), bits, isa, table_size)
     knobs = knobs or default_knobs(isa)
     fill_tile = _fill_tile_dot_order if bits else _fill_tile_words
     row_tile = knobs.row_tile
