@@ -56,6 +56,11 @@ def group_of(symbol: str) -> str:
     return next((g for g, keys in GROUPS if any(k in s for k in keys)), "other")
 
 
+def is_head_call(symbol: str, args: tuple, vocab: int) -> bool:
+    """A VM call of a trit kernel whose output (call_tir passes it last) is `vocab` wide: the quantized head."""
+    return symbol.startswith("trit_") and bool(args) and getattr(args[-1], "shape", (0,))[-1] == vocab
+
+
 def profile(model, prompt: list[int], steps: int, prefill: bool = False) -> dict:
     """Per-symbol seconds summed over `steps` decode steps (or prefills of the prompt), and the plain steps'
     seconds."""
@@ -81,8 +86,7 @@ def profile(model, prompt: list[int], steps: int, prefill: bool = False) -> dict
     vocab = int(model.config["vocab_size"])
 
     def instrument(_func, symbol, before, _ret, *args):
-        output = args[-1] if args else None  # call_tir passes the output buffer last
-        if symbol.startswith("trit_") and getattr(output, "shape", (0,))[-1] == vocab:
+        if is_head_call(symbol, args, vocab):
             symbol = f"lm_head ({symbol})"  # the quantized head is a trit kernel too
         if before:
             started[symbol] = time.perf_counter()
@@ -109,8 +113,7 @@ def head_symbol(model, prompt: list[int]) -> str | None:
     vocab, found = int(model.config["vocab_size"]), []
 
     def instrument(_func, symbol, before, _ret, *args):
-        output = args[-1] if args else None
-        if before and symbol.startswith("trit_") and getattr(output, "shape", (0,))[-1] == vocab:
+        if before and is_head_call(symbol, args, vocab):
             found.append(symbol)
         return 0
 
