@@ -44,7 +44,7 @@ def supports(target: tvm.target.Target) -> bool:
             and bool(tvm.target.codegen.target_has_features("avx2", target)))
 
 
-def _half(vec: tirx.PrimExpr, h: int, lanes: int) -> tirx.PrimExpr:
+def half(vec: tirx.PrimExpr, h: int, lanes: int) -> tirx.PrimExpr:
     """Lanes [h·lanes, (h+1)·lanes) of a vector."""
     return tirx.Shuffle([vec], [tirx.const(h * lanes + i, "int32") for i in range(lanes)])
 
@@ -67,7 +67,7 @@ def group_dot(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], init: tirx.
             pairs = None
             for chunk, x4 in zip(chunks[first:first + per_sum], x4s[first:first + per_sum]):
                 x_bytes = tirx.reinterpret("int8x32", tirx.Broadcast(x4, HALF))
-                pair = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", _half(chunk, h, 32),
+                pair = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", half(chunk, h, 32),
                                                   x_bytes)
                 pairs = pair if pairs is None else pairs + pair
             row = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, ones)
@@ -83,7 +83,7 @@ def step_lookup(codebook, index: tirx.PrimExpr, panel_base: tirx.PrimExpr | None
         return codebook[index]
     halves = []
     for h in range(2):
-        rel = _half(index, h, HALF)
+        rel = half(index, h, HALF)
         picks = []
         for w in range(WINDOWS):
             start = min(w * HALF, CODEBOOK_SIZE - HALF)  # the last window ends at the codebook's last entry
@@ -106,7 +106,7 @@ def factored_lookup(codebook, index: tirx.PrimExpr, tables: tirx.PrimExpr) -> ti
     inner = codebook.vload([tables], "float32x8")
     outer = codebook.vload([tables + FACTOR_TABLE], "float32x8")
     three = tirx.Broadcast(tirx.const(3, "int32"), HALF)
-    halves = [tirx.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps", outer, _half(index, h, HALF) >> three)
-              * tirx.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps", inner, _half(index, h, HALF))
+    halves = [tirx.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps", outer, half(index, h, HALF) >> three)
+              * tirx.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps", inner, half(index, h, HALF))
               for h in range(2)]
     return concat(*halves)

@@ -238,16 +238,11 @@ class _Sizes:
         return digit if self.panel_lookup else digit + offset[tirx.Ramp(0, 1, ROWS)]
 
 
-def _lanes(vec: tirx.PrimExpr, start: int, n: int) -> tirx.PrimExpr:
-    """Lanes [start, start + n) of a vector (one lane: a scalar)."""
-    return tirx.Shuffle([vec], [tirx.const(start + i, "int32") for i in range(n)])
-
-
 def _reduce_lanes(vec: tirx.PrimExpr, lanes: int, op) -> tirx.PrimExpr:
     """op over a vector's lanes, halving it each time (max: exact in any order; + on integers likewise)."""
     while lanes > 1:
         lanes //= 2
-        vec = op(_lanes(vec, 0, lanes), _lanes(vec, lanes, lanes))
+        vec = op(x86_avx2.half(vec, 0, lanes), x86_avx2.half(vec, 1, lanes))
     return vec
 
 
