@@ -252,17 +252,17 @@ def _group_values(s: _Sizes, x_flat, row, g) -> tirx.PrimExpr:
 
 
 def _group_levels(s: _Sizes, x_flat, row, g, peak) -> tirx.PrimExpr:
-    """The group's int8 levels as int32x16: x · (127 / peak) rounded half to even, zeros where peak is 0."""
-    factor = tirx.Select(peak > tirx.const(0, "float32"), tirx.const(ACT_MAX, "float32") / peak,
-                         tirx.const(0, "float32"))
+    """The group's int8 levels as int32x16: x · (127 / peak) rounded half to even (peak > 0)."""
+    factor = tirx.const(ACT_MAX, "float32") / peak
     return tirx.Cast("int32x16", tirx.nearbyint(_group_values(s, x_flat, row, g) * tirx.Broadcast(factor, GROUP_SIZE)))
 
 
 @T.macro
 def _quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, levels):
     """Row `row` of x to int8 per group of 16 (trit_tvm.operator.quantize_activations), in vectors: 4 levels per
-    int32 in xq4, the scale and −qmax·Σ levels per group; the groups past K (the layout's padding) are zeros. (One
-    level at a time, a 576-wide row took ~2 µs on one core while the others waited.)"""
+    int32 in xq4, the scale and −qmax·Σ levels per group; the groups past K (the layout's padding) and groups of
+    zeros are zeros. (It runs on one core while the others wait: one level at a time, SmolLM2's int8 decode step
+    took 5.12 ms against 4.97, Zen 2.)"""
     for g in T.serial(s.groups):
         peak[0] = T.float32(0)
         if g < s.n_in // GROUP_SIZE:
