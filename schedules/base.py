@@ -15,6 +15,7 @@ DECODE_SIMD16 = "simd16"  # CPUs: digits by multiply-and-shift in 16-bit SIMD la
 DECODE_INT32 = "int32"  # GPUs: the same multiply-and-shift digits in 32-bit integers
 DECODE_TABLE32 = "table32"  # GPUs: 32-bit integers, a byte's 5 digits from a 256-entry table (shared memory)
 ACT_MAX = 127  # int8 activations: x / scale rounded into [-127, 127], scale = max |x| of its group of 16 / 127
+ACT_OFFSET = 128  # an int8 level + this: an unsigned byte (the signed-times-unsigned multiplies of x86)
 PREFILL_ROW_TILE = 8  # CPU prefill GEMM: rows of x per inner loop (the operator pads x's rows to a multiple)
 BLOCK_NAMES = ("trit_digit_table", "trit_x_peak", "trit_x_padded", "trit_decode", "trit_xsum", "trit_group_dot",
                "trit_step_index", "trit_step", "trit_matmul", "trit_decode_tail", "trit_matmul_tail", "trit_out")

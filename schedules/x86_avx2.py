@@ -59,7 +59,21 @@ def group_dot(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], init: tirx.
     """init (int32x16) + Σ over the group's chunks of the 16 rows' dot products: chunk c is 64 bytes (int8x64,
     byte 4t+q = u of weight 4c+q of row t, u ≤ max_u), x4s[c] the 4 signed activation bytes of those weights
     packed in an int32."""
-    per_sum = max(1, INT16_MAX // (2 * ACT_MAX * max_u))  # chunks whose pair sums add up in 16 bits
+    return _pair_sums(chunks, x4s, init, max_u * ACT_MAX, lambda chunk, x_bytes: (chunk, x_bytes))
+
+
+def group_dot_offset(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], init: tirx.PrimExpr,
+                     max_q: int) -> tirx.PrimExpr:
+    """The prefill's form of group_dot, with the signs the other way: chunk bytes the signed weights q
+    (|q| ≤ max_q), x4s the activations offset by 128 as unsigned bytes, so init must hold −128·Σ q of each row.
+    `vpmaddubsw` then reads the weights as its memory operand: the prefill's tile vectors need no registers."""
+    return _pair_sums(chunks, x4s, init, max_q * (2 * ACT_MAX + 1), lambda chunk, x_bytes: (x_bytes, chunk))
+
+
+def _pair_sums(chunks, x4s, init, max_product: int, operands) -> tirx.PrimExpr:
+    """init + Σ over chunks of `vpmaddubsw`(*operands(chunk half, x bytes)), pair sums added in 16 bits as long
+    as no sum can pass 32767 (products at most max_product), then into each row's int32 lane by `vpmaddwd`."""
+    per_sum = max(1, INT16_MAX // (2 * max_product))  # chunks whose pair sums add up in 16 bits
     ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
     rows = [None, None]
     for first in range(0, len(chunks), per_sum):
@@ -67,8 +81,8 @@ def group_dot(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], init: tirx.
             pairs = None
             for chunk, x4 in zip(chunks[first:first + per_sum], x4s[first:first + per_sum]):
                 x_bytes = tirx.reinterpret("int8x32", tirx.Broadcast(x4, HALF))
-                pair = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", half(chunk, h, 32),
-                                                  x_bytes)
+                pair = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw",
+                                                  *operands(half(chunk, h, 32), x_bytes))
                 pairs = pair if pairs is None else pairs + pair
             row = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, ones)
             rows[h] = row if rows[h] is None else rows[h] + row

@@ -19,7 +19,11 @@ Decode (one row of x, `vnni_gemv_func`): the digits go straight into the dot pro
 256 weights against ~64 for the FP32 GEMV (digits widened to float, one FMA per weight and 16 rows), whose
 decode of a cached d=1 matrix is instruction-bound. Prefill (`vnni_gemm_func`): each panel's weights are
 decoded once into a byte tile (and its steps into a float tile), then every ROW_TILE rows of x share each tile
-load: 4 `vpdpbusd` per 256 multiply-adds where the FP32 GEMM needs 16 FMAs.
+load: 4 `vpdpbusd` per 256 multiply-adds where the FP32 GEMM needs 16 FMAs. On AVX2 the prefill goes a row of x
+at a time over GROUP_BLOCK_AVX2 groups of the tile, which hold q (signed) where x is offset to unsigned bytes, so
+that every tile vector is a memory operand of `vpmaddubsw` (x86_avx2.group_dot_offset): with row tiles, LLVM kept
+the tile's vectors in registers and spilled the accumulators (Zen 2, Qwen2.5-3B gate/up, 128 rows: 50.8 ms
+before, 45.8 after).
 The kernels are hand-written TVMScript; TritGEMVVNNI / TritGEMMVNNI (schedules/cpu.py) substitute them for
 the operator's int8 form on targets with avx512vnni and avx512vbmi. x is quantized first, per row (over the
 cores for a prefill), before the parallel loop over panels.
@@ -40,7 +44,7 @@ from codec.format import DOT_HIGH_BITS, DOT_ROWS, FACTORS, dot_field_bits, facto
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 
 from . import x86_avx2
-from .base import ACT_MAX
+from .base import ACT_MAX, ACT_OFFSET
 from .prefetch import LINE_BYTES, PREFETCH_BLOCKS, prefetch_call
 from .x86_lookup import TABLE_WINDOW, permute_lookup
 
@@ -50,7 +54,8 @@ WORD_PAIRS = 8  # 512-bit loads per block and panel: 16 weights x 16 rows of 16-
 CHUNKS = GROUP_SIZE // 4  # vpdpbusd instructions per group and panel (4 weights each)
 TILE_BYTES = 64  # one chunk of a panel's byte tile: 16 rows x 4 weights
 ROW_TILE = 8  # prefill: rows of x per pass over a panel's tile (their accumulators stay in registers)
-ROW_TILE_AVX2 = 4  # the same with 16 ymm registers: 2 per row of accumulators
+ROW_TILE_AVX2 = 1  # AVX2 (16 ymm registers): one row at a time, its 16 accumulators in 2 (see GROUP_BLOCK_AVX2)
+GROUP_BLOCK_AVX2 = 64  # AVX2 prefill: groups per pass over the rows, their tile (16 KB), steps and sums in L1
 ISA_VNNI = "avx512-vnni"  # vpdpbusd, vpermt2b, vpermi2ps: every layout
 SCALE_DIGITS = word_digits(CODEBOOK_SIZE)  # step indices per 16-bit scale word
 ISA_AVX2 = "avx2"  # vpmaddubsw + vpmaddwd, vpermps (x86_avx2.py): the dot-order layouts only
@@ -61,19 +66,22 @@ class VNNIKnobs:
     """The choices in these kernels that trit-tune may change per kernel (the defaults: the hand-written ones)."""
     prefetch_blocks: int = PREFETCH_BLOCKS  # weight blocks ahead that each block iteration prefetches (0: none)
     row_tile: int = ROW_TILE  # prefill: rows of x per pass over a panel's tile, 16 accumulators each
+    group_block: int = 0  # prefill: groups of a panel's tile per pass over the rows of x (0: all of K)
 
     def __post_init__(self):
         if not (isinstance(self.prefetch_blocks, int) and self.prefetch_blocks >= 0
-                and isinstance(self.row_tile, int) and 1 <= self.row_tile <= 16):
-            raise ValueError(f"VNNIKnobs: prefetch_blocks >= 0 and row_tile in 1..16 (integers), got {self}")
+                and isinstance(self.row_tile, int) and 1 <= self.row_tile <= 16
+                and isinstance(self.group_block, int) and self.group_block >= 0):
+            raise ValueError("VNNIKnobs: prefetch_blocks >= 0, row_tile in 1..16 and group_block >= 0 (integers), "
+                             f"got {self}")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def default_knobs(isa: str) -> VNNIKnobs:
-    """The hand-written choices of an ISA's kernels (AVX2: half the registers, so half the prefill row tile)."""
-    return VNNIKnobs(row_tile=ROW_TILE_AVX2) if isa == ISA_AVX2 else VNNIKnobs()
+    """The hand-written choices of an ISA's kernels (AVX2: the prefill a row at a time over L1-sized tiles)."""
+    return VNNIKnobs(row_tile=ROW_TILE_AVX2, group_block=GROUP_BLOCK_AVX2) if isa == ISA_AVX2 else VNNIKnobs()
 
 
 REQUIRED_FEATURES = ("avx512bw", "avx512vnni", "avx512vbmi")  # 16-bit multiplies, vpdpbusd, vpermt2b
@@ -258,11 +266,12 @@ def _group_levels(s: _Sizes, x_flat, row, g, peak) -> tirx.PrimExpr:
 
 
 @T.macro
-def _quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, levels):
+def _quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, levels, offset):
     """Row `row` of x to int8 per group of 16 (trit_tvm.operator.quantize_activations), in vectors: 4 levels per
     int32 in xq4, the scale and −qmax·Σ levels per group; the groups past K (the layout's padding) and groups of
-    zeros are zeros. (It runs on one core while the others wait: one level at a time, SmolLM2's int8 decode step
-    took 5.12 ms against 4.97, Zen 2.)"""
+    zeros are zeros. offset (AVX2's prefill): the levels + 128 as unsigned bytes instead, and no x_corr. (It runs
+    on one core while the others wait: one level at a time, SmolLM2's int8 decode step took 5.12 ms against 4.97,
+    Zen 2.)"""
     for g in T.serial(s.groups):
         peak[0] = T.float32(0)
         if g < s.n_in // GROUP_SIZE:
@@ -271,10 +280,14 @@ def _quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, levels):
         levels[T.ramp(0, 1, GROUP_SIZE)] = T.Broadcast(T.int32(0), GROUP_SIZE)
         if peak[0] > T.float32(0):
             levels[T.ramp(0, 1, GROUP_SIZE)] = _group_levels(s, x_flat, row, g, peak[0])
-        xq4[T.ramp((row * s.groups + g) * CHUNKS, 1, CHUNKS)] = T.reinterpret(
-            "int32x4", T.Cast("int8x16", levels[T.ramp(0, 1, GROUP_SIZE)]))
-        x_corr[row * s.groups + g] = _reduce_lanes(levels[T.ramp(0, 1, GROUP_SIZE)], GROUP_SIZE, tirx.Add) * (
-            -qmax_of(s.depth))
+        if offset:
+            xq4[T.ramp((row * s.groups + g) * CHUNKS, 1, CHUNKS)] = T.reinterpret("int32x4", T.Cast(
+                "uint8x16", levels[T.ramp(0, 1, GROUP_SIZE)] + T.Broadcast(T.int32(ACT_OFFSET), GROUP_SIZE)))
+        else:
+            xq4[T.ramp((row * s.groups + g) * CHUNKS, 1, CHUNKS)] = T.reinterpret(
+                "int32x4", T.Cast("int8x16", levels[T.ramp(0, 1, GROUP_SIZE)]))
+            x_corr[row * s.groups + g] = _reduce_lanes(levels[T.ramp(0, 1, GROUP_SIZE)], GROUP_SIZE, tirx.Add) * (
+                -qmax_of(s.depth))
 
 
 @T.macro
@@ -342,10 +355,22 @@ def _dot_group_dot(s: _Sizes, words, xq4, g, init: tirx.PrimExpr) -> tirx.PrimEx
                        init)
 
 
-def _tile_group_dot(s: _Sizes, tile, xq4, row, g, init: tirx.PrimExpr) -> tirx.PrimExpr:
-    """init + the panel's dot products over group g with row `row` of x, from the panel's byte tile (prefill)."""
-    return s.group_dot([tile.vload([(g * CHUNKS + c) * TILE_BYTES], "int8x64") for c in range(CHUNKS)],
-                       [xq4[(row * s.groups + g) * CHUNKS + c] for c in range(CHUNKS)], init)
+def _tile_init(s: _Sizes, w_corr, x_corr, row, g, slot) -> tirx.PrimExpr:
+    """The prefill's dot products start from −qmax·Σ levels of x's group (u = q + qmax), on AVX2 from the rows'
+    −128·Σ q (x offset by 128)."""
+    if s.isa == ISA_AVX2:
+        return w_corr[T.ramp(slot * ROWS, 1, ROWS)]
+    return T.Broadcast(x_corr[row * s.groups + g], ROWS)
+
+
+def _tile_group_dot(s: _Sizes, tile, xq4, row, g, slot, init: tirx.PrimExpr) -> tirx.PrimExpr:
+    """init + the panel's dot products over group g with row `row` of x, from the panel's byte tile (prefill; on
+    AVX2 the tile holds q, xq4 the levels + 128, and init the rows' −128·Σ q: x86_avx2.group_dot_offset)."""
+    chunks = [tile.vload([(slot * CHUNKS + c) * TILE_BYTES], "int8x64") for c in range(CHUNKS)]
+    x4s = [xq4[(row * s.groups + g) * CHUNKS + c] for c in range(CHUNKS)]
+    if s.isa == ISA_AVX2:
+        return x86_avx2.group_dot_offset(chunks, x4s, init, qmax_of(s.depth))
+    return s.group_dot(chunks, x4s, init)
 
 
 @T.macro
@@ -457,7 +482,7 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
         x_corr = T.alloc_buffer((s.groups,), "int32")
         peak = T.alloc_buffer((1,), "float32")
         levels = T.alloc_buffer((GROUP_SIZE,), "int32")
-        _quantize_row(s, x_flat, 0, xq4, x_scale, x_corr, peak, levels)
+        _quantize_row(s, x_flat, 0, xq4, x_scale, x_corr, peak, levels, False)
         for panel in T.parallel(s.panels):
             with T.sblock("trit_vnni_gemv"):
                 T.reads(codes_flat[panel * s.units * ROWS:(panel + 1) * s.units * ROWS],
@@ -482,29 +507,47 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
 
 
 @T.macro
-def _fill_tile_words(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel):
-    """Prefill: the panel's weights as bytes in vpdpbusd's order and its group steps, words layout."""
-    for b in T.serial(s.blocks):
-        _load_block(s, knobs, codes_flat, words, panel, b)
+def _fill_tile_words(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel,
+                     w_corr, first, count):
+    """Prefill: the panel's weights of groups [first, first + count) (whole blocks) as bytes in vpdpbusd's order
+    and their steps, words layout."""
+    for bi in T.serial(count // s.m):
+        _load_block(s, knobs, codes_flat, words, panel, first // s.m + bi)
         for p in T.unroll(s.m):
             for c in T.unroll(CHUNKS):
-                tile[T.ramp(((b * s.m + p) * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _weight_bytes(
+                tile[T.ramp(((bi * s.m + p) * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _weight_bytes(
                     _mulhi(words[T.ramp(c * 64, 1, 32)], 3 ** s.depth),
                     _mulhi(words[T.ramp(c * 64 + 32, 1, 32)], 3 ** s.depth))
             _next_digit(s, words, p)
-            index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, b * s.m + p, offset)
-            steps[T.ramp((b * s.m + p) * ROWS, 1, ROWS)] = permute_lookup(codebook, index)
+            index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, first + bi * s.m + p, offset)
+            steps[T.ramp((bi * s.m + p) * ROWS, 1, ROWS)] = permute_lookup(codebook, index)
 
 
 @T.macro
-def _fill_tile_dot_order(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel):
-    """Prefill: the panel's weights as bytes in vpdpbusd's order and its group steps, dot-order layout."""
-    for g in T.serial(s.groups):
-        _load_group_dot(s, knobs, codes_flat, words, panel, g)
-        for c in T.unroll(CHUNKS):
-            tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _dot_chunk(s, words, c)
-        index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, g, offset)
-        steps[T.ramp(g * ROWS, 1, ROWS)] = s.lookup(codebook, index, panel)
+def _fill_tile_dot_order(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel,
+                         w_corr, first, count):
+    """Prefill: the panel's weights as bytes in vpdpbusd's order and its group steps, dot-order layout; on AVX2
+    the bytes are q = u − qmax (signed) and w_corr holds each row's −128·Σ q per group (x86_avx2.group_dot_offset)."""
+    for g in T.serial(count):
+        if first + g < s.groups:  # count: the tile's length, a constant (the gather below needs one)
+            _load_group_dot(s, knobs, codes_flat, words, panel, first + g)
+            if s.isa == ISA_AVX2:
+                for c in T.unroll(CHUNKS):
+                    tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _dot_chunk(
+                        s, words, c) - T.Broadcast(T.int8(qmax_of(s.depth)), TILE_BYTES)
+                w_corr[T.ramp(g * ROWS, 1, ROWS)] = x86_avx2.group_dot_offset(
+                    [tile.vload([(g * CHUNKS + c) * TILE_BYTES], "int8x64") for c in range(CHUNKS)],
+                    [T.int32(0x01010101)] * CHUNKS, T.Broadcast(T.int32(0), ROWS), qmax_of(s.depth)) * T.Broadcast(
+                        T.int32(-ACT_OFFSET), ROWS)
+            else:
+                for c in T.unroll(CHUNKS):
+                    tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _dot_chunk(s, words, c)
+            index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, first + g, offset)
+            if s.isa == ISA_VNNI or s.panel_lookup:
+                steps[T.ramp(g * ROWS, 1, ROWS)] = s.lookup(codebook, index, panel)
+            else:  # a lane at a time: TVM's buffer planning fails on AVX2's vector gather inside the passes
+                for r in T.serial(ROWS):
+                    steps[g * ROWS + r] = codebook[index[r]]
 
 
 def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bias: bool, dtype: str,
@@ -518,7 +561,10 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
     fill_tile = _fill_tile_dot_order if bits else _fill_tile_words
     row_tile = knobs.row_tile
     n_rows = tirx.Cast("int32", math.prod(x_shape[:-1]))
-    tile_len = s.groups * CHUNKS * TILE_BYTES
+    group_block = min(knobs.group_block or s.groups, s.groups)
+    if not bits:
+        group_block = -(-group_block // s.m) * s.m  # whole blocks of words
+    passes = -(-s.groups // group_block)
 
     @T.macro
     def body(x, codes, scales, codebook, out, bias_at):
@@ -536,7 +582,7 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                          x_scale[row * s.groups:(row + 1) * s.groups], x_corr[row * s.groups:(row + 1) * s.groups])
                 peak = T.sblock_alloc_buffer((1,), "float32")
                 levels = T.sblock_alloc_buffer((GROUP_SIZE,), "int32")
-                _quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, levels)
+                _quantize_row(s, x_flat, row, xq4, x_scale, x_corr, peak, levels, s.isa == ISA_AVX2)
         for panel in T.parallel(s.panels):
             with T.sblock("trit_vnni_gemm"):
                 T.reads(codes_flat[panel * s.units * ROWS:(panel + 1) * s.units * ROWS],
@@ -544,32 +590,43 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                         xq4[0:n_rows * s.groups * CHUNKS], x_scale[0:n_rows * s.groups],
                         x_corr[0:n_rows * s.groups], codebook[0:s.table])
                 T.writes(out_flat[0:n_rows * n_out])
-                tile = T.sblock_alloc_buffer((tile_len,), "int8")
-                steps = T.sblock_alloc_buffer((s.groups * ROWS,), "float32")
+                tile = T.sblock_alloc_buffer((group_block * CHUNKS * TILE_BYTES,), "int8")
+                steps = T.sblock_alloc_buffer((group_block * ROWS,), "float32")
+                w_corr = T.sblock_alloc_buffer((group_block * ROWS if s.isa == ISA_AVX2 else 1,), "int32")
                 acc = T.sblock_alloc_buffer((row_tile * ROWS,), "float32")
+                partial = T.sblock_alloc_buffer((n_rows * ROWS,), "float32")
                 dot = T.sblock_alloc_buffer((ROWS,), "int32")
                 index = T.sblock_alloc_buffer((ROWS,), "int32")
                 offset = T.sblock_alloc_buffer((ROWS,), "int32")
                 words = T.sblock_alloc_buffer((WORD_PAIRS * 32,), "uint16")
                 for r in T.vectorized(ROWS):
                     offset[r] = s.codebook_base(panel * ROWS + r)
-                # the panel's weights as bytes in vpdpbusd's order and its group steps, once
-                fill_tile(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel)
-                # row_tile rows of x at a time over the tile, each tile vector feeding all of them
-                for rt in T.serial((n_rows + row_tile - 1) // row_tile):
-                    for i in T.vectorized(row_tile * ROWS):
-                        acc[i] = T.float32(0)
-                    for g in T.serial(s.groups):
+                for gb in T.serial(passes):
+                    # the weights of group_block groups as bytes in vpdpbusd's order and their steps, once
+                    fill_tile(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel,
+                              w_corr, gb * group_block, group_block)
+                    # row_tile rows of x at a time over the tile, each tile vector feeding all of them
+                    for rt in T.serial((n_rows + row_tile - 1) // row_tile):
                         for r in T.unroll(row_tile):
-                            row: T.let[T.int32] = T.min(rt * row_tile + r, n_rows - 1)
-                            dot[T.ramp(0, 1, ROWS)] = _tile_group_dot(s, tile, xq4, row, g,
-                                                                      T.Broadcast(x_corr[row * s.groups + g], ROWS))
-                            acc[T.ramp(r * ROWS, 1, ROWS)] = acc[T.ramp(r * ROWS, 1, ROWS)] + T.Cast(
-                                "float32x16", dot[T.ramp(0, 1, ROWS)]) * (
-                                steps[T.ramp(g * ROWS, 1, ROWS)] * T.Broadcast(x_scale[row * s.groups + g], ROWS))
-                    for r, t in T.grid(row_tile, ROWS):
-                        if rt * row_tile + r < n_rows and panel * ROWS + t < n_out:
-                            out_flat[(rt * row_tile + r) * n_out + panel * ROWS + t] = T.Cast(
-                                dtype, acc[r * ROWS + t] + bias_at(panel * ROWS + t))
+                            acc[T.ramp(r * ROWS, 1, ROWS)] = T.Broadcast(T.float32(0), ROWS)
+                            if gb > 0:
+                                acc[T.ramp(r * ROWS, 1, ROWS)] = partial[T.ramp(
+                                    T.min(rt * row_tile + r, n_rows - 1) * ROWS, 1, ROWS)]
+                        for gi in T.serial(T.min(group_block, s.groups - gb * group_block)):
+                            for r in T.unroll(row_tile):
+                                row: T.let[T.int32] = T.min(rt * row_tile + r, n_rows - 1)
+                                dot[T.ramp(0, 1, ROWS)] = _tile_group_dot(
+                                    s, tile, xq4, row, gb * group_block + gi, gi,
+                                    _tile_init(s, w_corr, x_corr, row, gb * group_block + gi, gi))
+                                acc[T.ramp(r * ROWS, 1, ROWS)] = acc[T.ramp(r * ROWS, 1, ROWS)] + T.Cast(
+                                    "float32x16", dot[T.ramp(0, 1, ROWS)]) * (steps[T.ramp(gi * ROWS, 1, ROWS)]
+                                    * T.Broadcast(x_scale[row * s.groups + gb * group_block + gi], ROWS))
+                        for r in T.unroll(row_tile):
+                            partial[T.ramp(T.min(rt * row_tile + r, n_rows - 1) * ROWS, 1, ROWS)] = acc[
+                                T.ramp(r * ROWS, 1, ROWS)]
+                for row, t in T.grid(n_rows, ROWS):
+                    if panel * ROWS + t < n_out:
+                        out_flat[row * n_out + panel * ROWS + t] = T.Cast(dtype, partial[row * ROWS + t]
+                                                                          + bias_at(panel * ROWS + t))
 
     return _signature(s, bias, dtype, x_shape, out_shape, body)

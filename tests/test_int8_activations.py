@@ -13,6 +13,7 @@ from codec.format import FACTOR_TABLE, codebook_factors, factor_tables_start
 from helpers import SHAPES, STACKS, operator_inputs, stacked_operator_inputs
 from schedules import TritGEMMCPU, TritGEMMVNNI, TritGEMVCPU, TritGEMVVNNI
 from schedules import x86_avx2
+from schedules.base import kernel_key
 from schedules.x86_vnni import isa_for_target
 from schedules.x86_vnni import supports as vnni_supported
 from trit_tvm.operator import WeightLayout, layout_for_target, quantize_activations, reference_decode_matmul, \
@@ -250,7 +251,6 @@ def _avx2_libs(n_out, n_in, depth, bias=False, parts=()):
 
 
 def test_avx2_rules_take_only_the_dot_order_layouts():
-    from schedules.base import kernel_key
     layout = layout_for_target(ZEN2, True)
     assert TritGEMVVNNI().apply(trit_decode_matmul_func(64, 96, 1, layout, rows=1), ZEN2, False) is not None
     d4 = trit_decode_matmul_func(64, 96, 4, layout)
@@ -275,6 +275,25 @@ def test_avx2_kernels_match_reference(n_out, n_in, bias, depth):
     layout, (gemv, gemm) = _avx2_libs(n_out, n_in, depth, bias)
     for lib, rows in ((gemv, 1), (gemm, 1), (gemm, 7), (gemm, 13)):
         arrays = operator_inputs(n_out, n_in, depth, rows, bias, seed=n_out + rows + 7)
+        _assert_int8_result(_run(lib, layout, arrays, n_in, depth, rows, n_out), arrays)
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2")
+@pytest.mark.parametrize("depth", [1, 3, 4])
+@pytest.mark.parametrize("knobs", [{"row_tile": 1, "group_block": 2}, {"row_tile": 3, "group_block": 3},
+                                   {"row_tile": 4, "group_block": 0}])
+def test_avx2_prefill_over_blocks_of_groups_matches_reference(depth, knobs):
+    """The prefill's passes over blocks of the tile's groups (7 groups: passes of 2 and 3 with a shorter last
+    one, and all at once) and its row tiles (7 and 13 rows: not multiples of 3 or 4), each pass adding to
+    the rows' partial sums."""
+    n_out, n_in = 37, 16 * 7
+    layout = layout_for_target(ZEN2, True)
+    func = trit_decode_matmul_func(n_out, n_in, depth, layout, bias=True)
+    key = kernel_key(func)
+    rule = TritGEMMVNNI({key: {"variant": "vnni", "knobs": knobs}})
+    lib = tvm.compile(rule.apply(func, ZEN2, False).mod["main"], target=ZEN2)
+    for rows in (7, 13):
+        arrays = operator_inputs(n_out, n_in, depth, rows, True, seed=depth + rows)
         _assert_int8_result(_run(lib, layout, arrays, n_in, depth, rows, n_out), arrays)
 
 

@@ -10,7 +10,7 @@ from helpers import operator_inputs
 from schedules import TritGEMMVNNI, TritGEMVVNNI
 from schedules.base import kernel_key
 from schedules import x86_avx2
-from schedules.x86_vnni import ISA_AVX2, VNNIKnobs
+from schedules.x86_vnni import ISA_AVX2, VNNIKnobs, default_knobs
 from schedules.x86_vnni import supports as vnni_supported
 from trit_tvm.errors import CompileError
 from trit_tvm.operator import WeightLayout, reference_decode_matmul, trit_decode_matmul_func
@@ -38,8 +38,10 @@ def test_candidates_start_with_the_default_and_include_the_float_rules():
         assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)
     assert {c["knobs"]["prefetch_blocks"] for c in decode[:-1]} >= {0, 64}
     assert {c["knobs"]["row_tile"] for c in prefill[:-1]} == {4, 8, 12, 16}
+    assert {c["knobs"]["group_block"] for c in prefill[:-1]} == {0, 32, 64}
     avx2 = candidates(trit_decode_matmul_func(64, 96, 4, AVX2_INT8), ISA_AVX2)  # bytes: no float variant
-    assert avx2[0]["knobs"]["row_tile"] == 4 and {c["knobs"]["row_tile"] for c in avx2} == {2, 4, 6, 8}
+    assert avx2[0]["knobs"] == {"prefetch_blocks": 16, "row_tile": 1, "group_block": 64}
+    assert {c["knobs"]["row_tile"] for c in avx2} == {1, 2, 4}
     two_bit = WeightLayout(16, permute_steps=True, int8_activations=True, two_bit_depth1=True)
     d1 = candidates(trit_decode_matmul_func(64, 96, 1, two_bit, rows=1))  # the float rules cannot read it
     assert d1 == decode[:-1]
@@ -131,7 +133,7 @@ def test_tuning_on_avx2_times_the_dot_order_kernels():
     rows = tune_variants(kernels, zen2, progress=lambda _: None)
     assert sorted(r["key"] for r in rows) == ["gemm d4 80->37 int8 bytes", "gemv d1 96->64 int8 2bit",
                                               "gemv d3 96->48 int8 5bit"]
-    assert all(r["candidates"][0]["knobs"]["row_tile"] == 4 and r["best_s"] > 0 for r in rows)
+    assert all(r["candidates"][0]["knobs"] == default_knobs(ISA_AVX2).as_dict() and r["best_s"] > 0 for r in rows)
 
 
 @needs_vnni

@@ -5,7 +5,8 @@ schedules/x86_vnni.py are not schedules of it but kernels put in its place, so t
 in `tuning_logs/<target key>/variants.json`, keyed by schedules.base.kernel_key. For each int8-activation
 kernel of a model the candidates are the integer kernel (AVX-512 VNNI; on AVX2 CPUs the depth-1, 3 and 4
 kernels only) at every point of its knob grid (prefetch distance;
-for prefill also the rows of x per pass over a panel's tile) and the float rules on the same int8 form
+for prefill also the rows of x per pass over a panel's tile and the tile's groups per pass) and the float rules
+on the same int8 form
 ("float", which decode variant). Decode kernels are timed with their weights coming from memory (cycling
 through copies larger than the caches, as in a model, whose weights never stay cached), prefill kernels on
 PREFILL_ROWS rows. All candidates of a kernel are timed alternately in one process (best of ROUNDS); the
@@ -35,7 +36,8 @@ from .pipeline import schedule_pass
 
 VARIANTS_FILE = "variants.json"
 PREFETCH_GRID = (0, 4, 8, 16, 32, 64)  # weight blocks ahead (16 is the hand-written default)
-ROW_TILE_GRID = {ISA_VNNI: (4, 8, 12, 16), ISA_AVX2: (2, 4, 6, 8)}  # prefill: rows of x per pass over a tile
+ROW_TILE_GRID = {ISA_VNNI: (4, 8, 12, 16), ISA_AVX2: (1, 2, 4)}  # prefill: rows of x per pass over a tile
+GROUP_BLOCK_GRID = (0, 32, 64)  # prefill: groups of the tile per pass over the rows (0: all of K)
 PREFILL_ROWS = 128
 COLD_BYTES = 256 << 20  # decode timings cycle through this many bytes of weight copies (well past any L3)
 MAX_COPIES = 64
@@ -56,8 +58,8 @@ def candidates(func: tirx.PrimFunc, isa: str = ISA_VNNI) -> list[dict]:
     if row_count(func) == 1:
         grid = [VNNIKnobs(prefetch_blocks=p, row_tile=default.row_tile) for p in PREFETCH_GRID]
     else:
-        grid = [VNNIKnobs(prefetch_blocks=p, row_tile=t) for t in ROW_TILE_GRID[isa]
-                for p in (0, default.prefetch_blocks)]
+        grid = [VNNIKnobs(prefetch_blocks=p, row_tile=t, group_block=b) for t in ROW_TILE_GRID[isa]
+                for b in GROUP_BLOCK_GRID for p in (0, default.prefetch_blocks)]
     grid = [default] + [k for k in grid if k != default]
     # the float rules read the words layout only: a matrix in a dot-order layout has the integer kernel or none
     floats = [] if dot_bits(func) else [{"variant": "float"}]
