@@ -529,25 +529,24 @@ def _fill_tile_dot_order(s, knobs, codes_flat, scales_flat, codebook, words, ind
     """Prefill: the panel's weights as bytes in vpdpbusd's order and its group steps, dot-order layout; on AVX2
     the bytes are q = u − qmax (signed) and w_corr holds each row's −128·Σ q per group (x86_avx2.group_dot_offset)."""
     for g in T.serial(count):
-        if first + g < s.groups:  # count: the tile's length, a constant (the gather below needs one)
-            _load_group_dot(s, knobs, codes_flat, words, panel, first + g)
-            if s.isa == ISA_AVX2:
-                for c in T.unroll(CHUNKS):
-                    tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _dot_chunk(
-                        s, words, c) - T.Broadcast(T.int8(qmax_of(s.depth)), TILE_BYTES)
-                w_corr[T.ramp(g * ROWS, 1, ROWS)] = x86_avx2.group_dot_offset(
-                    [tile.vload([(g * CHUNKS + c) * TILE_BYTES], "int8x64") for c in range(CHUNKS)],
-                    [T.int32(0x01010101)] * CHUNKS, T.Broadcast(T.int32(0), ROWS), qmax_of(s.depth)) * T.Broadcast(
-                        T.int32(-ACT_OFFSET), ROWS)
-            else:
-                for c in T.unroll(CHUNKS):
-                    tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _dot_chunk(s, words, c)
-            index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, first + g, offset)
-            if s.isa == ISA_VNNI or s.panel_lookup:
-                steps[T.ramp(g * ROWS, 1, ROWS)] = s.lookup(codebook, index, panel)
-            else:  # a lane at a time: TVM's buffer planning fails on AVX2's vector gather inside the passes
-                for r in T.serial(ROWS):
-                    steps[g * ROWS + r] = codebook[index[r]]
+        _load_group_dot(s, knobs, codes_flat, words, panel, first + g)
+        if s.isa == ISA_AVX2:
+            for c in T.unroll(CHUNKS):
+                tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _dot_chunk(
+                    s, words, c) - T.Broadcast(T.int8(qmax_of(s.depth)), TILE_BYTES)
+            w_corr[T.ramp(g * ROWS, 1, ROWS)] = x86_avx2.group_dot_offset(
+                [tile.vload([(g * CHUNKS + c) * TILE_BYTES], "int8x64") for c in range(CHUNKS)],
+                [T.int32(0x01010101)] * CHUNKS, T.Broadcast(T.int32(0), ROWS), qmax_of(s.depth)) * T.Broadcast(
+                    T.int32(-ACT_OFFSET), ROWS)
+        else:
+            for c in T.unroll(CHUNKS):
+                tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _dot_chunk(s, words, c)
+        index[T.ramp(0, 1, ROWS)] = s.step_index(scales_flat, panel, first + g, offset)
+        if s.isa == ISA_VNNI or s.panel_lookup:
+            steps[T.ramp(g * ROWS, 1, ROWS)] = s.lookup(codebook, index, panel)
+        else:  # a lane at a time: TVM's buffer planning fails on this vector gather inside the passes
+            for r in T.serial(ROWS):
+                steps[g * ROWS + r] = codebook[index[r]]
 
 
 def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bias: bool, dtype: str,
@@ -604,7 +603,7 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                 for gb in T.serial(passes):
                     # the weights of group_block groups as bytes in vpdpbusd's order and their steps, once
                     fill_tile(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel,
-                              w_corr, gb * group_block, group_block)
+                              w_corr, gb * group_block, T.min(group_block, s.groups - gb * group_block))
                     # row_tile rows of x at a time over the tile, each tile vector feeding all of them
                     for rt in T.serial((n_rows + row_tile - 1) // row_tile):
                         for r in T.unroll(row_tile):
