@@ -11,7 +11,9 @@ multiplies per weight as the float kernels', on the one pipe Zen 2 multiplies in
   16-bit lanes, then `vpmaddwd` by ones adds the pairs of each row into its int32 lane (VNNI's `vpdpbusd`
   does both). No sum may pass 32767: at depths 1 and 3 (u ≤ 2, u ≤ 26) a group's 4 chunks add up in 16 bits
   first (at most 2032 and 26416) and take one `vpmaddwd`; at depth 4 (u ≤ 80, 20320 a chunk) every chunk
-  takes its own.
+  takes its own. The prefill's form (`group_dot_offset`) has the signs the other way round: signed weights q,
+  activations + 128 as unsigned bytes (at depth 3 at most 26520 in 16 bits), so the weights can be the
+  instruction's memory operand.
 - Step lookup: AVX-512's two-table permute picks from 32 entries; AVX2's `vpermps` from 8. When every panel
   of 16 rows lies in one matrix (stacked parts multiples of 16, as in every model here) the 27 entries of
   that matrix are 4 windows of 8 read at the panel's codebook offset (the last one ending at entry 26, so
