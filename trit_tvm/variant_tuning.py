@@ -17,6 +17,7 @@ the same run, so a tuning that finds nothing says how much there was to find.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -56,7 +57,7 @@ def candidates(func: tirx.PrimFunc, isa: str = ISA_VNNI) -> list[dict]:
     AVX-512 VNNI or of AVX2 as isa says)."""
     default = default_knobs(isa)
     if row_count(func) == 1:
-        grid = [VNNIKnobs(prefetch_blocks=p, row_tile=default.row_tile) for p in PREFETCH_GRID]
+        grid = [dataclasses.replace(default, prefetch_blocks=p) for p in PREFETCH_GRID]
     else:
         grid = [VNNIKnobs(prefetch_blocks=p, row_tile=t, group_block=b) for t in ROW_TILE_GRID[isa]
                 for b in GROUP_BLOCK_GRID for p in (0, default.prefetch_blocks)]
