@@ -510,7 +510,7 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
 def _fill_tile_words(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel,
                      w_corr, first, count):
     """Prefill: the panel's weights of groups [first, first + count) (whole blocks) as bytes in vpdpbusd's order
-    and their steps, words layout."""
+    and their steps, words layout (AVX-512 VNNI only, so w_corr, the AVX2 form's sums, is not written)."""
     for bi in T.serial(count // s.m):
         _load_block(s, knobs, codes_flat, words, panel, first // s.m + bi)
         for p in T.unroll(s.m):
