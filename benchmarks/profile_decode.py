@@ -196,14 +196,15 @@ def report_sampled(result: dict, head: str | None) -> dict:
     their time the other busy threads spent waiting."""
     threads = sorted(result["per_thread"], key=lambda t: -sum(t.values()))
     main_thread, total = threads[0], sum(threads[0].values())
+    group = {key: sampled_group(*key, head) for t in threads for key in t}
     groups: dict[str, int] = defaultdict(int)
-    for (dso, symbol), n in main_thread.items():
-        groups[sampled_group(dso, symbol, head)] += n
+    for key, n in main_thread.items():
+        groups[group[key]] += n
     shares = {g: round(n / total, 3) for g, n in sorted(groups.items(), key=lambda kv: -kv[1])}
     kernels = sorted(((symbol, n) for (dso, symbol), n in main_thread.items() if dso == LIBRARY), key=lambda kv: -kv[1])
     host = sorted(((f"{dso}: {symbol}", n) for (dso, symbol), n in main_thread.items()
-                   if sampled_group(dso, symbol, head) in (RUNTIME, HOST)), key=lambda kv: -kv[1])
-    waiting = [sum(n for (dso, symbol), n in t.items() if sampled_group(dso, symbol, head) == WAITING) / sum(t.values())
+                   if group[dso, symbol] in (RUNTIME, HOST)), key=lambda kv: -kv[1])
+    waiting = [sum(n for key, n in t.items() if group[key] == WAITING) / sum(t.values())
                for t in threads[1:] if sum(t.values()) > total // 10]
     step_ms = result["plain_step_s"] * 1e3
     return {"step_ms": round(step_ms, 2), "sampled_step_ms": round(result["sampled_step_s"] * 1e3, 2),

@@ -355,22 +355,15 @@ def _dot_group_dot(s: _Sizes, words, xq4, g, init: tirx.PrimExpr) -> tirx.PrimEx
                        init)
 
 
-def _tile_init(s: _Sizes, w_corr, x_corr, row, g, slot) -> tirx.PrimExpr:
-    """The prefill's dot products start from −qmax·Σ levels of x's group (u = q + qmax), on AVX2 from the rows'
-    −128·Σ q (x offset by 128)."""
-    if s.isa == ISA_AVX2:
-        return w_corr[T.ramp(slot * ROWS, 1, ROWS)]
-    return T.Broadcast(x_corr[row * s.groups + g], ROWS)
-
-
-def _tile_group_dot(s: _Sizes, tile, xq4, row, g, slot, init: tirx.PrimExpr) -> tirx.PrimExpr:
-    """init + the panel's dot products over group g with row `row` of x, from the panel's byte tile (prefill; on
-    AVX2 the tile holds q, xq4 the levels + 128, and init the rows' −128·Σ q: x86_avx2.group_dot_offset)."""
+def _tile_group_dot(s: _Sizes, tile, xq4, w_corr, x_corr, row, g, slot) -> tirx.PrimExpr:
+    """The panel's 16 dot products over group g with row `row` of x, from slot `slot` of its byte tile (prefill):
+    u = q + qmax against the levels, started from −qmax·Σ levels; on AVX2 q against the levels + 128, started
+    from the rows' −128·Σ q (x86_avx2.group_dot_offset)."""
     chunks = [tile.vload([(slot * CHUNKS + c) * TILE_BYTES], "int8x64") for c in range(CHUNKS)]
     x4s = [xq4[(row * s.groups + g) * CHUNKS + c] for c in range(CHUNKS)]
     if s.isa == ISA_AVX2:
-        return x86_avx2.group_dot_offset(chunks, x4s, init, qmax_of(s.depth))
-    return s.group_dot(chunks, x4s, init)
+        return x86_avx2.group_dot_offset(chunks, x4s, w_corr[T.ramp(slot * ROWS, 1, ROWS)], qmax_of(s.depth))
+    return s.group_dot(chunks, x4s, T.Broadcast(x_corr[row * s.groups + g], ROWS))
 
 
 @T.macro
@@ -526,8 +519,9 @@ def _fill_tile_words(s, knobs, codes_flat, scales_flat, codebook, words, index, 
 @T.macro
 def _fill_tile_dot_order(s, knobs, codes_flat, scales_flat, codebook, words, index, offset, tile, steps, panel,
                          w_corr, first, count):
-    """Prefill: the panel's weights as bytes in vpdpbusd's order and its group steps, dot-order layout; on AVX2
-    the bytes are q = u − qmax (signed) and w_corr holds each row's −128·Σ q per group (x86_avx2.group_dot_offset)."""
+    """Prefill: the panel's weights of groups [first, first + count) as bytes in vpdpbusd's order and their steps,
+    dot-order layout; on AVX2 the bytes are q = u − qmax (signed) and w_corr holds each row's −128·Σ q per group
+    (x86_avx2.group_dot_offset)."""
     for g in T.serial(count):
         _load_group_dot(s, knobs, codes_flat, words, panel, first + g)
         if s.isa == ISA_AVX2:
@@ -614,9 +608,8 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                         for gi in T.serial(T.min(group_block, s.groups - gb * group_block)):
                             for r in T.unroll(row_tile):
                                 row: T.let[T.int32] = T.min(rt * row_tile + r, n_rows - 1)
-                                dot[T.ramp(0, 1, ROWS)] = _tile_group_dot(
-                                    s, tile, xq4, row, gb * group_block + gi, gi,
-                                    _tile_init(s, w_corr, x_corr, row, gb * group_block + gi, gi))
+                                dot[T.ramp(0, 1, ROWS)] = _tile_group_dot(s, tile, xq4, w_corr, x_corr, row,
+                                                                          gb * group_block + gi, gi)
                                 acc[T.ramp(r * ROWS, 1, ROWS)] = acc[T.ramp(r * ROWS, 1, ROWS)] + T.Cast(
                                     "float32x16", dot[T.ramp(0, 1, ROWS)]) * (steps[T.ramp(gi * ROWS, 1, ROWS)]
                                     * T.Broadcast(x_scale[row * s.groups + gb * group_block + gi], ROWS))
