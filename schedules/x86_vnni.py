@@ -356,14 +356,17 @@ def _dot_group_dot(s: _Sizes, words, xq4, g, init: tirx.PrimExpr) -> tirx.PrimEx
 
 
 def _tile_group_dot(s: _Sizes, tile, xq4, w_corr, x_corr, row, g, slot) -> tirx.PrimExpr:
-    """The panel's 16 dot products over group g with row `row` of x, from slot `slot` of its byte tile (prefill):
-    u = q + qmax against the levels, started from −qmax·Σ levels; on AVX2 q against the levels + 128, started
-    from the rows' −128·Σ q (x86_avx2.group_dot_offset)."""
+    """The panel's 16 dot products over group g with row `row` of x, from slot `slot` of its byte tile (prefill),
+    as float32: u = q + qmax against the levels, started from −qmax·Σ levels; on AVX2 q against the levels + 128,
+    plus the rows' −128·Σ q (x86_avx2.group_dot_offset) as a float add, exact (|sum| < 2^24): Zen 2 runs float adds
+    on two pipes apart from its one integer-multiply pipe, where an integer add may take that pipe's slot (its
+    loop 14.5 -> 12.7 cycles a row and group in C)."""
     chunks = [tile.vload([(slot * CHUNKS + c) * TILE_BYTES], "int8x64") for c in range(CHUNKS)]
     x4s = [xq4[(row * s.groups + g) * CHUNKS + c] for c in range(CHUNKS)]
     if s.isa == ISA_AVX2:
-        return x86_avx2.group_dot_offset(chunks, x4s, w_corr[T.ramp(slot * ROWS, 1, ROWS)], qmax_of(s.depth))
-    return s.group_dot(chunks, x4s, T.Broadcast(x_corr[row * s.groups + g], ROWS))
+        dot = x86_avx2.group_dot_offset(chunks, x4s, T.Broadcast(T.int32(0), ROWS), qmax_of(s.depth))
+        return T.Cast("float32x16", dot) + w_corr[T.ramp(slot * ROWS, 1, ROWS)]
+    return T.Cast("float32x16", s.group_dot(chunks, x4s, T.Broadcast(x_corr[row * s.groups + g], ROWS)))
 
 
 @T.macro
@@ -528,10 +531,10 @@ def _fill_tile_dot_order(s, knobs, codes_flat, scales_flat, codebook, words, ind
             for c in T.unroll(CHUNKS):
                 tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _dot_chunk(
                     s, words, c) - T.Broadcast(T.int8(qmax_of(s.depth)), TILE_BYTES)
-            w_corr[T.ramp(g * ROWS, 1, ROWS)] = x86_avx2.group_dot_offset(
+            w_corr[T.ramp(g * ROWS, 1, ROWS)] = T.Cast("float32x16", x86_avx2.group_dot_offset(
                 [tile.vload([(g * CHUNKS + c) * TILE_BYTES], "int8x64") for c in range(CHUNKS)],
                 [T.int32(0x01010101)] * CHUNKS, T.Broadcast(T.int32(0), ROWS), qmax_of(s.depth)) * T.Broadcast(
-                    T.int32(-ACT_OFFSET), ROWS)
+                    T.int32(-ACT_OFFSET), ROWS))
         else:
             for c in T.unroll(CHUNKS):
                 tile[T.ramp((g * CHUNKS + c) * TILE_BYTES, 1, TILE_BYTES)] = _dot_chunk(s, words, c)
@@ -585,10 +588,10 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                 T.writes(out_flat[0:n_rows * n_out])
                 tile = T.sblock_alloc_buffer((group_block * CHUNKS * TILE_BYTES,), "int8")
                 steps = T.sblock_alloc_buffer((group_block * ROWS,), "float32")
-                w_corr = T.sblock_alloc_buffer((group_block * ROWS if s.isa == ISA_AVX2 else 1,), "int32")
+                w_corr = T.sblock_alloc_buffer((group_block * ROWS if s.isa == ISA_AVX2 else 1,), "float32")
                 acc = T.sblock_alloc_buffer((row_tile * ROWS,), "float32")
                 partial = T.sblock_alloc_buffer((n_rows * ROWS,), "float32")
-                dot = T.sblock_alloc_buffer((ROWS,), "int32")
+                dot = T.sblock_alloc_buffer((ROWS,), "float32")
                 index = T.sblock_alloc_buffer((ROWS,), "int32")
                 offset = T.sblock_alloc_buffer((ROWS,), "int32")
                 words = T.sblock_alloc_buffer((WORD_PAIRS * 32,), "uint16")
@@ -610,8 +613,8 @@ def vnni_gemm_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...], bi
                                 row: T.let[T.int32] = T.min(rt * row_tile + r, n_rows - 1)
                                 dot[T.ramp(0, 1, ROWS)] = _tile_group_dot(s, tile, xq4, w_corr, x_corr, row,
                                                                           gb * group_block + gi, gi)
-                                acc[T.ramp(r * ROWS, 1, ROWS)] = acc[T.ramp(r * ROWS, 1, ROWS)] + T.Cast(
-                                    "float32x16", dot[T.ramp(0, 1, ROWS)]) * (steps[T.ramp(gi * ROWS, 1, ROWS)]
+                                acc[T.ramp(r * ROWS, 1, ROWS)] = acc[T.ramp(r * ROWS, 1, ROWS)] + dot[T.ramp(
+                                    0, 1, ROWS)] * (steps[T.ramp(gi * ROWS, 1, ROWS)]
                                     * T.Broadcast(x_scale[row * s.groups + gb * group_block + gi], ROWS))
                         for r in T.unroll(row_tile):
                             partial[T.ramp(T.min(rt * row_tile + r, n_rows - 1) * ROWS, 1, ROWS)] = acc[
