@@ -64,12 +64,12 @@ def group_dot(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], init: tirx.
     return _pair_sums(chunks, x4s, init, max_u * ACT_MAX, lambda chunk, x_bytes: (chunk, x_bytes))
 
 
-def group_dot_offset(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], init: tirx.PrimExpr,
-                     max_q: int) -> tirx.PrimExpr:
+def group_dot_offset(chunks: list[tirx.PrimExpr], x4s: list[tirx.PrimExpr], max_q: int) -> tirx.PrimExpr:
     """The prefill's form of group_dot, with the signs the other way: chunk bytes the signed weights q
-    (|q| ≤ max_q), x4s the activations offset by 128 as unsigned bytes, so init must hold −128·Σ q of each row.
+    (|q| ≤ max_q), x4s the activations offset by 128 as unsigned bytes, so the caller adds −128·Σ q of each row.
     `vpmaddubsw` then reads the weights as its memory operand: the prefill's tile vectors need no registers."""
-    return _pair_sums(chunks, x4s, init, max_q * (2 * ACT_MAX + 1), lambda chunk, x_bytes: (x_bytes, chunk))
+    return _pair_sums(chunks, x4s, tirx.Broadcast(tirx.const(0, "int32"), 2 * HALF), max_q * (2 * ACT_MAX + 1),
+                      lambda chunk, x_bytes: (x_bytes, chunk))
 
 
 def _pair_sums(chunks, x4s, init, max_product: int, operands) -> tirx.PrimExpr:
