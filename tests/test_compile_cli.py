@@ -86,6 +86,22 @@ def test_cuda_artifact_runs_on_gpu(cuda_artifact, llvm_artifact):
 
 # ---- bad input ----------------------------------------------------------------------------------------
 
+COMPILER_IMPORT = re.compile(r"^\s*(from tvm(\.\w+)* import .*\b(script|relax|tirx|te|dlight|meta_schedule)\b"
+                             r"|(from|import) tvm\.(script|relax|tirx|te|s_tir|dlight|meta_schedule)\b"
+                             r"|(from|import) (\.+|trit_tvm\.)(operator|pipeline|compile|attention_cpu|models)\b"
+                             r"|(from|import) schedules\b)", re.M)
+
+
+def test_runtime_loads_no_compiler_module():
+    """A GPU box or RPC device has TVM's runtime only (scripts/gpu_env.sh leaves the compiler out, and there
+    `tvm.script` fails to import): what `trit_tvm.runtime` pulls in must not import the compiler's parts."""
+    code = ("import sys, trit_tvm.runtime; print('\\n'.join(m.__file__ for n, m in sys.modules.items() "
+            "if n.split('.')[0] in ('trit_tvm', 'codec', 'schedules') and getattr(m, '__file__', None)))")
+    files = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert any(f.endswith("runtime.py") for f in files)
+    offending = {f: m.group(0).strip() for f in files if (m := COMPILER_IMPORT.search(open(f).read()))}
+    assert not offending
+
 def _err(main, args, capsys):
     code = main([str(a) for a in args])
     err = capsys.readouterr().err

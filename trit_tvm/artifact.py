@@ -13,6 +13,7 @@ ARTIFACT_VERSION = 1
 LIBRARY, PARAMS, ARTIFACT_MANIFEST = "model.so", "params.safetensors", "manifest.json"
 DEVICES = ("cpu", "cuda")
 KV_CACHE_DTYPES = ("float16", "float32")  # trit-compile --kv-cache-dtype (None: the model dtype)
+PAGE_SIZE = 16  # tokens per KV-cache page: what the CPU attention kernels are built for and the runtime asks for
 
 
 def read_artifact_manifest(artifact: Path) -> dict:

@@ -33,12 +33,12 @@ import tvm
 from tvm.script import tirx as T
 
 from . import fastmath
+from .artifact import PAGE_SIZE
 
 KERNEL_SYMBOL = "batch_prefill_ragged_kv"  # TVM's name for it; the KV cache calls it by its GlobalVar
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"  # TVM's CPU decode kernel (without a sliding window)
 PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"  # TVM's CPU prefill over the paged cache (likewise)
 APPEND_SYMBOL = "tir_kv_cache_transpose_append"  # TVM's kernel writing new keys and values into the pages
-PAGE_SIZE = 16  # tokens per KV-cache page: what TVM's CPU kernels are built for, and trit_tvm.runtime uses
 LANES = 16
 CHAINS = 4  # independent partial sums of a query-key dot product (_softmax_weights); d % CHAINS == 0
 DECODE_TASKS = 12  # decode: up to this many (key/value head, key range) tasks, so that the cores share them evenly

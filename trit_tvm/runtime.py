@@ -26,8 +26,7 @@ from tvm.runtime.vm import VirtualMachine
 from codec.checkpoint import sha256_file
 from codec.safetensors_io import SafetensorsFile
 
-from .attention_cpu import PAGE_SIZE
-from .artifact import ARTIFACT_MANIFEST, LIBRARY, PARAMS, read_artifact_manifest
+from .artifact import ARTIFACT_MANIFEST, LIBRARY, PAGE_SIZE, PARAMS, read_artifact_manifest
 from .errors import CompileError
 from .targets import host_arch
 
