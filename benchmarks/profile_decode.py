@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -188,13 +189,15 @@ def sampled_profile(model, prompt: list[int], steps: int, library: Path) -> dict
         if dso == LIBRARY and base is not None:
             symbol = names[max(bisect.bisect_right(starts, int(ip, 16) - base) - 1, 0)]
         per_thread[tid][(dso, symbol)] += 1
-    return {"plain_step_s": plain, "sampled_step_s": sampled, "per_thread": list(per_thread.values())}
+    main = str(threading.get_native_id())  # the thread that ran the steps (a spinning worker may have more samples)
+    return {"plain_step_s": plain, "sampled_step_s": sampled,
+            "per_thread": [per_thread[main]] + [t for tid, t in per_thread.items() if tid != main]}
 
 
 def report_sampled(result: dict, head: str | None) -> dict:
-    """Shares of the main thread's samples (the most: it runs every call) per group and kernel, and how much of
-    their time the other busy threads spent waiting."""
-    threads = sorted(result["per_thread"], key=lambda t: -sum(t.values()))
+    """Shares of the main thread's samples (per_thread[0]: it runs every call) per group and kernel, and how much
+    of their time the other busy threads spent waiting."""
+    threads = result["per_thread"]
     main_thread, total = threads[0], sum(threads[0].values())
     group = {key: sampled_group(*key, head) for t in threads for key in t}
     groups: dict[str, int] = defaultdict(int)

@@ -16,13 +16,15 @@ H_Q, H_KV, D = 6, 2, 24
 
 def _attention(q, k, v, causal, sm_scale):
     """numpy: (output, log2-domain lse) of one sequence, as the KV cache's kernels define them."""
-    s = np.einsum("qhd,khd->hqk", q, np.repeat(k, H_Q // H_KV, axis=1)) * sm_scale * math.log2(math.e)
+    group = q.shape[1] // k.shape[1]
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    s = np.einsum("qhd,khd->hqk", q, np.repeat(k, group, axis=1)) * sm_scale * math.log2(math.e)
     nq, nk = q.shape[0], k.shape[0]
     if causal:
         s = np.where(np.arange(nk)[None, None, :] < nk - nq + np.arange(nq)[None, :, None] + 1, s, -np.inf)
     m = s.max(-1, keepdims=True)
     p = np.exp2(s - m)
-    out = np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), np.repeat(v, H_Q // H_KV, axis=1))
+    out = np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), np.repeat(v, group, axis=1))
     return out, (m[..., 0] + np.log2(p.sum(-1))).T
 
 
@@ -64,15 +66,16 @@ def _store(pages, positions, k, v):
     """numpy: tokens' keys and values [n, h_kv, d] written at cache positions (page · 16 + slot) in the pages'
     layout: per page and head, the keys as one [d, 16] tile (kv_append), the values [16, d] as TVM has them."""
     page, slot = positions // PAGE_SIZE, positions % PAGE_SIZE
-    pages.reshape(len(pages), 2, H_KV, D, PAGE_SIZE)[page, 0, :, :, slot] = k  # a view of the same memory
+    h_kv, d = k.shape[1:]
+    pages.reshape(len(pages), 2, h_kv, d, PAGE_SIZE)[page, 0, :, :, slot] = k  # a view of the same memory
     pages[page, 1, :, slot, :] = v
 
 
-def _paged_cache(rng, lengths):
+def _paged_cache(rng, lengths, h_kv=H_KV, d=D, dtype=np.float32):
     """A cache holding sequences of `lengths` tokens on scattered pages, the other slots random: (pages,
     page_indptr, page_values, last_page_len, per-sequence (k, v) [n, h_kv, d])."""
     n_pages = [-(-n // PAGE_SIZE) for n in lengths]
-    pages = rng.standard_normal((sum(n_pages) + 3, 2, H_KV, PAGE_SIZE, D)).astype(np.float32)
+    pages = rng.standard_normal((sum(n_pages) + 3, 2, h_kv, PAGE_SIZE, d)).astype(dtype)
     page_values = rng.permutation(len(pages))[:sum(n_pages)].astype(np.int32)  # scattered, some unused
     page_indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
     last_page_len = np.array([n - (p - 1) * PAGE_SIZE for n, p in zip(lengths, n_pages)], np.int32)
@@ -80,7 +83,7 @@ def _paged_cache(rng, lengths):
     for b, n in enumerate(lengths):
         t = np.arange(n)
         positions = page_values[page_indptr[b] + t // PAGE_SIZE] * PAGE_SIZE + t % PAGE_SIZE
-        k, v = (rng.standard_normal((n, H_KV, D)).astype(np.float32) for _ in range(2))
+        k, v = (rng.standard_normal((n, h_kv, d)).astype(dtype) for _ in range(2))
         _store(pages, positions, k, v)
         kv.append([k, v])
     return pages, page_indptr, page_values, last_page_len, kv
@@ -111,23 +114,32 @@ def decode_kernel():
     return tvm.compile(tvm.IRModule({"main": func}), target="llvm")
 
 
-def test_decode_matches_numpy(decode_kernel):
+# group 3 (3 query heads scored together, d in chunks of 8), SmolLM2's 3 of 64 in 16-bit, group 7 (one head at a
+# time, chunks of 8), group 8 (two at a time), group 4 with d = 20 (one chunk of all of d)
+@pytest.mark.parametrize("h_q, h_kv, d, dtype", [(H_Q, H_KV, D, "float32"), (9, 3, 64, "float16"),
+                                                 (14, 2, 64, "float32"), (16, 2, 40, "float16"),
+                                                 (4, 1, 20, "float32")])
+def test_decode_matches_numpy(decode_kernel, h_q, h_kv, d, dtype):
+    lib = decode_kernel if (h_q, h_kv, d, dtype) == (H_Q, H_KV, D, "float32") else tvm.compile(
+        tvm.IRModule({"main": paged_decode_attention(h_kv, h_q, d, dtype).with_attr("global_symbol", "main")}),
+        target="llvm")
     rng = np.random.default_rng(3)
     # 3 pages, the last holding 5 tokens; one full page; 13 pages (ranges of several pages per task); one token
     # (most tasks' page ranges empty)
     lengths = [37, 16, 203, 1]
-    pages, page_indptr, page_values, last_page_len, kv = _paged_cache(rng, lengths)
-    q = rng.standard_normal((len(lengths), H_Q, D)).astype(np.float32)
+    pages, page_indptr, page_values, last_page_len, kv = _paged_cache(rng, lengths, h_kv, d, dtype)
+    q = rng.standard_normal((len(lengths), h_q, d)).astype(dtype)
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros_like(q), dev)
-    lse = tvm.runtime.tensor(np.zeros((len(lengths), H_Q), np.float32), dev)
+    lse = tvm.runtime.tensor(np.zeros((len(lengths), h_q), np.float32), dev)
     zeros = np.zeros(len(lengths), np.int32)
     args = [q, pages, page_indptr, page_values, last_page_len, zeros, zeros]
-    sm_scale = D ** -0.5
-    decode_kernel(*[tvm.runtime.tensor(a, dev) for a in args], out, lse, 0, 1.0, 1e4, sm_scale)
+    sm_scale = d ** -0.5
+    lib(*[tvm.runtime.tensor(a, dev) for a in args], out, lse, 0, 1.0, 1e4, sm_scale)
+    tol = 1e-5 if dtype == "float32" else 2e-3  # the 16-bit output's rounding
     for b in range(len(lengths)):
         ref_out, ref_lse = _attention(q[b:b + 1], *kv[b], 0, sm_scale)
-        np.testing.assert_allclose(out.numpy()[b:b + 1], ref_out, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.numpy()[b:b + 1].astype(np.float64), ref_out, rtol=tol, atol=tol)
         np.testing.assert_allclose(lse.numpy()[b:b + 1], ref_lse, rtol=1e-5, atol=1e-5)
 
 

@@ -46,40 +46,48 @@ DECODE_RANGE_PAGES = 4  # decode: pages a key range holds at least (shorter ones
 
 
 @T.macro
-def _softmax_weights(query, key, scores, at, tile, peak, sums, best, total, g, n_keys, d):
-    """The kernels' softmax in log2 space: scores[at + j] = query · key j for the n_keys keys (16 per vector,
-    key(tile, c, lane) = element c of key 16·tile + lane; CHAINS independent sums over d, not one chain of d
-    dependent FMAs), then
-    scores[at + j] = 2^(score - best), their sum in total[g] and the maximum in best[g]; the lanes past n_keys
-    are -inf, then 0 (fastmath.exp2: libm's would be a call per key)."""
-    for ji in T.vectorized(LANES):
-        peak[ji] = T.float32(-3.0e38)
+def _softmax_weights(query, key, scores, at, stride, tile, peak, sums, best, total, g0, heads, chains, n_keys, d):
+    """The kernels' softmax in log2 space, for `heads` query heads that share their keys (query[u·d + c]):
+    scores[at + u·stride + j] = query u · key j for the n_keys keys (16 per vector, key(tile, c, lane) = element
+    c of key 16·tile + lane, loaded once for all the heads; `chains` independent sums over d per head, not one
+    chain of d dependent FMAs), then scores = 2^(score - best), their sum in total[g0 + u] and the maximum in
+    best[g0 + u]; the lanes past n_keys are -inf, then 0 (fastmath.exp2: libm's would be a call per key).
+    tile holds heads·chains·16 floats, peak heads·16."""
+    for u in T.serial(heads):
+        for ji in T.vectorized(LANES):
+            peak[u * LANES + ji] = T.float32(-3.0e38)
     for jo in T.serial((n_keys + LANES - 1) // LANES):
-        for u in T.unroll(CHAINS):
+        for i in T.unroll(heads * chains):
             for ji in T.vectorized(LANES):
-                tile[u * LANES + ji] = T.float32(0)
-        for c in T.serial(d // CHAINS):
-            for u in T.unroll(CHAINS):
+                tile[i * LANES + ji] = T.float32(0)
+        for c in T.serial(d // chains):
+            for w in T.unroll(chains):
+                for u in T.unroll(heads):
+                    for ji in T.vectorized(LANES):
+                        tile[(u * chains + w) * LANES + ji] += query[u * d + c * chains + w] * key(jo, c * chains + w, ji)
+        for u in T.unroll(heads):
+            for w in T.unroll(1, chains):
                 for ji in T.vectorized(LANES):
-                    tile[u * LANES + ji] += query[c * CHAINS + u] * key(jo, c * CHAINS + u, ji)
+                    tile[u * chains * LANES + ji] += tile[(u * chains + w) * LANES + ji]
+            for ji in T.vectorized(LANES):
+                scores[at + u * stride + jo * LANES + ji] = T.if_then_else(
+                    jo * LANES + ji < n_keys, tile[u * chains * LANES + ji], T.float32(-3.0e38))
+                peak[u * LANES + ji] = T.max(peak[u * LANES + ji], scores[at + u * stride + jo * LANES + ji])
+    for u in T.serial(heads):
+        best[g0 + u] = T.float32(-3.0e38)
+        for ji in T.serial(LANES):
+            best[g0 + u] = T.max(best[g0 + u], peak[u * LANES + ji])
         for ji in T.vectorized(LANES):
-            scores[at + jo * LANES + ji] = T.if_then_else(
-                jo * LANES + ji < n_keys, (tile[ji] + tile[LANES + ji]) + (tile[2 * LANES + ji] + tile[3 * LANES + ji]),
-                T.float32(-3.0e38))
-            peak[ji] = T.max(peak[ji], scores[at + jo * LANES + ji])
-    best[g] = T.float32(-3.0e38)
-    for ji in T.serial(LANES):
-        best[g] = T.max(best[g], peak[ji])
-    for ji in T.vectorized(LANES):
-        sums[ji] = T.float32(0)
-    for jo in T.serial((n_keys + LANES - 1) // LANES):
-        for ji in T.vectorized(LANES):
-            scores[at + jo * LANES + ji] = T.if_then_else(
-                jo * LANES + ji < n_keys, fastmath.exp2(scores[at + jo * LANES + ji] - best[g]), T.float32(0))
-            sums[ji] += scores[at + jo * LANES + ji]
-    total[g] = T.float32(0)
-    for ji in T.serial(LANES):
-        total[g] += sums[ji]
+            sums[ji] = T.float32(0)
+        for jo in T.serial((n_keys + LANES - 1) // LANES):
+            for ji in T.vectorized(LANES):
+                scores[at + u * stride + jo * LANES + ji] = T.if_then_else(
+                    jo * LANES + ji < n_keys, fastmath.exp2(scores[at + u * stride + jo * LANES + ji] - best[g0 + u]),
+                    T.float32(0))
+                sums[ji] += scores[at + u * stride + jo * LANES + ji]
+        total[g0 + u] = T.float32(0)
+        for ji in T.serial(LANES):
+            total[g0 + u] += sums[ji]
 
 
 def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tirx.PrimFunc:
@@ -146,8 +154,8 @@ def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tir
                         seen: T.let[T.int32] = T.if_then_else(causal > 0, T.min(nk - nq + i + 1, nk), nk)
                         for c in T.vectorized(d):
                             query[c] = T.Cast("float32", q[q0 + i, h, c]) * (sm_scale * T.float32(log2e))
-                        _softmax_weights(query, lambda jo, c, ji: key_tiles[jo, c, ji], scores, 0, tile, peak, sums,
-                                         best, total, 0, seen, d)
+                        _softmax_weights(query, lambda jo, c, ji: key_tiles[jo, c, ji], scores, 0, 0, tile, peak,
+                                         sums, best, total, 0, 1, CHAINS, seen, d)
                         for c in T.vectorized(d):
                             acc[c] = T.float32(0)
                         for j in T.serial(seen):
@@ -165,11 +173,17 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
     Each key/value head's pages are split into up to `splits` ranges of at least DECODE_RANGE_PAGES pages, one
     parallel task each (flash-decoding): with 3 heads on 2 cores, or 2 heads on 16, one range per head left
     cores idle. A task writes its query heads' unnormalized outputs with their softmax maximum and sum, and a
-    serial pass merges the ranges of every query head."""
+    serial pass merges the ranges of every query head. Within a task, the scores of up to 3 query heads at a time
+    share each key's load (their 2 x 3 partial sums of 16 lanes fill AVX2's 16 registers with the key and the
+    query), and the values are summed `chunk` elements of d at a time for the whole group, whose accumulators then
+    stay in registers (all of d at once spilled them: SmolLM2's 3 x 64)."""
     group = h_q // h_kv
     splits = -(-DECODE_TASKS // h_kv)
     tasks = h_kv * splits
     log2e = math.log2(math.e)
+    heads = max(h for h in (3, 2, 1) if group % h == 0)  # query heads scored together
+    chains = CHAINS if heads == 1 else 2
+    chunk = next((c for c in ((16, 8) if group <= 4 else (8,)) if d % c == 0), d)  # of d, summed over the values
     assert page_size == LANES, "a page's keys are one 16-key tile of _softmax_weights"
     assert d % CHAINS == 0
 
@@ -229,10 +243,10 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                     T.writes(part_acc[t * group * d:(t + 1) * group * d], part_best[t * group:(t + 1) * group],
                              part_total[t * group:(t + 1) * group])
                     scores = T.sblock_alloc_buffer((group * range_keys(max_num_pages),), "float32")  # per query head
-                    query = T.sblock_alloc_buffer((d,), "float32")
+                    query = T.sblock_alloc_buffer((heads * d,), "float32")
                     acc = T.sblock_alloc_buffer((group * d,), "float32")
-                    tile = T.sblock_alloc_buffer((CHAINS * LANES,), "float32")
-                    peak = T.sblock_alloc_buffer((page_size,), "float32")
+                    tile = T.sblock_alloc_buffer((heads * chains * LANES,), "float32")
+                    peak = T.sblock_alloc_buffer((heads * LANES,), "float32")
                     sums = T.sblock_alloc_buffer((page_size,), "float32")
                     best = T.sblock_alloc_buffer((group,), "float32")
                     total = T.sblock_alloc_buffer((group,), "float32")
@@ -240,24 +254,30 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                     first: T.let[T.int32] = t % ranges * n_pages // ranges  # this task's pages: [first, last)
                     last: T.let[T.int32] = (t % ranges + 1) * n_pages // ranges
                     n_keys: T.let[T.int32] = T.max(T.min(n, last * page_size) - first * page_size, 0)
-                    for g in T.serial(group):
-                        for c in T.vectorized(d):
-                            query[c] = T.Cast("float32", q[b, hk * group + g, c]) * (sm_scale * T.float32(log2e))
+                    for gb in T.serial(group // heads):
+                        for u in T.serial(heads):
+                            for c in T.vectorized(d):
+                                query[u * d + c] = T.Cast("float32", q[b, hk * group + gb * heads + u, c]) \
+                                    * (sm_scale * T.float32(log2e))
                         # a page's keys are one tile of the macro's 16
                         _softmax_weights(query, lambda jo, c, ji: key_tiles[page_values[p0 + first + jo], 0, hk, c, ji],
-                                         scores, g * range_keys(max_num_pages), tile, peak, sums, best, total, g,
-                                         n_keys, d)
+                                         scores, gb * heads * range_keys(max_num_pages), range_keys(max_num_pages),
+                                         tile, peak, sums, best, total, gb * heads, heads, chains, n_keys, d)
                     for i in T.serial(group * d):
                         acc[i] = T.float32(0)
                     for pj in T.serial(last - first):  # each value read once for the group's query heads
-                        for ji in T.serial(T.min(page_size, n_keys - pj * page_size)):
-                            for g in T.unroll(group):
-                                for c in T.vectorized(d):
-                                    acc[g * d + c] += scores[g * range_keys(max_num_pages) + pj * page_size + ji] \
-                                        * T.Cast("float32", pages[page_values[p0 + first + pj], 1, hk, ji, c])
+                        page: T.let[T.int32] = page_values[p0 + first + pj]
+                        for ch in T.serial(d // chunk):  # a page's values stay in L1 over the chunks of d
+                            for ji in T.serial(T.min(page_size, n_keys - pj * page_size)):
+                                for g in T.unroll(group):
+                                    for c in T.vectorized(chunk):
+                                        acc[g * d + ch * chunk + c] += \
+                                            scores[g * range_keys(max_num_pages) + pj * page_size + ji] \
+                                            * T.Cast("float32", pages[page, 1, hk, ji, ch * chunk + c])
                     for g in T.serial(group):
                         for c in T.vectorized(d):
                             part_acc[(t * group + g) * d + c] = acc[g * d + c]
+                    for g in T.serial(group):
                         part_best[t * group + g] = best[g]
                         part_total[t * group + g] = total[g]
             for h in T.serial(h_q):  # the ranges merged: weights 2^(range max - overall max)
@@ -351,7 +371,7 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: 
                         for c in T.vectorized(d):
                             query[c] = T.Cast("float32", q[q0 + i, h, c]) * (sm_scale * T.float32(log2e))
                         _softmax_weights(query, lambda jo, c, ji: key_tiles[page_values[p0 + jo], 0, hk, c, ji], scores,
-                                         0, tile, peak, sums, best, total, 0, seen, d)
+                                         0, 0, tile, peak, sums, best, total, 0, 1, CHAINS, seen, d)
                         for c in T.vectorized(d):
                             acc[c] = T.float32(0)
                         for j in T.serial(seen):
