@@ -89,16 +89,20 @@ class TritGEMVCuda(ScheduleRule):
     """Decode (one row of x), split-K: a thread block is 32 rows (one warp wide) by `k_split` warps,
     each warp taking every k_split-th 80-weight block; the partial sums meet in a shared-memory
     reduction. More warps per row tile keep more loads in flight when `out` is small (2048 rows are
-    only 64 tiles for 132 SMs)."""
+    only 64 tiles for 132 SMs). With fewer row tiles than `few_tiles` (about a datacenter GPU's SM count: A100
+    108, H100 / H200 132), up to 32 warps, down to one 80-weight block each. Measured on an H200 (2026-12-04,
+    benchmarks/results/gpu_check_h200_2026-12-04.jsonl): 32 warps took the 2048-row GEMVs (64 and 80 tiles)
+    from 19.4 to 15.8 µs and down_proj (64 tiles) from 40.5 to 33.6, and gate_up (688 tiles) from 38.3 to 76.6."""
 
-    def __init__(self, max_k_split: int = 16, min_blocks: int = 4):
-        self.max_k_split, self.min_blocks = max_k_split, min_blocks
+    def __init__(self, max_k_split: int = 16, min_blocks: int = 4, few_tiles: int = 128):
+        self.max_k_split, self.min_blocks, self.few_tiles = max_k_split, min_blocks, few_tiles
 
-    def k_split(self, n_blocks: int) -> int:
+    def k_split(self, n_blocks: int, n_tiles: int) -> int:
         """Warps per row tile: a power of two ≤ max_k_split, doubled while n_blocks ≥ min_blocks·that
-        (at least min_blocks/2 80-weight blocks per warp)."""
+        (at least min_blocks/2 80-weight blocks per warp); 32 and 1 with fewer than few_tiles row tiles."""
+        max_ks, min_blocks = (WARP, 1) if n_tiles < self.few_tiles else (self.max_k_split, self.min_blocks)
         ks = 1
-        while ks * 2 <= self.max_k_split and ks * self.min_blocks <= n_blocks:
+        while ks * 2 <= max_ks and ks * min_blocks <= n_blocks:
             ks *= 2
         return ks
 
@@ -115,8 +119,9 @@ class TritGEMVCuda(ScheduleRule):
         spatial, (kb, kp) = split_loops(sch, b["trit_matmul"])
         n_blocks = int(sch.get(kb).extent)
         bx, tx = sch.split(sch.fuse(*spatial), factors=[None, WARP])
+        n_tiles = int(sch.get(bx).extent)
         # interleaved: warp w takes blocks w, w + ks, ... so the warps of a tile read neighbouring bytes
-        kr, ty = sch.split(kb, factors=[None, self.k_split(n_blocks)])
+        kr, ty = sch.split(kb, factors=[None, self.k_split(n_blocks, n_tiles)])
         sch.reorder(ty, kr)
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")

@@ -91,9 +91,9 @@ def prepare(bundle: Path, skip_decode: bool = False) -> None:
 
 def gemv_variants(layout, other, gemv, gemm) -> list:
     """(name, rule, layout) the gemv step compares: the default split-K rule and decode, the other
-    decode, a wider split, and no split (the GEMM rule on one row)."""
+    decode, the split before it took up to 32 warps on few row tiles, and no split (the GEMM rule on one row)."""
     return [("splitk", gemv(), layout), (f"splitk_{other.decode}", gemv(), other),
-            ("splitk32", gemv(32, 1), layout), ("onethread", gemm(), layout)]
+            ("splitk_max16", gemv(few_tiles=0), layout), ("onethread", gemm(), layout)]
 
 
 def _logits_func():
