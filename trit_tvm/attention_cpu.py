@@ -312,7 +312,6 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                     for g in T.serial(group):
                         for c in T.vectorized(d):
                             part_acc[(t * group + g) * d + c] = acc[g * d + c]
-                    for g in T.serial(group):
                         part_best[t * group + g] = best[g]
                         part_total[t * group + g] = total[g]
             for h in T.serial(h_q):  # the ranges merged: weights 2^(range max - overall max)
