@@ -84,8 +84,6 @@ def test_cuda_artifact_runs_on_gpu(cuda_artifact, llvm_artifact):
     assert np.abs(gpu.prefill_logits(prompt) - cpu.prefill_logits(prompt)).max() < 5e-2
 
 
-# ---- bad input ----------------------------------------------------------------------------------------
-
 COMPILER_IMPORT = re.compile(r"^\s*(from tvm(\.\w+)* import .*\b(script|relax|tirx|te|dlight|meta_schedule)\b"
                              r"|(from|import) tvm\.(script|relax|tirx|te|s_tir|dlight|meta_schedule)\b"
                              r"|(from|import) (\.+|trit_tvm\.)(operator|pipeline|compile|attention_cpu|models)\b"
@@ -101,6 +99,9 @@ def test_runtime_loads_no_compiler_module():
     assert any(f.endswith("runtime.py") for f in files)
     offending = {f: m.group(0).strip() for f in files if (m := COMPILER_IMPORT.search(open(f).read()))}
     assert not offending
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
 
 def _err(main, args, capsys):
     code = main([str(a) for a in args])
