@@ -107,6 +107,12 @@ def _prefetch(buf, page, kind, head, elem):
                               T.int32(0), T.int32(3), T.int32(1))
 
 
+def _page_ahead(page_values, at, j, count):
+    """The page AHEAD_PAGES after the j-th of the `count` pages listed from page_values[at] (the last one at the
+    end: a prefetch past it would only repeat it)."""
+    return page_values[at + T.min(j + AHEAD_PAGES, count - 1)]
+
+
 def ragged_prefill_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tvm.tirx.PrimFunc:
     """The kernel for h_q query heads sharing h_kv key/value heads of size d (GQA), activations in dtype."""
     group = h_q // h_kv
@@ -288,8 +294,8 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                                          tile, peak, sums, best, total, gb * heads, heads, chains, n_keys, d,
                                          lambda jo, line: T.if_then_else(  # the next page's keys, this page's values
                                              line < tile_lines,
-                                             _prefetch(key_tiles, page_values[p0 + first + T.min(jo + AHEAD_PAGES,
-                                                                                                  last - first - 1)],
+                                             _prefetch(key_tiles, _page_ahead(page_values, p0 + first, jo,
+                                                                                last - first),
                                                        0, hk, line * line_elems),
                                              _prefetch(pages, page_values[p0 + first + jo], 1, hk,
                                                        (line - tile_lines) * line_elems)),
@@ -299,9 +305,8 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                     for pj in T.serial(last - first):  # each value read once for the group's query heads
                         page: T.let[T.int32] = page_values[p0 + first + pj]
                         for line in T.unroll(tile_lines):  # again: the keys since have pushed them out of L1
-                            T.evaluate(_prefetch(pages, page_values[p0 + first + T.min(pj + AHEAD_PAGES,
-                                                                                       last - first - 1)],
-                                                 1, hk, line * line_elems))
+                            T.evaluate(_prefetch(pages, _page_ahead(page_values, p0 + first, pj, last - first), 1,
+                                                 hk, line * line_elems))
                         for ch in T.serial(d // chunk):  # a page's values stay in L1 over the chunks of d
                             for ji in T.serial(T.min(page_size, n_keys - pj * page_size)):
                                 for g in T.unroll(group):
