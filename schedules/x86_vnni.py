@@ -12,7 +12,7 @@ with a multiply-high (and a wrapping multiply for the next digit), as in the FP3
 gathers the low bytes of two such registers into the 16 rows × 4 weights byte order `vpdpbusd` reads.
 Depth-1 matrices are in the 2-bit layout instead (codec.format.dot_order_codes): one 512-bit load per group
 and panel, stored in that byte order already, so each group of 4 weights × 16 rows is a shift and a mask;
-on AVX2 CPUs depth-3 matrices are in 5 bits in that order too (4-bit fields and a plane of bit 4) and
+depth-3 matrices are in 5 bits in that order too (4-bit fields and a plane of bit 4), and on AVX2 CPUs
 depth-4 ones in bytes (nothing to decode).
 
 Decode (one row of x, `vnni_gemv_func`): the digits go straight into the dot products, ~34 instructions per

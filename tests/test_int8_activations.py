@@ -25,6 +25,8 @@ INT8 = WeightLayout(16, int8_activations=True)
 ICELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})  # AVX-512 VNNI and VBMI
 INT8_PERMUTE = WeightLayout(16, permute_steps=True, int8_activations=True)
 INT8_2BIT = WeightLayout(16, permute_steps=True, int8_activations=True, two_bit_depth1=True)
+INT8_DOT = WeightLayout(16, permute_steps=True, int8_activations=True, two_bit_depth1=True,
+                        five_bit_depth3=True)  # what ICELAKE gets
 AVX2_INT8 = WeightLayout(16, int8_activations=True, two_bit_depth1=True, byte_depth4=True,
                          five_bit_depth3=True, factored_steps=True)  # what ZEN2 gets
 ZEN2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})  # AVX2, no AVX-512: the AVX2 integer kernels
@@ -78,7 +80,7 @@ def test_int8_form_through_cpu_rules_matches_reference(depth, n_out, n_in, bias)
 
 
 def test_layout_for_int8_activations_has_16_row_panels():
-    assert layout_for_target(ICELAKE, int8_activations=True) == INT8_2BIT  # d=1 in the VNNI kernels' 2-bit layout
+    assert layout_for_target(ICELAKE, int8_activations=True) == INT8_DOT  # d=1 in 2 bits, d=3 in 5, for VNNI
     assert layout_for_target(ICELAKE).rows == 32 and not layout_for_target(ICELAKE).int8_activations
     no_vnni = layout_for_target(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}), True)
     assert no_vnni.int8_activations and no_vnni.permute_steps  # d=1, d=3 and d=4: the AVX2 kernels
@@ -88,7 +90,7 @@ def test_layout_for_int8_activations_has_16_row_panels():
     assert avx2 == AVX2_INT8 and avx2.codebook_size(3) == 88 + 3 * 16  # 81 entries padded to 8, 3 factor tables
     assert avx2.name == "trit-rows16-words-v1+d1-2bit-v1+d3-5bit-v1+d4-bytes-v1+factored-steps-v1"
     assert layout_for_target(ZEN2) == WeightLayout(16) and layout_for_target(ICELAKE, True).dot_bits(4) == 0
-    assert layout_for_target(ICELAKE, True).dot_bits(3) == 0  # VNNI decodes d=3 words with its byte permute
+    assert [layout_for_target(ICELAKE, True).dot_bits(d) for d in (1, 2, 3, 4)] == [2, 0, 5, 0]  # d=4: words
     arm = layout_for_target(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}), True)
     assert arm.rows == 8 and arm.int8_activations and not any(arm.dot_bits(d) for d in (1, 2, 3, 4))
     assert INT8_2BIT.dot_bits(1) == 2 and not INT8_2BIT.dot_bits(2)
@@ -124,7 +126,7 @@ def _vnni_libs(n_out, n_in, depth, bias=False, parts=(), layout=INT8_PERMUTE):
     return libs
 
 
-@pytest.mark.parametrize("depth,layout", [(1, INT8_2BIT), (3, INT8_PERMUTE)])
+@pytest.mark.parametrize("depth,layout", [(1, INT8_2BIT), (3, INT8_PERMUTE), (3, INT8_DOT)])
 def test_vnni_kernels_build_everywhere(depth, layout):
     """The VNNI kernels compile for an AVX-512 VNNI target on any host (the runs below need such a CPU)."""
     for rule, rows in ((TritGEMVVNNI(), 1), (TritGEMMVNNI(), None)):
@@ -216,24 +218,26 @@ def test_dot_order_operator_states_the_layout(n_out, n_in, depth):
 
 
 @pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI / VBMI")
+@pytest.mark.parametrize("depth", [1, 3])
 @pytest.mark.parametrize("n_out,n_in", SHAPES + [(300, 16 * 61)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_two_bit_vnni_kernels_match_reference(n_out, n_in, bias):
-    """The VNNI kernels on the 2-bit layout (d=1): odd N, one group, K long enough for the prefetches; the
-    prefill kernel on 1, 7 and 13 rows; stacked matrices with their own codebooks."""
-    gemv, gemm = _vnni_libs(n_out, n_in, 1, bias, layout=INT8_2BIT)
+def test_dot_order_vnni_kernels_match_reference(n_out, n_in, bias, depth):
+    """The VNNI kernels on the 2-bit (d=1) and 5-bit (d=3) layouts: odd N, one group, K long enough for the
+    prefetches; the prefill kernel on 1, 7 and 13 rows."""
+    gemv, gemm = _vnni_libs(n_out, n_in, depth, bias, layout=INT8_DOT)
     for lib, rows in ((gemv, 1), (gemm, 1), (gemm, 7), (gemm, 13)):
-        arrays = operator_inputs(n_out, n_in, 1, rows, bias, seed=n_out + rows)
-        _assert_int8_result(_run(lib, INT8_2BIT, arrays, n_in, 1, rows, n_out), arrays)
+        arrays = operator_inputs(n_out, n_in, depth, rows, bias, seed=n_out + rows)
+        _assert_int8_result(_run(lib, INT8_DOT, arrays, n_in, depth, rows, n_out), arrays)
 
 
 @pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI / VBMI")
+@pytest.mark.parametrize("depth", [1, 3])
 @pytest.mark.parametrize("parts", STACKS)
-def test_two_bit_vnni_kernels_read_each_stacked_matrix_codebook(parts):
+def test_dot_order_vnni_kernels_read_each_stacked_matrix_codebook(parts, depth):
     n_out, n_in = sum(parts), 16 * 13
-    for lib, rows in zip(_vnni_libs(n_out, n_in, 1, parts=parts, layout=INT8_2BIT), (1, 7)):
-        x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, 1, rows, seed=len(parts) + rows)
-        got = _run(lib, INT8_2BIT, [x, codes, scales, codebook], n_in, 1, rows, n_out)
+    for lib, rows in zip(_vnni_libs(n_out, n_in, depth, parts=parts, layout=INT8_DOT), (1, 7)):
+        x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, depth, rows, seed=len(parts) + rows)
+        got = _run(lib, INT8_DOT, [x, codes, scales, codebook], n_in, depth, rows, n_out)
         _assert_int8_result(got, [x, codes, scales, codebook], parts)
 
 

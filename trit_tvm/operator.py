@@ -8,10 +8,10 @@ r < 5 groups is packed in plain order (weight 80B+t: byte 16B + t/5, position t%
     step[n, g]     = codebook[Σ_i digit(scales[n, i, g/5], g%5) · 3^i]
 CPU kernels read the words layout instead (WeightLayout.words): u = q + qmax of every weight as one
 base-3^d digit of a 16-bit word, m per word, blocks of m groups, K zero-padded to whole blocks (x is padded
-alike, so there is no tail): digit(word, p) = (3^d · T_p) >> 16. With int8 activations on VNNI CPUs, depth-1
-matrices are in the 2-bit layout instead (WeightLayout.two_bit_depth1, codec.format.dot_order_codes), and where
-those kernels are AVX2's, depth-3 matrices in 5 bits and depth-4 ones in bytes (WeightLayout.five_bit_depth3,
-byte_depth4).
+alike, so there is no tail): digit(word, p) = (3^d · T_p) >> 16. With int8 activations on CPUs with the
+integer kernels, depth-1 matrices are in the 2-bit layout instead and depth-3 ones in 5 bits (WeightLayout.
+two_bit_depth1, five_bit_depth3; codec.format.dot_order_codes), and where those kernels are AVX2's, depth-4 ones
+in bytes (byte_depth4).
 The TE below states the computation as blocks of one PrimFunc, in one of two forms (`_dequantized_tiles`):
   grouped:     trit_decode (u = q + qmax), per-group dot products (trit_group_dot, corrected by qmax·Σx
                from trit_xsum), group steps (trit_step) and their accumulation (trit_matmul)
@@ -37,7 +37,7 @@ from codec.format import BLOCK, DOT_CHUNK, DOT_HIGH_BITS, DOT_PLANE, DOT_ROWS, F
     padded_blocks, scale_words, unpack_matrix, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
-from schedules import avx2_dot_order_for_target, decode_for_target, layout_rows_for_target, two_bit_depth1_for_target
+from schedules import avx2_dot_order_for_target, decode_for_target, dot_order_for_target, layout_rows_for_target
 from schedules.base import ACT_MAX, DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, INT8_ACTIVATIONS_ATTR, \
     DOT_BITS_ATTR, FACTORED_STEPS_ATTR, LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
 from schedules.x86_lookup import LANES, TABLE_WINDOW
@@ -269,10 +269,10 @@ def layout_for_target(target, int8_activations: bool = False) -> WeightLayout:
     rows, decode = layout_rows_for_target(target, int8_activations), decode_for_target(target)
     permute = (target.kind.name == "llvm" and rows % LANES == 0
                and bool(tvm.target.codegen.target_has_features("avx512f", target)))
-    avx2_dot_order = avx2_dot_order_for_target(target, int8_activations)
-    return WeightLayout(rows, decode, permute, int8_activations, two_bit_depth1_for_target(target, int8_activations),
-                        byte_depth4=avx2_dot_order, five_bit_depth3=avx2_dot_order,
-                        factored_steps=avx2_dot_order and not permute)
+    dot_order, avx2_dot_order = dot_order_for_target(target, int8_activations), avx2_dot_order_for_target(
+        target, int8_activations)
+    return WeightLayout(rows, decode, permute, int8_activations, two_bit_depth1=dot_order, five_bit_depth3=dot_order,
+                        byte_depth4=avx2_dot_order, factored_steps=avx2_dot_order and not permute)
 
 
 def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:
