@@ -269,8 +269,8 @@ def layout_for_target(target, int8_activations: bool = False) -> WeightLayout:
     rows, decode = layout_rows_for_target(target, int8_activations), decode_for_target(target)
     permute = (target.kind.name == "llvm" and rows % LANES == 0
                and bool(tvm.target.codegen.target_has_features("avx512f", target)))
-    dot_order, avx2_dot_order = dot_order_for_target(target, int8_activations), avx2_dot_order_for_target(
-        target, int8_activations)
+    dot_order = dot_order_for_target(target, int8_activations)
+    avx2_dot_order = avx2_dot_order_for_target(target, int8_activations)
     return WeightLayout(rows, decode, permute, int8_activations, two_bit_depth1=dot_order, five_bit_depth3=dot_order,
                         byte_depth4=avx2_dot_order, factored_steps=avx2_dot_order and not permute)
 

@@ -68,7 +68,7 @@ def make_runner(rpc_tracker: str | None, rpc_key: str | None, timeout_s: int = 6
     return ms.runner.RPCRunner(rpc_config=config)
 
 
-def import_tensor_intrinsics() -> None:
+def _import_tensor_intrinsics() -> None:
     """Import tvm.s_tir.tensor_intrin (MetaSchedule's TuneContext does, first thing) in seconds, not ~20 s.
 
     Each of its ~280 TVMScript functions calls inspect.stack(); for the import machinery's frames (file
@@ -90,7 +90,7 @@ def tune_kernels(kernels: dict[str, tvm.tirx.PrimFunc], target: tvm.target.Targe
         raise CompileError("the model has no static-shape trit kernels to tune")
     work_dir.mkdir(parents=True, exist_ok=True)
     mod = tvm.IRModule(dict(kernels))
-    import_tensor_intrinsics()
+    _import_tensor_intrinsics()
     return ms.tir_integration.tune_tir(
         mod, target, str(work_dir), max_trials_global=trials_per_kernel * len(kernels),
         max_trials_per_task=trials_per_kernel, num_trials_per_iter=min(trials_per_kernel, 16),
