@@ -12,11 +12,12 @@ from .cpu import DenseLogitsCPU, TritGEMMCPU, TritGEMMVNNI, TritGEMVCPU, TritGEM
 from .cpu_rows import ElementwiseCPU, RowReductionCPU
 from .cuda import TritGEMMCuda, TritGEMVCuda
 from .x86_vnni import ROWS as VNNI_ROWS
-from .x86_vnni import ISA_AVX2, isa_for_target
+from .arm_dotprod import supports as has_arm_dotprod
+from .x86_vnni import DOT_ORDER_ONLY, isa_for_target
 
 __all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "RowReductionCPU",
            "TritGEMMCPU", "TritGEMMCuda", "TritGEMMVNNI", "TritGEMVCPU", "TritGEMVCuda", "TritGEMVVNNI",
-           "avx2_dot_order_for_target", "decode_for_target", "dot_order_for_target", "is_trit_decode_matmul",
+           "byte_depth4_for_target", "decode_for_target", "dot_order_for_target", "is_trit_decode_matmul",
            "layout_rows_for_target", "rules_for_target"]
 
 LAYOUT_ROWS = 32  # x86: 32 rows x 16-bit lanes = one AVX-512 register; CUDA: one warp reads 32 rows' bytes
@@ -37,11 +38,12 @@ def rules_for_target(target: tvm.target.Target, choices: dict[str, dict] | None 
 def layout_rows_for_target(target: tvm.target.Target, int8_activations: bool = False) -> int:
     """Rows interleaved in the run-time weight layout the rules expect (0 = the checkpoint's planes):
     one SIMD register of 16-bit lanes on CPUs (AVX-512, AVX2, NEON), one warp on GPUs; with int8 activations
-    on AVX-512, the 16 int32 lanes of the VNNI kernel's accumulators (schedules/x86_vnni.py)."""
+    on AVX-512 (and aarch64 with dotprod), the 16 int32 lanes of the integer kernels' panels
+    (schedules/x86_vnni.py)."""
     if target.kind.name != "llvm":
         return LAYOUT_ROWS
     if str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64")):
-        return LAYOUT_ROWS_ARM
+        return VNNI_ROWS if int8_activations and has_arm_dotprod(target) else LAYOUT_ROWS_ARM
     if not tvm.target.codegen.target_has_features("avx512f", target):
         return LAYOUT_ROWS_AVX2
     return VNNI_ROWS if int8_activations else LAYOUT_ROWS
@@ -49,7 +51,7 @@ def layout_rows_for_target(target: tvm.target.Target, int8_activations: bool = F
 
 def dot_order_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
     """Depth-1 matrices in 2 bits and depth-3 ones in 5 bits (codec.format.dot_order_codes): what the integer
-    kernels (AVX-512 VNNI or AVX2) read them in, so only with int8 activations on CPUs that run those kernels.
+    kernels (AVX-512 VNNI, AVX2 or aarch64 dotprod) read them in, so only with int8 activations on CPUs that run those kernels.
     A shift and a mask per chunk instead of the words' two 16-bit multiplies a weight and a byte permute, in
     fewer bytes (5 against d=3 words' 5.33 bits); with VNNI on Zen 5, Qwen2.5-3B's d=3 decode GEMVs from
     memory took 8-18% less time in 5 bits than in words (gate/up 697 -> 610 µs)."""
@@ -57,12 +59,12 @@ def dot_order_for_target(target: tvm.target.Target, int8_activations: bool = Fal
             and isa_for_target(target, dot_order=True) is not None)
 
 
-def avx2_dot_order_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
+def byte_depth4_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
     """Depth-4 matrices in bytes (codec.format.dot_order_codes) and the codebooks' factor tables where the
-    integer kernels are AVX2's: they have no byte permute to take the words layout apart (VNNI's read d=4 words
-    about as fast as bytes: the same 8 bits a weight)."""
+    integer kernels are AVX2's or aarch64's: they have no byte permute to take the words layout apart (VNNI's
+    read d=4 words about as fast as bytes: the same 8 bits a weight)."""
     return (dot_order_for_target(target, int8_activations)
-            and isa_for_target(target, dot_order=True) == ISA_AVX2)
+            and isa_for_target(target, dot_order=True) in DOT_ORDER_ONLY)
 
 
 def decode_for_target(target: tvm.target.Target) -> str:

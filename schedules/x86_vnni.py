@@ -24,9 +24,11 @@ at a time over GROUP_BLOCK_AVX2 groups of the tile, which hold q (signed) where 
 that every tile vector is a memory operand of `vpmaddubsw` (x86_avx2.group_dot_offset): with row tiles, LLVM kept
 the tile's vectors in registers and spilled the accumulators (Zen 2, Qwen2.5-3B gate/up, 128 rows: 50.8 ms
 before, 45.8 after; 44.2–44.8 with the offset's correction added as a float, _tile_group_dot).
+On aarch64 CPUs with the dot-product extension the same kernels read the dot-order layouts with `sdot`
+(arm_dotprod.py: a group's 16 rows are four registers of 4).
 The kernels are hand-written TVMScript; TritGEMVVNNI / TritGEMMVNNI (schedules/cpu.py) substitute them for
-the operator's int8 form on targets with avx512vnni and avx512vbmi. x is quantized first, per row (over the
-cores for a prefill), before the parallel loop over panels.
+the operator's int8 form on targets with avx512vnni and avx512vbmi (or AVX2 or aarch64's dotprod). x is quantized
+first, per row (over the cores for a prefill), before the parallel loop over panels.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ from codec.format import DOT_HIGH_BITS, DOT_ROWS, FACTORS, dot_field_bits, facto
     word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 
-from . import x86_avx2
+from . import arm_dotprod, x86_avx2
 from .base import ACT_MAX, ACT_OFFSET
 from .prefetch import LINE_BYTES, PREFETCH_BLOCKS, prefetch_call
 from .x86_lookup import TABLE_WINDOW, permute_lookup
@@ -56,9 +58,12 @@ TILE_BYTES = 64  # one chunk of a panel's byte tile: 16 rows x 4 weights
 ROW_TILE = 8  # prefill: rows of x per pass over a panel's tile (their accumulators stay in registers)
 ROW_TILE_AVX2 = 1  # AVX2 (16 ymm registers): one row at a time, its 16 accumulators in 2 (see GROUP_BLOCK_AVX2)
 GROUP_BLOCK_AVX2 = 64  # AVX2 prefill: groups per pass over the rows, their tile (16 KB), steps and sums in L1
+ROW_TILE_DOTPROD = 4  # aarch64 prefill: 4 rows' 16 accumulators in 16 of the 32 NEON registers (not timed)
 ISA_VNNI = "avx512-vnni"  # vpdpbusd, vpermt2b, vpermi2ps: every layout
 SCALE_DIGITS = word_digits(CODEBOOK_SIZE)  # step indices per 16-bit scale word
 ISA_AVX2 = "avx2"  # vpmaddubsw + vpmaddwd, vpermps (x86_avx2.py): the dot-order layouts only
+ISA_DOTPROD = arm_dotprod.ISA  # aarch64 sdot (arm_dotprod.py): the dot-order layouts only
+DOT_ORDER_ONLY = (ISA_AVX2, ISA_DOTPROD)  # the ISAs without a byte permute for the words layout
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,13 @@ class VNNIKnobs:
 
 
 def default_knobs(isa: str) -> VNNIKnobs:
-    """The hand-written choices of an ISA's kernels (AVX2: the prefill a row at a time over L1-sized tiles)."""
-    return VNNIKnobs(row_tile=ROW_TILE_AVX2, group_block=GROUP_BLOCK_AVX2) if isa == ISA_AVX2 else VNNIKnobs()
+    """The hand-written choices of an ISA's kernels (AVX2: the prefill a row at a time over L1-sized tiles; aarch64:
+    ROW_TILE_DOTPROD rows, whose accumulators and a chunk of the tile fit NEON's 32 registers, over such tiles)."""
+    if isa == ISA_AVX2:
+        return VNNIKnobs(row_tile=ROW_TILE_AVX2, group_block=GROUP_BLOCK_AVX2)
+    if isa == ISA_DOTPROD:
+        return VNNIKnobs(row_tile=ROW_TILE_DOTPROD, group_block=GROUP_BLOCK_AVX2)
+    return VNNIKnobs()
 
 
 REQUIRED_FEATURES = ("avx512bw", "avx512vnni", "avx512vbmi")  # 16-bit multiplies, vpdpbusd, vpermt2b
@@ -95,10 +105,15 @@ def supports(target: tvm.target.Target) -> bool:
 
 def isa_for_target(target: tvm.target.Target, dot_order: bool) -> str | None:
     """Which form of these kernels the target runs for a matrix in the words layout or (dot_order) a dot-order
-    one: AVX-512 VNNI for both, AVX2 for the dot-order layouts only, None where they do not run."""
+    one: AVX-512 VNNI for both, AVX2 and aarch64's dotprod for the dot-order layouts only, None where they do not
+    run."""
     if supports(target):
         return ISA_VNNI
-    return ISA_AVX2 if dot_order and x86_avx2.supports(target) else None
+    if not dot_order:
+        return None
+    if arm_dotprod.supports(target):
+        return ISA_DOTPROD
+    return ISA_AVX2 if x86_avx2.supports(target) else None
 
 
 def _byte_order() -> tirx.PrimExpr:
@@ -143,8 +158,8 @@ class _Sizes:
     factored: bool = False  # the codebook parameter ends in factor tables (codec.format.codebook_factors)
 
     def __post_init__(self):
-        if self.isa == ISA_AVX2 and not self.bits:
-            raise ValueError("the AVX2 integer kernels read the dot-order layouts only")
+        if self.isa in DOT_ORDER_ONLY and not self.bits:
+            raise ValueError(f"the {self.isa} integer kernels read the dot-order layouts only")
 
     @property
     def m(self) -> int:  # digits (groups) per word
@@ -195,6 +210,8 @@ class _Sizes:
         factored: from the panel's matrix's factor tables (for panels whose tables are exact)."""
         if self.isa == ISA_VNNI:
             return permute_lookup(codebook, index)
+        if self.isa == ISA_DOTPROD:  # absolute indices (panel_lookup is AVX2's), a load per lane
+            return codebook[index[tirx.Ramp(0, 1, ROWS)]]
         if factored:
             return x86_avx2.factored_lookup(codebook, index[tirx.Ramp(0, 1, ROWS)], self.factor_tables(panel * ROWS))
         return x86_avx2.step_lookup(codebook, index[tirx.Ramp(0, 1, ROWS)],
@@ -215,6 +232,8 @@ class _Sizes:
         """init + the 16 rows' dot products over a group's 4 chunks (64 weight bytes, 4 activation bytes each)."""
         if self.isa == ISA_AVX2:
             return x86_avx2.group_dot(chunks, x4s, init, 3 ** self.depth - 1)
+        if self.isa == ISA_DOTPROD:
+            return arm_dotprod.group_dot(chunks, x4s, init)
         for chunk, x4 in zip(chunks, x4s):
             init = _dot(init, chunk, x4)
         return init
@@ -460,9 +479,9 @@ def vnni_gemv_func(n_out: int, n_in: int, depth: int, parts: tuple[int, ...] = (
     rows per panel (codes [ceil(n_out/16), 16·B, 16], scales [ceil(n_out/16), ceil(m·B/3), 16]) or with
     bits a dot-order layout (codes [ceil(n_out/16), K·bits/16, 16], scales [ceil(n_out/16), ceil(K/48), 16]), the
     operator's parameters (x, codes, scales, codebook, [bias], out); parts: row counts of stacked matrices.
-    isa: ISA_VNNI or ISA_AVX2 (dot order only); table_size: entries of the codebook parameter (default: padded
-    to the AVX-512 permutes' 32-entry windows, as WeightLayout.permute_steps has it); factored: the parameter
-    ends in factor tables (WeightLayout.factored_steps)."""
+    isa: ISA_VNNI, or ISA_AVX2 or ISA_DOTPROD (dot order only); table_size: entries of the codebook parameter
+    (default: padded to the AVX-512 permutes' 32-entry windows, as WeightLayout.permute_steps has it); factored:
+    the parameter ends in factor tables (WeightLayout.factored_steps)."""
     s = _Sizes(n_out, n_in, depth, tuple(parts), bits, isa, table_size, factored)
     knobs = knobs or default_knobs(isa)
     group_dots = _group_dots_dot_order if bits else _group_dots_words

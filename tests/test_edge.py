@@ -111,6 +111,30 @@ def test_emulated_aarch64_device_matches_x86_build(arm_artifact, llvm_artifact):
     assert tokens == TritModel(llvm_artifact).generate(PROMPT, 12).tokens
 
 
+def test_emulated_aarch64_dotprod_int8_build_matches_x86_int8_build(trit_ckpt, tmp_path):
+    """--target aarch64-dotprod --int8-activations: the `sdot` kernels (d=3 in the 5-bit layout) on the emulated
+    device give the greedy tokens of this CPU's int8 build (VNNI or AVX2 kernels: the same integer sums)."""
+    if shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None \
+            or not (ARM_ROOT / "ready").exists():
+        pytest.skip("no emulated aarch64 device: run scripts/arm_device.sh prepare")
+    import json
+    builds = {}
+    for target in ("aarch64-dotprod", "llvm"):
+        builds[target] = tmp_path / target
+        assert compile_main([str(trit_ckpt), "--target", target, "--int8-activations", "-o",
+                             str(builds[target])]) == 0
+    manifest = json.loads((builds["aarch64-dotprod"] / "manifest.json").read_text())
+    assert manifest["arch"] == "aarch64" and "d3-5bit" in manifest["weight_layout"]
+    port = _free_port()
+    proc = _start(["bash", str(ARM_DEVICE), "serve", str(port)], port, seconds=120)
+    try:
+        remote = TritModel(builds["aarch64-dotprod"], runtime=RemoteRuntime(f"127.0.0.1:{port}", timeout=120))
+        tokens = remote.generate(PROMPT, 12).tokens
+    finally:
+        _stop(proc)
+    assert tokens == TritModel(builds["llvm"]).generate(PROMPT, 12).tokens
+
+
 def _cli_error(argv, capsys) -> str:
     assert run_main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err

@@ -1,8 +1,12 @@
 """The int8-activation form of trit_decode_matmul (x quantized to 8 bits per group of 16) against the numpy
 reference that models that quantization: through the generic CPU rules on every depth and odd shapes, as the
-AVX-512 VNNI integer kernels where this CPU has them, as the AVX2 ones (2-bit layout) on any x86 CPU, and in a
-compiled model."""
+AVX-512 VNNI integer kernels where this CPU has them, as the AVX2 ones (dot-order layouts) on any x86 CPU, as the
+aarch64 `sdot` ones on the emulated device (scripts/arm_device.sh), and in a compiled model."""
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +34,9 @@ INT8_DOT = WeightLayout(16, permute_steps=True, int8_activations=True, two_bit_d
 AVX2_INT8 = WeightLayout(16, int8_activations=True, two_bit_depth1=True, byte_depth4=True,
                          five_bit_depth3=True, factored_steps=True)  # what ZEN2 gets
 ZEN2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})  # AVX2, no AVX-512: the AVX2 integer kernels
+ARM_DOTPROD = parse_target("aarch64-dotprod")  # sdot: the dot-order layouts, as on AVX2
+REPO = Path(__file__).resolve().parent.parent
+ARM_ROOT = Path(os.environ.get("TRIT_ARM_ROOT", Path.home() / ".cache" / "trit-arm"))
 HOST = parse_target("llvm")
 HOST_HAS_VNNI = vnni_supported(HOST)
 HOST_HAS_AVX2 = x86_avx2.supports(HOST)
@@ -314,6 +321,76 @@ def test_avx2_kernels_read_each_stacked_matrix_codebook(parts, depth):
         x, codes, scales, codebook = stacked_operator_inputs(parts, n_in, depth, rows, seed=len(parts) + rows + 3)
         got = _run(lib, layout, [x, codes, scales, codebook], n_in, depth, rows, n_out)
         _assert_int8_result(got, [x, codes, scales, codebook], parts)
+
+
+def test_dotprod_rules_take_only_the_dot_order_layouts():
+    """aarch64 with dotprod: AVX2's layout (16-row panels, depths 1, 3 and 4 in dot order, factor tables) and the
+    integer kernels for those depths; depth 2 (words) through the float rules; plain NEON keeps its float layout."""
+    layout = layout_for_target(ARM_DOTPROD, True)
+    assert layout == AVX2_INT8 and isa_for_target(ARM_DOTPROD, dot_order=True) == "neon-dotprod"
+    assert isa_for_target(ARM_DOTPROD, dot_order=False) is None
+    for depth in (1, 3, 4):
+        for rule, rows in ((TritGEMVVNNI(), 1), (TritGEMMVNNI(), None)):
+            assert rule.apply(trit_decode_matmul_func(64, 96, depth, layout, rows=rows), ARM_DOTPROD, False)
+    assert TritGEMVVNNI().apply(trit_decode_matmul_func(64, 96, 2, layout, rows=1), ARM_DOTPROD, False) is None
+    assert TritGEMVCPU().apply(trit_decode_matmul_func(64, 96, 2, layout, rows=1), ARM_DOTPROD, False) is not None
+    plain = layout_for_target(parse_target("aarch64"), True)
+    assert plain.rows == 8 and not any(plain.dot_bits(d) for d in (1, 2, 3, 4))
+    assert layout_for_target(ARM_DOTPROD) == layout_for_target(parse_target("aarch64"))  # float activations
+
+
+def _dotprod_cases() -> list[tuple]:
+    """(name, depth, n_out, n_in, parts, bias, rows, knobs): decode and prefill (1, 7 and 13 rows) at every
+    dot-order depth on odd shapes, stacked matrices (panels across two of them), and prefill row tiles and
+    blocks of groups other than the defaults."""
+    cases = []
+    for depth in (1, 3, 4):
+        for i, (n_out, n_in) in enumerate(SHAPES + [(300, 16 * 61)]):
+            for rows in (1, 7, 13) if i < 2 else (1, 7):
+                for single in (True, False) if rows == 1 else (False,):
+                    cases.append((f"d{depth}_{n_out}x{n_in}_r{rows}{'v' if single else 'm'}", depth, n_out, n_in,
+                                  (), i % 2 == 1, rows if single else -rows, None))
+    for depth, parts in ((1, (37, 16, 16)), (3, (24, 40, 8)), (4, (32, 48, 16))):
+        for rows in (1, -7):
+            cases.append((f"d{depth}_stack{len(parts)}_r{rows}", depth, sum(parts), 16 * 13, parts, False, rows, None))
+    for depth in (1, 3, 4):
+        cases.append((f"d{depth}_knobs", depth, 37, 16 * 7, (), True, -13, {"row_tile": 3, "group_block": 3}))
+    return cases
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None
+                    or not (ARM_ROOT / "ready").exists(),
+                    reason="no emulated aarch64 device (scripts/arm_device.sh prepare: qemu-user, the cross "
+                           "compiler and an arm64 Python with TVM's runtime)")
+def test_dotprod_kernels_match_reference_on_emulated_aarch64(tmp_path):
+    """The `sdot` kernels, cross-compiled and run on the emulated aarch64 device, against the reference of the
+    int8 form (rows < 0: the prefill kernel on that many rows)."""
+    from tvm.support import cc
+    layout, expected = layout_for_target(ARM_DOTPROD, True), {}
+    for name, depth, n_out, n_in, parts, bias, rows, knobs in _dotprod_cases():
+        rule = TritGEMVVNNI() if rows > 0 else TritGEMMVNNI()
+        func = trit_decode_matmul_func(n_out, n_in, depth, layout, rows=1 if rows > 0 else None, bias=bias,
+                                       parts=parts)
+        if knobs:
+            rule = TritGEMMVNNI({kernel_key(func): {"variant": "vnni", "knobs": knobs}})
+        lib = tvm.compile(rule.apply(func, ARM_DOTPROD, False).mod["main"], target=ARM_DOTPROD)
+        assert "sdot" in lib.mod.inspect_source("asm")
+        lib.export_library(str(tmp_path / f"{name}.so"), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+        rows = abs(rows)
+        if parts:
+            arrays = stacked_operator_inputs(parts, n_in, depth, rows, seed=len(parts) + rows)
+        else:
+            arrays = operator_inputs(n_out, n_in, depth, rows, bias, seed=n_out + rows + depth)
+        packed = list(arrays)
+        packed[1:4] = (layout.repack_codes(arrays[1], n_in), layout.repack_scales(arrays[2], n_in, depth),
+                       layout.repack_codebook(arrays[3]))
+        np.savez(tmp_path / f"{name}.npz", **{f"a{i}": a for i, a in enumerate(packed)}, out_shape=(rows, n_out))
+        expected[name] = (arrays, parts)
+    runner = REPO / "tests" / "device_kernels.py"
+    subprocess.run(["bash", str(REPO / "scripts" / "arm_device.sh"), "python", str(runner), str(tmp_path)], check=True,
+                   timeout=900)
+    for name, (arrays, parts) in expected.items():
+        _assert_int8_result(np.load(tmp_path / f"{name}.out.npy"), arrays, parts)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])

@@ -114,7 +114,7 @@ def test_malformed_variants_file_is_a_one_line_error(tmp_path, text):
 
 
 def test_tuning_int8_kernels_needs_integer_kernels():
-    with pytest.raises(CompileError, match="VNNI or AVX2"):
+    with pytest.raises(CompileError, match="VNNI, AVX2 or aarch64.s dotprod"):
         tune_variants({"k": _func(1)}, parse_target("aarch64"))
     zen2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})
     with pytest.raises(CompileError, match="no int8-activation trit kernels with an integer kernel"):

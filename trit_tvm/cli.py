@@ -34,8 +34,9 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", type=Path, help="trit checkpoint dir, Hugging Face checkpoint dir or .gguf file "
                    "(Qwen2/2.5, Qwen3, Llama, Mistral)")
     p.add_argument("--target", default="llvm",
-                   help="llvm (this CPU), cuda, aarch64, a TVM tag, or a dict such as "
-                        "'{\"kind\":\"cuda\",\"arch\":\"sm_90\"}' (default: llvm)")
+                   help="llvm (this CPU), cuda, aarch64, aarch64-dotprod (ARMv8.2 dot product: Raspberry Pi 5, "
+                        "Jetson Orin), a TVM tag, or a dict such as '{\"kind\":\"cuda\",\"arch\":\"sm_90\"}' "
+                        "(default: llvm)")
     p.add_argument("-o", "--output", type=Path, help="artifact dir (default: ./<model name>-<target>)")
     p.add_argument("--depth", type=int, default=3, choices=DEPTHS,
                    help="depth when quantizing (not a trit checkpoint; default: 3)")
@@ -290,8 +291,8 @@ def tune_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("model", nargs="?", type=Path, help="trit or Hugging Face checkpoint dir (its config is used)")
     src.add_argument("--config", help="a Qwen2.5 size (0.5B, 1.5B, 3B, 7B) or a config.json: tune from shapes alone")
-    p.add_argument("--target", default="llvm", help="llvm (this CPU), aarch64, cuda or a TVM target dict "
-                   "(default: llvm)")
+    p.add_argument("--target", default="llvm", help="llvm (this CPU), aarch64, aarch64-dotprod, cuda or a TVM "
+                   "target dict (default: llvm)")
     p.add_argument("--depth", type=int, default=3, choices=DEPTHS,
                    help="trit depth of every matrix with --config or an HF checkpoint; a trit checkpoint's own "
                         "depths otherwise (default: 3)")

@@ -37,7 +37,7 @@ from codec.format import BLOCK, DOT_CHUNK, DOT_HIGH_BITS, DOT_PLANE, DOT_ROWS, F
     padded_blocks, scale_words, unpack_matrix, word_block, word_digits
 from codec.quantize import CODEBOOK_SIZE, GROUP_SIZE, qmax_of
 from codec.trits import TRITS_PER_BYTE, packed_len
-from schedules import avx2_dot_order_for_target, decode_for_target, dot_order_for_target, layout_rows_for_target
+from schedules import byte_depth4_for_target, decode_for_target, dot_order_for_target, layout_rows_for_target
 from schedules.base import ACT_MAX, DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, INT8_ACTIVATIONS_ATTR, \
     DOT_BITS_ATTR, FACTORED_STEPS_ATTR, LAYOUT_ROWS_ATTR, PARTS_ATTR, PREFILL_ROW_TILE, TRIT_OP_ATTR
 from schedules.x86_lookup import LANES, TABLE_WINDOW
@@ -145,9 +145,11 @@ class WeightLayout:
     int8_activations: the operator quantizes x to 8 bits per group of 16 (quantize_activations) before the
     product, so kernels may compute it with integer dot products (schedules/x86_vnni.py).
     two_bit_depth1: depth-1 matrices in the 2-bit layout instead of words (codec.format.dot_order_codes: the
-    bytes `vpdpbusd` reads after a shift and a mask; 16 rows per panel, int8 activations on x86).
+    bytes `vpdpbusd` and `sdot` read after a shift and a mask; 16 rows per panel, int8 activations on x86 and
+    on aarch64 with dotprod).
     byte_depth4: depth-4 matrices in the same order as bytes (the words' 8 bits a weight, nothing to decode;
-    int8 activations where the integer kernels are AVX2's, which have no byte permute to decode words with).
+    int8 activations where the integer kernels are AVX2's or aarch64's, which have no byte permute to decode
+    words with).
     five_bit_depth3: depth-3 matrices in the 5-bit dot-order layout (4-bit fields and a plane of bit 4; below
     the d=3 words' 5.33 bits a weight), also for the AVX2 integer kernels.
     factored_steps: the codebook parameter also holds every matrix's factor tables (codec.format.codebook_factors,
@@ -264,15 +266,15 @@ PLANES = WeightLayout(0)
 
 
 def layout_for_target(target, int8_activations: bool = False) -> WeightLayout:
-    """The run-time layout and decode the target's schedule rules expect (with int8 activations on x86, 16
-    rows per panel: the int32 lanes of vpdpbusd)."""
+    """The run-time layout and decode the target's schedule rules expect (with int8 activations on x86 and on
+    aarch64 with dotprod, 16 rows per panel: the int32 lanes of vpdpbusd, four registers of sdot)."""
     rows, decode = layout_rows_for_target(target, int8_activations), decode_for_target(target)
     permute = (target.kind.name == "llvm" and rows % LANES == 0
                and bool(tvm.target.codegen.target_has_features("avx512f", target)))
     dot_order = dot_order_for_target(target, int8_activations)
-    avx2_dot_order = avx2_dot_order_for_target(target, int8_activations)
+    byte_depth4 = byte_depth4_for_target(target, int8_activations)
     return WeightLayout(rows, decode, permute, int8_activations, two_bit_depth1=dot_order, five_bit_depth3=dot_order,
-                        byte_depth4=avx2_dot_order, factored_steps=avx2_dot_order and not permute)
+                        byte_depth4=byte_depth4, factored_steps=byte_depth4 and not permute)
 
 
 def _dequantized_tiles(layout: WeightLayout, lead: list) -> bool:

@@ -1,4 +1,4 @@
-"""Target names users type (llvm, cuda, aarch64, a TVM tag or dict) -> tvm.target.Target."""
+"""Target names users type (llvm, cuda, aarch64, aarch64-dotprod, a TVM tag or dict) -> tvm.target.Target."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,8 @@ SHORT_TARGETS = {
     "cpu": {"kind": "llvm"},
     "cuda": {"kind": "cuda", "arch": "sm_80"},  # PTX for sm_80 also runs on Hopper; override with a dict
     "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+    # ARMv8.2's dot product (Cortex-A76 and later: Raspberry Pi 5, Jetson Orin): --int8-activations runs `sdot`
+    "aarch64-dotprod": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
 }
 # what a CUDA target needs to say when no GPU is here to ask (every card since sm_50 has at least these);
 # without them TVM warns at every build that the target lacks max_shared_memory_per_block

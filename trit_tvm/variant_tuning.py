@@ -30,14 +30,15 @@ from tvm import tirx
 
 from schedules import TritGEMVVNNI, is_trit_decode_matmul
 from schedules.base import INT8_ACTIVATIONS_ATTR, dot_bits, kernel_key, row_count
-from schedules.x86_vnni import ISA_AVX2, ISA_VNNI, VNNIKnobs, default_knobs, isa_for_target
+from schedules.x86_vnni import ISA_AVX2, ISA_DOTPROD, ISA_VNNI, VNNIKnobs, default_knobs, isa_for_target
 
 from .errors import CompileError
 from .pipeline import schedule_pass
 
 VARIANTS_FILE = "variants.json"
 PREFETCH_GRID = (0, 4, 8, 16, 32, 64)  # weight blocks ahead (16 is the hand-written default)
-ROW_TILE_GRID = {ISA_VNNI: (4, 8, 12, 16), ISA_AVX2: (1, 2, 4)}  # prefill: rows of x per pass over a tile
+# prefill: rows of x per pass over a tile
+ROW_TILE_GRID = {ISA_VNNI: (4, 8, 12, 16), ISA_AVX2: (1, 2, 4), ISA_DOTPROD: (2, 4, 8)}
 GROUP_BLOCK_GRID = (0, 32, 64)  # prefill: groups of the tile per pass over the rows (0: all of K)
 PREFILL_ROWS = 128
 COLD_BYTES = 256 << 20  # decode timings cycle through this many bytes of weight copies (well past any L3)
@@ -148,9 +149,10 @@ def tune_variants(kernels: dict[str, tirx.PrimFunc], target: tvm.target.Target,
     best candidate's seconds (from a second alternating timing of just those two), every candidate's seconds
     in the search, and the weight bytes."""
     if isa_for_target(target, dot_order=True) is None:
-        raise CompileError("tuning the int8 kernels needs an x86 llvm target with AVX-512 VNNI or AVX2 "
-                           f"(schedules/x86_vnni.py); {target} has neither, so the float rules run the int8 form")
-    # on AVX2 only the dot-order layouts (depths 1, 3, 4) have an integer kernel; the float rules run the rest
+        raise CompileError("tuning the int8 kernels needs an llvm target with AVX-512 VNNI, AVX2 or aarch64's "
+                           f"dotprod (schedules/x86_vnni.py); {target} has none, so the float rules run the int8 form")
+    # on AVX2 and aarch64 only the dot-order layouts (depths 1, 3, 4) have an integer kernel; the float rules run
+    # the rest
     kernels = {name: f for name, f in kernels.items() if isa_for_target(target, bool(dot_bits(f)))}
     if not kernels:
         raise CompileError("the model has no int8-activation trit kernels with an integer kernel on "
