@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import tvm
 
+from .arm_dotprod import supports as has_arm_dotprod
 from .base import DECODE_INT32, DECODE_SIMD16, DECODE_TABLE32, is_trit_decode_matmul
 from .cpu import DenseLogitsCPU, TritGEMMCPU, TritGEMMVNNI, TritGEMVCPU, TritGEMVVNNI
 from .cpu_rows import ElementwiseCPU, RowReductionCPU
 from .cuda import TritGEMMCuda, TritGEMVCuda
 from .x86_vnni import ROWS as VNNI_ROWS
-from .arm_dotprod import supports as has_arm_dotprod
 from .x86_vnni import DOT_ORDER_ONLY, isa_for_target
 
 __all__ = ["DECODE_INT32", "DECODE_SIMD16", "DECODE_TABLE32", "DenseLogitsCPU", "ElementwiseCPU", "RowReductionCPU",
@@ -51,10 +51,10 @@ def layout_rows_for_target(target: tvm.target.Target, int8_activations: bool = F
 
 def dot_order_for_target(target: tvm.target.Target, int8_activations: bool = False) -> bool:
     """Depth-1 matrices in 2 bits and depth-3 ones in 5 bits (codec.format.dot_order_codes): what the integer
-    kernels (AVX-512 VNNI, AVX2 or aarch64 dotprod) read them in, so only with int8 activations on CPUs that run those kernels.
-    A shift and a mask per chunk instead of the words' two 16-bit multiplies a weight and a byte permute, in
-    fewer bytes (5 against d=3 words' 5.33 bits); with VNNI on Zen 5, Qwen2.5-3B's d=3 decode GEMVs from
-    memory took 8-18% less time in 5 bits than in words (gate/up 697 -> 610 µs)."""
+    kernels (AVX-512 VNNI, AVX2 or aarch64 dotprod) read them in, so only with int8 activations on CPUs that run
+    those kernels. A shift and a mask per chunk instead of the words' two 16-bit multiplies a weight and a byte
+    permute, in fewer bytes (5 against d=3 words' 5.33 bits); with VNNI on Zen 5, Qwen2.5-3B's d=3 decode GEMVs
+    from memory took 8-18% less time in 5 bits than in words (gate/up 697 -> 610 µs)."""
     return (int8_activations and layout_rows_for_target(target, True) == VNNI_ROWS
             and isa_for_target(target, dot_order=True) is not None)
 
