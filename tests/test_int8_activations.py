@@ -54,12 +54,17 @@ def test_quantize_activations_rounds_each_group_to_127_levels():
     assert (error <= scale[..., None] * 0.5 + 1e-7).all()
 
 
-def _run(lib, layout, arrays, n_in, depth, rows, n_out):
+def _repacked(layout, arrays, n_in, depth) -> list:
+    """The operator's inputs with codes, scales and codebook in the run-time layout."""
     arrays = list(arrays)
     arrays[1:4] = (layout.repack_codes(arrays[1], n_in), layout.repack_scales(arrays[2], n_in, depth),
                    layout.repack_codebook(arrays[3]))
+    return arrays
+
+
+def _run(lib, layout, arrays, n_in, depth, rows, n_out):
     out = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), tvm.cpu())
-    lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in arrays], out)
+    lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in _repacked(layout, arrays, n_in, depth)], out)
     return out.numpy()
 
 
@@ -379,9 +384,7 @@ def test_dotprod_kernels_match_reference_on_emulated_aarch64(tmp_path):
             arrays = stacked_operator_inputs(parts, n_in, depth, rows, seed=len(parts) + rows)
         else:
             arrays = operator_inputs(n_out, n_in, depth, rows, bias, seed=n_out + rows + depth)
-        packed = list(arrays)
-        packed[1:4] = (layout.repack_codes(arrays[1], n_in), layout.repack_scales(arrays[2], n_in, depth),
-                       layout.repack_codebook(arrays[3]))
+        packed = _repacked(layout, arrays, n_in, depth)
         np.savez(tmp_path / f"{name}.npz", **{f"a{i}": a for i, a in enumerate(packed)}, out_shape=(rows, n_out))
         expected[name] = (arrays, parts)
     runner = REPO / "tests" / "device_kernels.py"
