@@ -50,6 +50,15 @@ def llvm_artifact(trit_ckpt):
 
 
 @pytest.fixture(scope="session")
+def int8_artifact(trit_ckpt):
+    """trit_ckpt compiled by trit-compile --int8-activations for this CPU."""
+    from trit_tvm.cli import compile_main
+    out = trit_ckpt.parent / "art-llvm-int8"
+    assert compile_main([str(trit_ckpt), "--target", "llvm", "--int8-activations", "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct's GGUF quantized at d=3 by trit-quantize and compiled for this CPU, and
     transformers on the same weights (trit-dequantize --dtype float32): (TritModel, HF model)."""

@@ -1,6 +1,7 @@
 """Edge deployment: aarch64 cross-compilation, and running artifacts on TVM RPC servers (an x86 one on
 loopback, and an emulated aarch64 device: scripts/arm_device.sh, qemu-user), with every failure a clear
 error."""
+import json
 import os
 import shutil
 import signal
@@ -84,7 +85,6 @@ def test_cross_compiles_an_aarch64_library(trit_ckpt, tmp_path, target):
     assert compile_main([str(trit_ckpt), "--target", target, "-o", str(out)]) == 0
     header = (out / "model.so").read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == EM_AARCH64
-    import json
     manifest = json.loads((out / "manifest.json").read_text())
     # NEON-wide row tiles (8 x 16-bit lanes), not x86's AVX-512 ones
     assert manifest["arch"] == "aarch64" and manifest["weight_layout"] == "trit-rows8-words-v1"
@@ -97,42 +97,33 @@ def test_llvm_artifact_over_loopback_rpc_matches_local(llvm_artifact, x86_server
     assert str(remote.device).startswith("remote")
 
 
-def test_emulated_aarch64_device_matches_x86_build(arm_artifact, llvm_artifact):
+def _tokens_on_emulated_device(artifact) -> list[int]:
+    """12 greedy tokens of an aarch64 artifact on the emulated device, over RPC (skips without the device)."""
     if shutil.which("qemu-aarch64") is None or not (ARM_ROOT / "ready").exists():
         pytest.skip(f"no emulated aarch64 device: run scripts/arm_device.sh prepare (qemu-user, an arm64 "
                     f"Python with TVM's runtime in {ARM_ROOT})")
     port = _free_port()
     proc = _start(["bash", str(ARM_DEVICE), "serve", str(port)], port, seconds=120)
     try:
-        remote = TritModel(arm_artifact, runtime=RemoteRuntime(f"127.0.0.1:{port}", timeout=120))
-        tokens = remote.generate(PROMPT, 12).tokens
+        remote = TritModel(artifact, runtime=RemoteRuntime(f"127.0.0.1:{port}", timeout=120))
+        return remote.generate(PROMPT, 12).tokens
     finally:
         _stop(proc)
-    assert tokens == TritModel(llvm_artifact).generate(PROMPT, 12).tokens
 
 
-def test_emulated_aarch64_dotprod_int8_build_matches_x86_int8_build(trit_ckpt, tmp_path):
+def test_emulated_aarch64_device_matches_x86_build(arm_artifact, llvm_artifact):
+    assert _tokens_on_emulated_device(arm_artifact) == TritModel(llvm_artifact).generate(PROMPT, 12).tokens
+
+
+@needs_cross
+def test_emulated_aarch64_dotprod_int8_build_matches_x86_int8_build(trit_ckpt, int8_artifact, tmp_path):
     """--target aarch64-dotprod --int8-activations: the `sdot` kernels (d=3 in the 5-bit layout) on the emulated
     device give the greedy tokens of this CPU's int8 build (VNNI or AVX2 kernels: the same integer sums)."""
-    if shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None \
-            or not (ARM_ROOT / "ready").exists():
-        pytest.skip("no emulated aarch64 device: run scripts/arm_device.sh prepare")
-    import json
-    builds = {}
-    for target in ("aarch64-dotprod", "llvm"):
-        builds[target] = tmp_path / target
-        assert compile_main([str(trit_ckpt), "--target", target, "--int8-activations", "-o",
-                             str(builds[target])]) == 0
-    manifest = json.loads((builds["aarch64-dotprod"] / "manifest.json").read_text())
+    out = tmp_path / "art"
+    assert compile_main([str(trit_ckpt), "--target", "aarch64-dotprod", "--int8-activations", "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["arch"] == "aarch64" and "d3-5bit" in manifest["weight_layout"]
-    port = _free_port()
-    proc = _start(["bash", str(ARM_DEVICE), "serve", str(port)], port, seconds=120)
-    try:
-        remote = TritModel(builds["aarch64-dotprod"], runtime=RemoteRuntime(f"127.0.0.1:{port}", timeout=120))
-        tokens = remote.generate(PROMPT, 12).tokens
-    finally:
-        _stop(proc)
-    assert tokens == TritModel(builds["llvm"]).generate(PROMPT, 12).tokens
+    assert _tokens_on_emulated_device(out) == TritModel(int8_artifact).generate(PROMPT, 12).tokens
 
 
 def _cli_error(argv, capsys) -> str:

@@ -437,15 +437,6 @@ def test_avx2_decode_reads_factor_tables_where_exact():
     np.testing.assert_array_equal(doubled[:, 32:], good[:, 32:])
 
 
-@pytest.fixture(scope="module")
-def int8_artifact(trit_ckpt):
-    """trit_ckpt (the tiny model at d=3) compiled with trit-compile --int8-activations."""
-    from trit_tvm.cli import compile_main
-    out = trit_ckpt.parent / "art-llvm-int8"
-    assert compile_main([str(trit_ckpt), "--target", "llvm", "--int8-activations", "-o", str(out)]) == 0
-    return out
-
-
 def test_int8_model_decodes_as_it_prefills_near_the_float_model(int8_artifact, llvm_artifact):
     """Decode steps (one-row kernels) give the logits of a prefill (many-row kernels) on the same quantized
     activations; against float activations the logits move, by less than a tenth of their spread (this random
