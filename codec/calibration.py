@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CodecError
-from .gptq import DAMP
+from .gptq import DAMP, DESCENT_ROUNDS
 
 log = logging.getLogger("trit")
 SEQUENCE = 512  # tokens per calibration sample
@@ -104,6 +104,7 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
     tokens = sum(len(w) for w in windows)
     digest = hashlib.sha256(Path(text_file).read_bytes()).hexdigest()
     settings = {"file": Path(text_file).name, "sha256": digest, "samples": len(windows), "tokens": tokens,
-                "sequence": SEQUENCE, "method": "gptq", "act_order": True, "static_groups": True, "damp": DAMP}
+                "sequence": SEQUENCE, "method": "gptq", "act_order": True, "static_groups": True, "damp": DAMP,
+                "descent_rounds": DESCENT_ROUNDS}
     return Calibration({k: v.numpy() for k, v in hessians.items()}, settings,
                        {k: v.numpy() for k, v in grads.items()} if grads is not None else None, windows)

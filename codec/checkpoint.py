@@ -23,7 +23,7 @@ from .errors import CodecError, read_json
 from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
 from .calibration import Calibration, collect_hessians, read_text
 from .gguf_source import hf_source
-from .gptq import gptq_depths, gptq_matrix, loss_increase
+from .gptq import descend, gptq_depths, gptq_matrix, loss_increase
 from .mixed import allocate, check_budget, parse_overrides, pinned_depths
 from .norm_tuning import tune_norms
 from .quantize import CODEBOOK_SIZE, DEPTHS, GROUP_SIZE, QuantizedMatrix, quantize_matrix
@@ -145,7 +145,7 @@ class QuantizePlan:
             return self.results[name]
         depth = self.depth_of(name)
         if self.measured is not None and name in self.measured:
-            return self.measured.get(name, depth, w.shape[1])
+            return descend(w, self.measured.get(name, depth, w.shape[1]), self.hessians[name])
         if self.hessians is not None and name in self.hessians:
             return gptq_matrix(w, self.hessians[name], depth, name)
         return quantize_matrix(w, depth, self.mode, name)
@@ -153,7 +153,7 @@ class QuantizePlan:
 
 class MeasuredDepths:
     """Each matrix's GPTQ result at every depth, packed, in a temporary directory: mixed depth measures them all
-    to choose, and then writes the chosen one as measured instead of running its GPTQ sweep again."""
+    to choose, and then writes the chosen one (after `descend`) instead of running its GPTQ sweep again."""
 
     def __init__(self, root: Path):
         self.root, self.files = root, {}

@@ -10,6 +10,12 @@ contiguous groups) among the codebook entries around its best amplitude, by its 
 column with 1/[H⁻¹]ᵢᵢ, the output error one column's rounding costs. The per-matrix codebook is the
 data-free (mse) one. The output is an ordinary trit matrix.
 
+GPTQ's sweep is greedy: a column's code is final once rounded. `descend` then lowers the same output error by
+coordinate descent from GPTQ's result: each code moved to the integer nearest its optimum with every other
+code held, then each group's step to the best of its neighbouring codebook entries; twice, and the codes
+once more (SmolLM2 d=2, transformers on the dequantized weights: perplexity 19.00 → 18.55, the output error
+8% lower, median over matrices; one round: 18.59).
+
 Rows are independent given H, so several depths run as one sweep over a matrix with the rows of each
 depth stacked (what mixed depth measures its choices with).
 """
@@ -24,14 +30,22 @@ from .quantize import (CODEBOOK_SIZE, GROUP_SIZE, QuantizedMatrix, best_amplitud
 BLOCK = 128  # columns updated lazily together (GPTQ's block): the rest of the matrix once per block
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps the inverse well conditioned
 _NEIGHBOURS = np.arange(-2, 4)  # codebook entries tried around a group's best amplitude
+DESCENT_ROUNDS = 2  # of descend's passes over codes and steps
+_STEP_MOVES = np.arange(-2, 3)  # descent: a group's step may move this many codebook entries
 
 
-def inverse_hessian_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
-    """Upper Cholesky factor of H⁻¹ (GPTQ's formulation: row i holds the feedback of column i)."""
+def damped_hessian(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """H in float64 with damp·mean(diag) added to its diagonal, and 1 on the diagonal of inputs never seen."""
     h = np.array(h, np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    return h
+
+
+def inverse_hessian_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """Upper Cholesky factor of H⁻¹ (GPTQ's formulation: row i holds the feedback of column i)."""
+    h = damped_hessian(h, damp)
     try:
         inv = np.linalg.inv(np.linalg.cholesky(h))
         return np.linalg.cholesky(inv.T @ inv).T
@@ -90,8 +104,71 @@ def gptq_depths(w: np.ndarray, h: np.ndarray, depths: tuple[int, ...], name: str
 
 
 def gptq_matrix(w: np.ndarray, h: np.ndarray, depth: int, name: str = "weight") -> QuantizedMatrix:
-    """Quantize w [out, in] at `depth` minimizing the output error on inputs whose Xᵀ X is h [in, in]."""
-    return gptq_depths(w, h, (depth,), name)[depth]
+    """Quantize w [out, in] at `depth` minimizing the output error on inputs whose Xᵀ X is h [in, in]: GPTQ's
+    sweep, then `descend`."""
+    return descend(w, gptq_depths(w, h, (depth,), name)[depth], h)
+
+
+def descend(w: np.ndarray, qm: QuantizedMatrix, h: np.ndarray) -> QuantizedMatrix:
+    """qm with its output error ΔW H ΔWᵀ (H damped as GPTQ's) lowered by coordinate descent, each row on its own:
+    DESCENT_ROUNDS of a pass over the codes and one over the group steps, then the codes again. No move can
+    raise the error."""
+    hd = damped_hessian(h)
+    target = np.array(w, np.float64)
+    target[:, np.diag(h) == 0] = 0.0  # as GPTQ: inputs that are always zero
+    codes = qm.codes.astype(np.float64)
+    scale_idx = qm.scale_idx.astype(np.int64)
+    codebook = qm.codebook.astype(np.float64)
+    steps = np.repeat(codebook[scale_idx], GROUP_SIZE, axis=1)
+    resid = (target - codes * steps) @ hd  # ΔW H: the error's gradient (halved) in every weight
+    qmax = qmax_of(qm.depth)
+    for _ in range(DESCENT_ROUNDS):
+        _descend_codes(codes, steps, resid, hd, qmax)
+        _descend_steps(codes, scale_idx, codebook, steps, resid, hd)
+    _descend_codes(codes, steps, resid, hd, qmax)
+    return QuantizedMatrix(codes.astype(np.int8), scale_idx.astype(np.uint8), qm.codebook, qm.depth)
+
+
+def _descend_codes(codes: np.ndarray, steps: np.ndarray, resid: np.ndarray, h: np.ndarray, qmax: int) -> None:
+    """Column by column, every row's code to the integer nearest the error's minimum along it. resid is brought
+    up to date once per block of columns; inside a block each column's value is corrected for the moves before."""
+    n_out, n_in = codes.shape
+    diag = np.diag(h)
+    for b0 in range(0, n_in, BLOCK):
+        b1 = min(b0 + BLOCK, n_in)
+        moved = np.zeros((b1 - b0, n_out))  # per column of the block: how much each row's weight moved
+        for i in range(b1 - b0):
+            j = b0 + i
+            grad = resid[:, j] - moved[:i].T @ h[b0:b0 + i, j]
+            s = steps[:, j]
+            delta = np.rint(np.divide(grad, s * diag[j], out=np.zeros(n_out), where=s > 0))
+            new = np.clip(codes[:, j] + delta, -qmax, qmax)
+            moved[i] = (new - codes[:, j]) * s
+            codes[:, j] = new
+        resid -= moved.T @ h[b0:b1]
+
+
+def _descend_steps(codes: np.ndarray, scale_idx: np.ndarray, codebook: np.ndarray, steps: np.ndarray,
+                   resid: np.ndarray, h: np.ndarray) -> None:
+    """Group by group, every row's step to the codebook entry within two of its own that lowers the error most.
+    With the codes q held, a step change s → s' changes the error by 2·ds·(q·resid) + ds²·(q H q), ds = s − s'."""
+    n_out = codes.shape[0]
+    rows = np.arange(n_out)
+    for g in range(scale_idx.shape[1]):
+        cols = slice(g * GROUP_SIZE, (g + 1) * GROUP_SIZE)
+        q = codes[:, cols]
+        linear = np.sum(q * resid[:, cols], axis=1)
+        quadratic = np.sum((q @ h[cols, cols]) * q, axis=1)
+        cands = np.clip(scale_idx[:, g, None] + _STEP_MOVES, 0, CODEBOOK_SIZE - 1)
+        ds = codebook[scale_idx[:, g], None] - codebook[cands]
+        change = 2 * ds * linear[:, None] + ds * ds * quadratic[:, None]
+        best = change.argmin(axis=1)  # the move 0 is a candidate: never worse
+        if not (_STEP_MOVES[best] != 0).any():
+            continue
+        ds_best = ds[rows, best]
+        scale_idx[:, g] = cands[rows, best]
+        steps[:, cols] = codebook[scale_idx[:, g], None]
+        resid += (q * ds_best[:, None]) @ h[cols]
 
 
 def loss_increase_by_depth(w: np.ndarray, h: np.ndarray, output_grad_sq: np.ndarray, depths: tuple[int, ...],
