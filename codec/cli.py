@@ -71,8 +71,9 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover", action="store_true",
                    help="SRC is already trit-quantized (dequantized FP16/BF16): recover its codes bit-exactly")
     p.add_argument("--calibration", type=Path, metavar="FILE",
-                   help="UTF-8 text to calibrate on: each matrix is quantized by GPTQ to minimize its output error "
-                        "on the model's own inputs for this text (keep it apart from evaluation text)")
+                   help="UTF-8 text to calibrate on: each matrix is quantized by GPTQ (then coordinate descent) to "
+                        "minimize its output error on the model's own inputs for this text (keep it apart from "
+                        "evaluation text)")
     p.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens (default: 32)")
     p.add_argument("--bpw", type=float, help="mixed depth: a depth 1..4 per matrix by sensitivity, average packed "
                    "bits/weight at most this (1.9..6.7); uses --calibration when given")

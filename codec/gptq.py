@@ -112,63 +112,62 @@ def gptq_matrix(w: np.ndarray, h: np.ndarray, depth: int, name: str = "weight") 
 def descend(w: np.ndarray, qm: QuantizedMatrix, h: np.ndarray) -> QuantizedMatrix:
     """qm with its output error ΔW H ΔWᵀ (H damped as GPTQ's) lowered by coordinate descent, each row on its own:
     DESCENT_ROUNDS of a pass over the codes and one over the group steps, then the codes again. No move can
-    raise the error."""
+    raise the error. Works on transposed copies ([in, out]): a column of the matrix is a contiguous row."""
     hd = damped_hessian(h)
     target = np.array(w, np.float64)
     target[:, np.diag(h) == 0] = 0.0  # as GPTQ: inputs that are always zero
-    codes = qm.codes.astype(np.float64)
-    scale_idx = qm.scale_idx.astype(np.int64)
+    codes = qm.codes.T.astype(np.float64)
+    scale_idx = qm.scale_idx.T.astype(np.int64)
     codebook = qm.codebook.astype(np.float64)
-    steps = np.repeat(codebook[scale_idx], GROUP_SIZE, axis=1)
-    resid = (target - codes * steps) @ hd  # ΔW H: the error's gradient (halved) in every weight
+    steps = np.repeat(codebook[scale_idx], GROUP_SIZE, axis=0)
+    resid = hd @ (target.T - codes * steps)  # H ΔWᵀ: the error's gradient (halved) in every weight
     qmax = qmax_of(qm.depth)
     for _ in range(DESCENT_ROUNDS):
         _descend_codes(codes, steps, resid, hd, qmax)
         _descend_steps(codes, scale_idx, codebook, steps, resid, hd)
     _descend_codes(codes, steps, resid, hd, qmax)
-    return QuantizedMatrix(codes.astype(np.int8), scale_idx.astype(np.uint8), qm.codebook, qm.depth)
+    return QuantizedMatrix(np.ascontiguousarray(codes.T).astype(np.int8),
+                           np.ascontiguousarray(scale_idx.T).astype(np.uint8), qm.codebook, qm.depth)
 
 
 def _descend_codes(codes: np.ndarray, steps: np.ndarray, resid: np.ndarray, h: np.ndarray, qmax: int) -> None:
-    """Column by column, every row's code to the integer nearest the error's minimum along it. resid is brought
-    up to date once per block of columns; inside a block each column's value is corrected for the moves before."""
-    n_out, n_in = codes.shape
-    diag = np.diag(h)
+    """Input by input, every row's code to the integer nearest the error's minimum along it. resid is brought up
+    to date once per block of inputs; inside a block each input's gradient is corrected for the moves before."""
+    n_in, n_out = codes.shape
+    scale = np.divide(1.0, steps * np.diag(h)[:, None], out=np.zeros_like(steps), where=steps > 0)
     for b0 in range(0, n_in, BLOCK):
         b1 = min(b0 + BLOCK, n_in)
-        moved = np.zeros((b1 - b0, n_out))  # per column of the block: how much each row's weight moved
-        for i in range(b1 - b0):
-            j = b0 + i
-            grad = resid[:, j] - moved[:i].T @ h[b0:b0 + i, j]
-            s = steps[:, j]
-            delta = np.rint(np.divide(grad, s * diag[j], out=np.zeros(n_out), where=s > 0))
-            new = np.clip(codes[:, j] + delta, -qmax, qmax)
-            moved[i] = (new - codes[:, j]) * s
-            codes[:, j] = new
-        resid -= moved.T @ h[b0:b1]
+        moved = np.zeros((b1 - b0, n_out))  # per input of the block: how much each row's weight moved
+        for i, j in enumerate(range(b0, b1)):
+            grad = resid[j] - h[j, b0:j] @ moved[:i]
+            new = np.clip(codes[j] + np.rint(grad * scale[j]), -qmax, qmax)
+            moved[i] = (new - codes[j]) * steps[j]
+            codes[j] = new
+        resid -= h[:, b0:b1] @ moved
 
 
 def _descend_steps(codes: np.ndarray, scale_idx: np.ndarray, codebook: np.ndarray, steps: np.ndarray,
                    resid: np.ndarray, h: np.ndarray) -> None:
     """Group by group, every row's step to the codebook entry within two of its own that lowers the error most.
-    With the codes q held, a step change s → s' changes the error by 2·ds·(q·resid) + ds²·(q H q), ds = s − s'."""
-    n_out = codes.shape[0]
+    With the codes q held, a step change s → s' changes the error by 2·ds·(q·resid) + ds²·(q H q), ds = s − s'.
+    As in _descend_codes, resid is brought up to date once per block of inputs."""
+    n_in, n_out = codes.shape
     rows = np.arange(n_out)
-    for g in range(scale_idx.shape[1]):
-        cols = slice(g * GROUP_SIZE, (g + 1) * GROUP_SIZE)
-        q = codes[:, cols]
-        linear = np.sum(q * resid[:, cols], axis=1)
-        quadratic = np.sum((q @ h[cols, cols]) * q, axis=1)
-        cands = np.clip(scale_idx[:, g, None] + _STEP_MOVES, 0, CODEBOOK_SIZE - 1)
-        ds = codebook[scale_idx[:, g], None] - codebook[cands]
-        change = 2 * ds * linear[:, None] + ds * ds * quadratic[:, None]
-        best = change.argmin(axis=1)  # the move 0 is a candidate: never worse
-        if not (_STEP_MOVES[best] != 0).any():
-            continue
-        ds_best = ds[rows, best]
-        scale_idx[:, g] = cands[rows, best]
-        steps[:, cols] = codebook[scale_idx[:, g], None]
-        resid += (q * ds_best[:, None]) @ h[cols]
+    for b0 in range(0, n_in, BLOCK):
+        b1 = min(b0 + BLOCK, n_in)
+        moved = np.zeros((b1 - b0, n_out))  # how much each weight of the block moved (E += q·ds)
+        for c0 in range(b0, b1, GROUP_SIZE):
+            g, cols = c0 // GROUP_SIZE, slice(c0, c0 + GROUP_SIZE)
+            q = codes[cols]
+            linear = np.sum(q * (resid[cols] + h[cols, b0:c0] @ moved[:c0 - b0]), axis=0)
+            quadratic = np.sum((h[cols, cols] @ q) * q, axis=0)
+            cands = np.clip(scale_idx[g, :, None] + _STEP_MOVES, 0, CODEBOOK_SIZE - 1)
+            ds = codebook[scale_idx[g], None] - codebook[cands]
+            best = (2 * ds * linear[:, None] + ds * ds * quadratic[:, None]).argmin(axis=1)  # move 0: never worse
+            moved[c0 - b0:c0 - b0 + GROUP_SIZE] = q * ds[rows, best]
+            scale_idx[g] = cands[rows, best]
+            steps[cols] = codebook[scale_idx[g]]
+        resid += h[:, b0:b1] @ moved
 
 
 def loss_increase_by_depth(w: np.ndarray, h: np.ndarray, output_grad_sq: np.ndarray, depths: tuple[int, ...],
