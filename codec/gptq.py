@@ -43,6 +43,13 @@ def damped_hessian(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     return h
 
 
+def _target(w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """w in float64 with the columns of inputs that are always zero set to 0: their weights cannot matter."""
+    w = np.array(w, np.float64)
+    w[:, np.diag(h) == 0] = 0.0
+    return w
+
+
 def inverse_hessian_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     """Upper Cholesky factor of H⁻¹ (GPTQ's formulation: row i holds the feedback of column i)."""
     h = damped_hessian(h, damp)
@@ -71,8 +78,7 @@ def gptq_depths(w: np.ndarray, h: np.ndarray, depths: tuple[int, ...], name: str
     n_out, n_in = w.shape
     if h.shape != (n_in, n_in):
         raise CodecError(f"tensor '{name}': calibration Hessian is {list(h.shape)}, expected [{n_in}, {n_in}]")
-    w = w.copy()
-    w[:, np.diag(h) == 0] = 0.0  # inputs that are always zero: their weights cannot matter
+    w = _target(w, h)
     order = np.argsort(-np.diag(h), kind="stable")
     u = inverse_hessian_factor(np.asarray(h)[np.ix_(order, order)])
     column_weight = np.empty(n_in)
@@ -114,8 +120,7 @@ def descend(w: np.ndarray, qm: QuantizedMatrix, h: np.ndarray) -> QuantizedMatri
     DESCENT_ROUNDS of a pass over the codes and one over the group steps, then the codes again. No move can
     raise the error. Works on transposed copies ([in, out]): a column of the matrix is a contiguous row."""
     hd = damped_hessian(h)
-    target = np.array(w, np.float64)
-    target[:, np.diag(h) == 0] = 0.0  # as GPTQ: inputs that are always zero
+    target = _target(w, h)
     codes = qm.codes.T.astype(np.float64)
     scale_idx = qm.scale_idx.T.astype(np.int64)
     codebook = qm.codebook.astype(np.float64)
