@@ -24,10 +24,11 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import CodecError
-from .quantize import (CODEBOOK_SIZE, GROUP_SIZE, QuantizedMatrix, best_amplitude_steps, group_step_error,
-                       log_position, qmax_of, quantize_matrix)
+from .quantize import (CODEBOOK_SIZE, GROUP_SIZE, QuantizedMatrix, checked_float_matrix, fit_codebook,
+                       group_amplitudes, group_step_error, log_position, map_group_chunks, qmax_of)
 
 BLOCK = 128  # columns updated lazily together (GPTQ's block): the rest of the matrix once per block
+SUB_BLOCK = 16  # inside a block, columns whose errors reach the rest of the block together
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps the inverse well conditioned
 _NEIGHBOURS = np.arange(-2, 4)  # codebook entries tried around a group's best amplitude
 DESCENT_ROUNDS = 2  # of descend's passes over codes and steps
@@ -51,60 +52,71 @@ def _target(w: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 
 def inverse_hessian_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
-    """Upper Cholesky factor of H⁻¹ (GPTQ's formulation: row i holds the feedback of column i)."""
+    """Upper Cholesky factor U of H⁻¹ = UᵀU (GPTQ's formulation: row i holds the feedback of column i). With J
+    the reversal, JHJ = LLᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J): one factorization and one triangular inverse."""
     h = damped_hessian(h, damp)
     try:
-        inv = np.linalg.inv(np.linalg.cholesky(h))
-        return np.linalg.cholesky(inv.T @ inv).T
+        return np.ascontiguousarray(np.linalg.inv(np.linalg.cholesky(h[::-1, ::-1]))[::-1, ::-1])
     except np.linalg.LinAlgError:
         raise CodecError("calibration Hessian is not positive definite (too few calibration tokens?)") from None
 
 
-def _static_group_steps(w: np.ndarray, codebook: np.ndarray, qmax: int, column_weight: np.ndarray) -> np.ndarray:
-    """Scale index [out, in/16] per group: the entry near its best amplitude with the least weighted error."""
-    groups = w.reshape(-1, GROUP_SIZE).astype(np.float32)
-    weight = np.tile(column_weight.reshape(-1, GROUP_SIZE), (w.shape[0], 1))
-    base = np.floor(log_position(best_amplitude_steps(groups, qmax), codebook)).astype(np.int64)
-    cands = np.clip(base[:, None] + _NEIGHBOURS, 0, CODEBOOK_SIZE - 1)
-    errs = np.stack([group_step_error(groups, codebook[cands[:, c]], qmax, weight)
-                     for c in range(cands.shape[1])], axis=1)
-    return cands[np.arange(len(groups)), errs.argmin(axis=1)].astype(np.uint8).reshape(w.shape[0], -1)
+def _static_group_steps(groups: np.ndarray, best: np.ndarray, codebook: np.ndarray, qmax: int,
+                        column_weight: np.ndarray) -> np.ndarray:
+    """Scale index per group (row of groups): the entry near its best amplitude with the least weighted error."""
+    weight = column_weight.reshape(-1, GROUP_SIZE)
+
+    def choose(s: slice) -> np.ndarray:
+        base = np.floor(log_position(best[s], codebook)).astype(np.int64)
+        cands = np.clip(base[:, None] + _NEIGHBOURS, 0, CODEBOOK_SIZE - 1)
+        w = weight[np.arange(s.start, s.stop) % len(weight)]
+        errs = np.stack([group_step_error(groups[s], codebook[cands[:, c]], qmax, w)
+                         for c in range(cands.shape[1])], axis=1)
+        return cands[np.arange(len(cands)), errs.argmin(axis=1)].astype(np.uint8)
+    return np.concatenate(map_group_chunks(choose, len(groups)))
 
 
 def gptq_depths(w: np.ndarray, h: np.ndarray, depths: tuple[int, ...], name: str = "weight"
                 ) -> dict[int, QuantizedMatrix]:
     """Quantize w [out, in] at each of `depths`, minimizing the output error on inputs whose Xᵀ X is h."""
-    w = np.asarray(w, np.float64)
-    n_out, n_in = w.shape
+    n_out, n_in = checked_float_matrix(w, name).shape
     if h.shape != (n_in, n_in):
         raise CodecError(f"tensor '{name}': calibration Hessian is {list(h.shape)}, expected [{n_in}, {n_in}]")
     w = _target(w, h)
+    groups = w.astype(np.float32).reshape(-1, GROUP_SIZE)
     order = np.argsort(-np.diag(h), kind="stable")
     u = inverse_hessian_factor(np.asarray(h)[np.ix_(order, order)])
     column_weight = np.empty(n_in)
     column_weight[order] = 1.0 / np.diag(u) ** 2  # 1/[H⁻¹]ᵢᵢ in the original column order
-    codebooks = {d: quantize_matrix(w.astype(np.float32), d, "mse", name).codebook for d in depths}
-    scale_idx = {d: _static_group_steps(w, codebooks[d], qmax_of(d), column_weight) for d in depths}
-    # every depth's rows stacked: one sweep; the steps and clip bound of each row follow its depth
-    steps = np.concatenate([codebooks[d][scale_idx[d]].astype(np.float64) for d in depths])
+    codebooks, scale_idx = {}, {}
+    for d in depths:  # the data-free (mse) codebook; each group's step by its output-weighted error
+        best = group_amplitudes(groups, qmax_of(d))
+        codebooks[d] = fit_codebook(groups, best, qmax_of(d), "mse")[0]
+        scale_idx[d] = _static_group_steps(groups, best, codebooks[d], qmax_of(d), column_weight).reshape(n_out, -1)
+    # every depth's rows stacked: one sweep; the steps and clip bound of each row follow its depth. Transposed
+    # ([in, rows]): a column is a contiguous row. A column's rounding error goes at once only to the next few
+    # columns (up to the end of its run of SUB_BLOCK), to the rest of its block after the run, and to the rest of
+    # the matrix after the block: the same updates as column by column, mostly as matrix products
+    steps = np.concatenate([codebooks[d][scale_idx[d]].astype(np.float64) for d in depths]).T.copy()
     inv_steps = np.divide(1.0, steps, out=np.zeros_like(steps), where=steps > 0)
     qmax = np.repeat([float(qmax_of(d)) for d in depths], n_out)
-    work = np.tile(w[:, order], (len(depths), 1))
+    work = np.tile(w[:, order], (len(depths), 1)).T.copy()
     group_of = order // GROUP_SIZE
-    codes = np.zeros((len(depths) * n_out, n_in), np.int8)
+    codes = np.zeros((n_in, len(depths) * n_out), np.int8)
     for b0 in range(0, n_in, BLOCK):
         b1 = min(b0 + BLOCK, n_in)
-        wb, ub = work[:, b0:b1].copy(), u[b0:b1, b0:b1]
-        err = np.zeros_like(wb)
-        for i in range(b1 - b0):
-            g = group_of[b0 + i]
-            x, s = wb[:, i], steps[:, g]
-            q = np.clip(np.rint(x * inv_steps[:, g]), -qmax, qmax)
-            codes[:, order[b0 + i]] = q
-            e = (x - q * s) / ub[i, i]
-            wb[:, i:] -= np.outer(e, ub[i, i:])
-            err[:, i] = e
-        work[:, b1:] -= err @ u[b0:b1, b1:]
+        err = np.zeros((b1 - b0, work.shape[1]))
+        for s0 in range(b0, b1, SUB_BLOCK):
+            s1 = min(s0 + SUB_BLOCK, b1)
+            for j in range(s0, s1):
+                g, x = group_of[j], work[j]
+                q = np.clip(np.rint(x * inv_steps[g]), -qmax, qmax)
+                codes[order[j]] = q
+                err[j - b0] = e = (x - q * steps[g]) / u[j, j]
+                work[j + 1:s1] -= np.outer(u[j, j + 1:s1], e)
+            work[s1:b1] -= u[s0:s1, s1:b1].T @ err[s0 - b0:s1 - b0]
+        work[b1:] -= u[b0:b1, b1:].T @ err
+    codes = np.ascontiguousarray(codes.T)
     return {d: QuantizedMatrix(codes[k * n_out:(k + 1) * n_out], scale_idx[d], codebooks[d], d)
             for k, d in enumerate(depths)}
 

@@ -64,6 +64,16 @@ def check_matrix(w: np.ndarray, name: str = "weight") -> None:
                          f"{GROUP_SIZE}")
 
 
+def checked_float_matrix(w: np.ndarray, name: str = "weight") -> np.ndarray:
+    """w as float32 after check_matrix, or a one-line error naming its first NaN or Inf."""
+    check_matrix(w, name)
+    w = np.asarray(w, np.float32)
+    if not np.isfinite(w).all():
+        bad = np.argwhere(~np.isfinite(w))[0].tolist()
+        raise CodecError(f"tensor '{name}': contains NaN or Inf (first at index {bad})")
+    return w
+
+
 def _round_codes(g: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
     inv = np.divide(1.0, step, out=np.zeros_like(step), where=step > 0)
     q = np.rint(g * inv[:, None])
@@ -128,13 +138,37 @@ def choose_entries(g: np.ndarray, best: np.ndarray, codebook: np.ndarray, qmax: 
     return cands[rows, pick].astype(np.uint8), errs[rows, pick]
 
 
-def _map_chunks(fn, n: int, workers: int):
-    """Run fn(slice) over chunks of groups; numpy releases the GIL, so 2 threads use 2 cores."""
+def map_group_chunks(fn, n: int, workers: int = 2) -> list:
+    """Run fn(slice) over chunks of n groups; numpy releases the GIL, so 2 threads use 2 cores."""
     slices = [slice(i, min(i + _CHUNK_GROUPS, n)) for i in range(0, n, _CHUNK_GROUPS)]
     if workers <= 1 or len(slices) == 1:
         return [fn(s) for s in slices]
     with ThreadPoolExecutor(workers) as ex:
         return list(ex.map(fn, slices))
+
+
+def group_amplitudes(groups: np.ndarray, qmax: int, workers: int = 2) -> np.ndarray:
+    """best_amplitude_steps of every group (row of groups [n, GROUP_SIZE]), in chunks on `workers` threads."""
+    return np.concatenate(map_group_chunks(lambda s: best_amplitude_steps(groups[s], qmax), len(groups), workers))
+
+
+def fit_codebook(groups: np.ndarray, best: np.ndarray, qmax: int, mode: str, workers: int = 2
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The matrix's codebook from its groups' best steps, and each group's entry in it: spanning [smallest,
+    largest] step (reference), or the lower end among _LOW_QUANTILES whose codebook gives the least error (mse)."""
+    positive = best[best > 0]
+    hi = float(positive.max()) if positive.size else 0.0
+    lows = [float(np.quantile(positive, q)) if positive.size else 0.0
+            for q in (_LOW_QUANTILES if mode == "mse" else (0.0,))]
+    fitted = None  # (error, codebook, idx) of the best lower end
+    for lo in lows:
+        codebook = _log_codebook(lo, hi)
+        chosen = map_group_chunks(lambda s: choose_entries(groups[s], best[s], codebook, qmax, mode), len(groups),
+                                  workers)
+        error = float(sum(e.sum(dtype=np.float64) for _, e in chosen))
+        if fitted is None or error < fitted[0]:
+            fitted = (error, codebook, np.concatenate([i for i, _ in chosen]))
+    return fitted[1], fitted[2]
 
 
 def quantize_matrix(w: np.ndarray, depth: int = 3, mode: str = "mse", name: str = "weight",
@@ -144,30 +178,14 @@ def quantize_matrix(w: np.ndarray, depth: int = 3, mode: str = "mse", name: str 
         raise CodecError(f"depth must be one of {DEPTHS}, got {depth}")
     if mode not in MODES:
         raise CodecError(f"codec mode must be one of {MODES}, got '{mode}'")
-    check_matrix(w, name)
-    w = np.asarray(w, np.float32)
-    if not np.isfinite(w).all():
-        bad = np.argwhere(~np.isfinite(w))[0].tolist()
-        raise CodecError(f"tensor '{name}': contains NaN or Inf (first at index {bad})")
+    w = checked_float_matrix(w, name)
     n_out, n_in = w.shape
     qmax = qmax_of(depth)
     groups = w.reshape(-1, GROUP_SIZE)
-    best = np.concatenate(_map_chunks(lambda s: best_amplitude_steps(groups[s], qmax), len(groups), workers))
-    positive = best[best > 0]
-    hi = float(positive.max()) if positive.size else 0.0
-    lows = [float(np.quantile(positive, q)) if positive.size else 0.0
-            for q in (_LOW_QUANTILES if mode == "mse" else (0.0,))]
-    fitted = None  # (error, codebook, idx) of the best lower end
-    for lo in lows:
-        codebook = _log_codebook(lo, hi)
-        chosen = _map_chunks(lambda s: choose_entries(groups[s], best[s], codebook, qmax, mode), len(groups), workers)
-        error = float(sum(e.sum(dtype=np.float64) for _, e in chosen))
-        if fitted is None or error < fitted[0]:
-            fitted = (error, codebook, np.concatenate([i for i, _ in chosen]))
-    _, codebook, idx = fitted
+    codebook, idx = fit_codebook(groups, group_amplitudes(groups, qmax, workers), qmax, mode, workers)
     steps = codebook[idx]
-    codes = np.concatenate(_map_chunks(lambda s: _round_codes(groups[s], steps[s], qmax).astype(np.int8),
-                                       len(groups), workers))
+    codes = np.concatenate(map_group_chunks(lambda s: _round_codes(groups[s], steps[s], qmax).astype(np.int8),
+                                            len(groups), workers))
     return QuantizedMatrix(codes.reshape(n_out, n_in), idx.reshape(n_out, n_in // GROUP_SIZE), codebook, depth)
 
 

@@ -36,6 +36,26 @@ def test_gptq_lowers_the_output_error_it_is_given(depth):
     assert calibrated < 0.7 * data_free and calibrated < 0.7 * blind, (calibrated, data_free, blind)
 
 
+def test_blocked_sweep_equals_gptq_column_by_column():
+    """The sweep's lazy updates (runs of columns inside blocks of 128) and its inverse Hessian factor give the
+    codes of the textbook form: columns in act-order, each one's error pushed at once onto every later column
+    through the upper Cholesky factor of H⁻¹ (computed here as cholesky(inv(H))); 208 inputs cross a block."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((24, 208)) * 0.02
+    x = _correlated_inputs(208, seed=7)
+    h = x.T @ x
+    for depth, qm in gptq_depths(w, h, (2, 3)).items():
+        order = np.argsort(-np.diag(h), kind="stable")
+        hd = h[np.ix_(order, order)] + 0.01 * np.mean(np.diag(h)) * np.eye(208)
+        u = np.linalg.cholesky(np.linalg.inv(hd)).T
+        steps = np.repeat(qm.codebook.astype(np.float64)[qm.scale_idx], 16, axis=1)[:, order]
+        qmax, work, codes = (3 ** depth - 1) // 2, w[:, order].copy(), np.zeros_like(w)
+        for i in range(208):
+            codes[:, i] = np.clip(np.rint(work[:, i] / steps[:, i]), -qmax, qmax)
+            work[:, i:] -= np.outer((work[:, i] - codes[:, i] * steps[:, i]) / u[i, i], u[i, i:])
+        np.testing.assert_array_equal(qm.codes[:, order], codes)
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_descent_lowers_the_output_error_gptq_leaves(depth):
     """Coordinate descent from GPTQ's sweep: a lower error on these inputs, in range, the codebook kept; told
