@@ -57,6 +57,9 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
     if samples < 1:
         raise CodecError(f"--samples must be at least 1, got {samples}")
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:  # before the text runs through it, which would only find NaN layers later
+        raise CodecError(f"tensor '{bad}': contains NaN or Inf")
     ids = AutoTokenizer.from_pretrained(str(hf_dir)).encode(text)
     if len(ids) < 2:
         raise CodecError(f"{text_file}: too short to calibrate on ({len(ids)} tokens)")
@@ -74,6 +77,9 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
             x_in = inputs[0]
             if id(x_in) not in products:  # the tensor is kept with it, so its id stays its own
                 x = x_in.detach().reshape(-1, x_in.shape[-1]).to(torch.float64)
+                if not torch.isfinite(x).all():
+                    raise CodecError(f"{text_file}: the inputs of '{name}' overflow to NaN or Inf when the source "
+                                     "model reads this text")
                 products[id(x_in)] = (x_in, x.T @ x)
             add(hessians, name, products[id(x_in)][1])
             if grads is not None:

@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -128,12 +129,27 @@ def _rewrite_tensor(src, name, fn, dtype=None):
     (src / "model.safetensors.new").rename(src / "model.safetensors")
 
 
-def test_nan_weight_names_the_tensor(tiny_hf, tmp_path, capsys):
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_nan_weight_names_the_tensor(tiny_hf, tmp_path, capsys, calibrated):
+    """Calibrated: before the text runs through the model, whose NaN activations GPTQ would otherwise take in
+    (numpy's warnings on them made errors here) for the matrices met before this one."""
     src = _copy_src(tiny_hf, tmp_path)
     name = "model.layers.1.mlp.up_proj.weight"
     _rewrite_tensor(src, name, lambda a: np.where(np.arange(a.size).reshape(a.shape) == 5, np.inf, a).astype(a.dtype))
-    code, err = _run_quantize([src, tmp_path / "o"], capsys)
+    (tmp_path / "text.txt").write_text("Balanced ternary writes every number with three digits. " * 60)
+    flags = ["--calibration", tmp_path / "text.txt", "--bpw", "4.4"] if calibrated else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        code, err = _run_quantize([src, tmp_path / "o"] + flags, capsys)
     assert code == 2 and name in err and "NaN or Inf" in err
+
+
+def test_calibration_names_the_layer_whose_inputs_overflow(tiny_hf, tmp_path, capsys):
+    src = _copy_src(tiny_hf, tmp_path)
+    _rewrite_tensor(src, "model.layers.0.mlp.up_proj.weight", lambda a: np.full_like(a, 3e38))  # finite, too big
+    (tmp_path / "text.txt").write_text("Balanced ternary writes every number with three digits. " * 60)
+    code, err = _run_quantize([src, tmp_path / "o", "--calibration", tmp_path / "text.txt"], capsys)
+    assert code == 2 and "the inputs of 'model.layers.0.mlp.down_proj.weight' overflow" in err, err
 
 
 def test_unsupported_dtype_names_the_tensor(tiny_hf, tmp_path, capsys):
