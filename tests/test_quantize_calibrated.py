@@ -237,3 +237,26 @@ def test_bad_input_is_one_line(tiny_hf, tmp_path, capsys, flags, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_row_allocation_meets_the_budget_and_favours_sensitive_rows():
+    """benchmarks.bench_row_depths' greedy over rows: within the budget, spent, the rows that move the loss more
+    deeper; gate/up rows of a channel share a depth."""
+    from benchmarks.bench_row_depths import allocate_rows, units_by
+    from codec.format import packed_bits
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (32, 64), "model.layers.0.mlp.gate_proj.weight": (16, 64),
+              "model.layers.0.mlp.up_proj.weight": (16, 64), "model.layers.0.mlp.down_proj.weight": (64, 16)}
+    rng = np.random.default_rng(5)
+    sensitivity = {n: rng.random(out) * 10 ** rng.integers(0, 3, out) for n, (out, _) in shapes.items()}
+    row_errors = {n: {d: s * 3.0 ** -d for d in (1, 2, 3, 4)} for n, s in sensitivity.items()}
+    row_bits = {n: {d: packed_bits(*shapes[n], d) / shapes[n][0] for d in (1, 2, 3, 4)} for n in shapes}
+    total = sum(a * b for a, b in shapes.values())
+    depths = allocate_rows(units_by("channels+qkv", shapes), row_errors, row_bits, 4.0 * total)
+    used = sum(row_bits[n][d] for n, rows in depths.items() for d in rows) / total
+    assert 3.9 < used <= 4.0, used
+    np.testing.assert_array_equal(depths["model.layers.0.mlp.gate_proj.weight"],
+                                  depths["model.layers.0.mlp.up_proj.weight"])
+    assert len(set(depths["model.layers.0.mlp.down_proj.weight"])) == 1  # o/down stay one depth
+    q = "model.layers.0.self_attn.q_proj.weight"
+    order = np.argsort(sensitivity[q])
+    assert depths[q][order[-4:]].min() >= depths[q][order[:4]].max() and depths[q].max() > depths[q].min()
