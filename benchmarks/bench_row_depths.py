@@ -7,9 +7,10 @@ scored by transformers on the dequantized weights, on bench_quality's held-out t
     python -m benchmarks.bench_row_depths [--bpw 4.4] [--eval-tokens 4096] [--samples 32]
 
 Rows: one depth per matrix; a depth per gate/up channel (their rows together: the channels can be reordered with
-down_proj's columns, so such a split needs no gather) and per q/k/v row, o/down one depth each; a depth per row
-of every matrix. The K-FAC loss estimate Σₒ gₒ (ΔW H ΔWᵀ)ₒₒ and GPTQ are both separable by rows, so rows are
-allocated as codec.mixed allocates matrices: greedy on estimated loss per bit. Prints a JSON line per row.
+down_proj's columns, so such a split needs no gather) and per q/k/v head (whole heads are runs of rows in place)
+or per q/k/v row, o/down one depth each; a depth per row of every matrix. The K-FAC loss estimate
+Σₒ gₒ (ΔW H ΔWᵀ)ₒₒ and GPTQ are both separable by rows, so rows are allocated as codec.mixed allocates matrices:
+greedy on estimated loss per bit. Prints a JSON line per row.
 """
 from __future__ import annotations
 
@@ -62,13 +63,17 @@ def allocate_rows(units: list[list[tuple[str, int | None]]], row_errors: dict, r
     return out
 
 
-def units_by(split: str, shapes: dict[str, tuple[int, int]]) -> list[list[tuple[str, int | None]]]:
-    """'channels+qkv': gate/up rows paired by channel and q/k/v rows alone, other matrices whole; 'rows': every
-    row alone."""
+def units_by(split: str, shapes: dict[str, tuple[int, int]], head_dim: int = 64) -> list[list[tuple[str, int | None]]]:
+    """'channels+qkv': gate/up rows paired by channel and q/k/v rows alone; 'channels+heads': the same with q/k/v
+    rows by head (head_dim rows in place: blocks of whole heads need no row order); other matrices whole.
+    'rows': every row alone."""
     units = []
     for n, (n_out, _) in shapes.items():
-        if split == "rows" or n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+        if split == "rows":
             units += [[(n, r)] for r in range(n_out)]
+        elif n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            per = head_dim if split == "channels+heads" else 1
+            units += [[(n, r) for r in range(r0, r0 + per)] for r0 in range(0, n_out, per)]
         elif n.endswith("gate_proj.weight"):
             units += [[(n, r), (n.replace("gate_proj", "up_proj"), r)] for r in range(n_out)]
         elif not n.endswith("up_proj.weight"):
@@ -131,9 +136,11 @@ def run(args: argparse.Namespace, gguf: Path, tmp: Path) -> None:
     total = sum(a * b for a, b in shapes.values())
     per_matrix = allocate(swept_errors, shapes, args.bpw, {})
     plans = {"one depth per matrix": {n: np.full(shapes[n][0], d) for n, d in per_matrix.items()}}
-    for name, split in (("a depth per gate/up channel and q/k/v row", "channels+qkv"),
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    for name, split in (("a depth per gate/up channel and q/k/v head", "channels+heads"),
+                        ("a depth per gate/up channel and q/k/v row", "channels+qkv"),
                         ("a depth per row of every matrix", "rows")):
-        plans[name] = allocate_rows(units_by(split, shapes), row_errors, row_bits, args.bpw * total)
+        plans[name] = allocate_rows(units_by(split, shapes, head_dim), row_errors, row_bits, args.bpw * total)
     for name, depths in plans.items():
         with torch.no_grad():
             for n, rows in depths.items():

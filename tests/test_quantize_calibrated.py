@@ -241,7 +241,7 @@ def test_bad_input_is_one_line(tiny_hf, tmp_path, capsys, flags, message):
 
 def test_row_allocation_meets_the_budget_and_favours_sensitive_rows():
     """benchmarks.bench_row_depths' greedy over rows: within the budget, spent, the rows that move the loss more
-    deeper; gate/up rows of a channel share a depth."""
+    deeper; gate/up rows of a channel share a depth, and by head so do a head's q rows."""
     from benchmarks.bench_row_depths import allocate_rows, units_by
     from codec.format import packed_bits
     shapes = {"model.layers.0.self_attn.q_proj.weight": (32, 64), "model.layers.0.mlp.gate_proj.weight": (16, 64),
@@ -260,3 +260,5 @@ def test_row_allocation_meets_the_budget_and_favours_sensitive_rows():
     q = "model.layers.0.self_attn.q_proj.weight"
     order = np.argsort(sensitivity[q])
     assert depths[q][order[-4:]].min() >= depths[q][order[:4]].max() and depths[q].max() > depths[q].min()
+    by_head = allocate_rows(units_by("channels+heads", shapes, head_dim=8), row_errors, row_bits, 4.0 * total)
+    assert all(len(set(by_head[q][h:h + 8])) == 1 for h in range(0, 32, 8)) and len(set(by_head[q])) > 1
