@@ -15,7 +15,6 @@ greedy on estimated loss per bit. Prints a JSON line per row.
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import sys
 import tempfile
@@ -26,40 +25,28 @@ import numpy as np
 
 from benchmarks.bench_quality import split_texts
 from benchmarks.common import machine
+from codec.mixed import greedy_upgrades
 from codec.quantize import DEPTHS
 
 
 def allocate_rows(units: list[list[tuple[str, int | None]]], row_errors: dict, row_bits: dict, budget: float
                   ) -> dict[str, np.ndarray]:
-    """Depth per row. A unit is rows (name, row) or whole matrices (name, None) that share a depth; start every
-    unit at depth 1, then take the upgrade with the most estimated loss removed per added bit while it fits."""
-    def rows_of(name, row):
+    """Depth per row. A unit is rows (name, row) or whole matrices (name, None) that share a depth; allocated as
+    codec.mixed allocates matrices (greedy_upgrades)."""
+    def rows_of(row):
         return slice(None) if row is None else slice(row, row + 1)
 
     def bits(unit, d):
-        return sum(row_bits[n][d] * len(row_errors[n][d][rows_of(n, r)]) for n, r in unit)
+        return sum(row_bits[n][d] * len(row_errors[n][d][rows_of(r)]) for n, r in unit)
 
     def err(unit, d):
-        return sum(float(row_errors[n][d][rows_of(n, r)].sum()) for n, r in unit)
+        return sum(float(row_errors[n][d][rows_of(r)].sum()) for n, r in unit)
 
-    depth = [DEPTHS[0]] * len(units)
-    used = sum(bits(u, DEPTHS[0]) for u in units)
-    heap = [(-(err(u, 1) - err(u, 2)) / (bits(u, 2) - bits(u, 1)), i) for i, u in enumerate(units)]
-    heapq.heapify(heap)
-    while heap:
-        _, i = heapq.heappop(heap)
-        d = depth[i]
-        extra = bits(units[i], d + 1) - bits(units[i], d)
-        if used + extra > budget:
-            continue
-        used, depth[i] = used + extra, d + 1
-        if d + 1 < DEPTHS[-1]:
-            gain = err(units[i], d + 1) - err(units[i], d + 2)
-            heapq.heappush(heap, (-gain / (bits(units[i], d + 2) - bits(units[i], d + 1)), i))
+    depth = greedy_upgrades(units, bits, err, sum(bits(u, DEPTHS[0]) for u in units), budget)
     out = {n: np.zeros(len(row_errors[n][1]), int) for n in row_errors}
     for unit, d in zip(units, depth):
         for n, r in unit:
-            out[n][rows_of(n, r)] = d
+            out[n][rows_of(r)] = d
     return out
 
 

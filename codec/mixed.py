@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import heapq
+from typing import Any, Callable
 
 from .errors import CodecError
 from .format import packed_bits
@@ -85,20 +86,28 @@ def allocate(errors: dict[str, dict[int, float]], shapes: dict[str, tuple[int, i
     if used > budget:
         raise CodecError(f"--bpw {bpw}: the pinned depths (with depth 1 everywhere else) need "
                          f"{used / total:.3f} bits/weight")
-    heap = []
     free = [u for u in units if not any(n in pinned for n in u)]
-    for i, unit in enumerate(free):
-        heap.append((-(err(unit, 1) - err(unit, 2)) / (bits(unit, 2) - bits(unit, 1)), i))
+    for unit, d in zip(free, greedy_upgrades(free, bits, err, used, budget)):
+        depth.update(dict.fromkeys(unit, d))
+    return depth
+
+
+def greedy_upgrades(units: list, bits: Callable[[Any, int], float], err: Callable[[Any, int], float], used: float,
+                    budget: float) -> list[int]:
+    """Depth per unit, each starting at depth 1: the upgrade that removes the most error per added bit first,
+    while the bits used stay within the budget (greedy on a convex trade-off). bits(unit, d), err(unit, d): the
+    unit's packed bits and error at depth d; used: the bits already spent, these units at depth 1 included."""
+    depth = [DEPTHS[0]] * len(units)
+    heap = [(-(err(u, 1) - err(u, 2)) / (bits(u, 2) - bits(u, 1)), i) for i, u in enumerate(units)]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
-        unit = free[i]
-        d = depth[unit[0]]
+        unit, d = units[i], depth[i]
         extra = bits(unit, d + 1) - bits(unit, d)
         if used + extra > budget:
             continue  # too big for what is left; smaller upgrades elsewhere may still fit
         used += extra
-        depth.update(dict.fromkeys(unit, d + 1))
+        depth[i] = d + 1
         if d + 1 < DEPTHS[-1]:
             gain = err(unit, d + 1) - err(unit, d + 2)
             heapq.heappush(heap, (-gain / (bits(unit, d + 2) - bits(unit, d + 1)), i))
