@@ -1,6 +1,6 @@
 """Perplexity vs bits/weight for SmolLM2-135M-Instruct on held-out text: the source model, uniform depths
-1..4 in both data-free modes, calibrated (GPTQ) depths 2..4, and mixed depth at several budgets, each of the
-calibrated ones also with its norms tuned (trit-quantize --tune-norms, 2 passes). Each row is
+1..4 in both data-free modes, calibrated (GPTQ) depths 2..4, and mixed depth at several budgets (a depth per
+matrix, and per q/k/v head and MLP channel: `--row-blocks`), each of the calibrated ones also with its norms tuned (trit-quantize --tune-norms, 2 passes). Each row is
 quantized, compiled for this CPU and scored twice: by the compiled module (trit-eval) and by transformers
 on the dequantized weights; the two must agree within 0.1%.
 
@@ -71,6 +71,8 @@ def main() -> None:
         configs = [(f"d={d} {mode}", dict(depth=d, mode=mode)) for d in (1, 2, 3, 4) for mode in ("reference", "mse")]
         configs += [(f"d={d} calibrated", dict(depth=d, calibration=calib)) for d in (2, 3, 4)]
         configs += [(f"mixed {b} bpw calibrated", dict(bpw=b, calibration=calib)) for b in BUDGETS]
+        configs += [(f"mixed {b} bpw calibrated, row blocks", dict(bpw=b, calibration=calib, row_blocks=True))
+                    for b in BUDGETS]
         configs += [(f"{name} + norms", dict(kw, norm_epochs=NORM_PASSES)) for name, kw in configs
                     if "calibration" in kw]
         if args.only:
@@ -111,12 +113,13 @@ def plot(rows: list[dict], source: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     def kind_of(row: str) -> str:
         base = "mixed" if "mixed" in row else "calibrated" if "calibrated" in row else row.split()[-1]
-        return base + (" + norms" if row.endswith("+ norms") else "")
+        return base + (", row blocks" if "row blocks" in row else "") + (" + norms" if row.endswith("+ norms") else "")
 
     top = OFF_SCALE * source  # d=1's perplexities (10⁴–10⁵) would flatten every other point: named, not drawn
     off_scale = [f"{r['row']} {r['perplexity']:.0f}" for r in rows if r["perplexity"] > top]
     for kind, marker in (("reference", "s"), ("mse", "o"), ("calibrated", "^"), ("mixed", "D"),
-                         ("calibrated + norms", "v"), ("mixed + norms", "d")):
+                         ("calibrated + norms", "v"), ("mixed + norms", "d"), ("mixed, row blocks", "P"),
+                         ("mixed, row blocks + norms", "X")):
         pts = sorted((r["bpw"], r["perplexity"]) for r in rows if kind_of(r["row"]) == kind and r["perplexity"] <= top)
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=kind)

@@ -1,8 +1,9 @@
 """Mixed depth per matrix against a depth per row (an oracle), SmolLM2-135M-Instruct at one bits/weight budget.
 
-One depth per matrix is what `trit-quantize --bpw` writes; depths chosen per output row are not a format (a trit
-matrix has one depth): each row is taken from its matrix's GPTQ + descent result at that depth, and each model is
-scored by transformers on the dequantized weights, on bench_quality's held-out text.
+One depth per matrix is what `trit-quantize --bpw` writes, a depth per gate/up channel and q/k/v head what
+`--row-blocks` writes (codec.row_blocks); the other splits are oracles, not a format: each row is taken from its
+matrix's GPTQ + descent result at that depth, and each model is scored by transformers on the dequantized weights,
+on bench_quality's held-out text.
 
     python -m benchmarks.bench_row_depths [--bpw 4.4] [--eval-tokens 4096] [--samples 32]
 
@@ -25,47 +26,8 @@ import numpy as np
 
 from benchmarks.bench_quality import split_texts
 from benchmarks.common import machine
-from codec.mixed import greedy_upgrades
 from codec.quantize import DEPTHS
-
-
-def allocate_rows(units: list[list[tuple[str, int | None]]], row_errors: dict, row_bits: dict, budget: float
-                  ) -> dict[str, np.ndarray]:
-    """Depth per row. A unit is rows (name, row) or whole matrices (name, None) that share a depth; allocated as
-    codec.mixed allocates matrices (greedy_upgrades)."""
-    def rows_of(row):
-        return slice(None) if row is None else slice(row, row + 1)
-
-    def bits(unit, d):
-        return sum(row_bits[n][d] * len(row_errors[n][d][rows_of(r)]) for n, r in unit)
-
-    def err(unit, d):
-        return sum(float(row_errors[n][d][rows_of(r)].sum()) for n, r in unit)
-
-    depth = greedy_upgrades(units, bits, err, sum(bits(u, DEPTHS[0]) for u in units), budget)
-    out = {n: np.zeros(len(row_errors[n][1]), int) for n in row_errors}
-    for unit, d in zip(units, depth):
-        for n, r in unit:
-            out[n][rows_of(r)] = d
-    return out
-
-
-def units_by(split: str, shapes: dict[str, tuple[int, int]], head_dim: int = 64) -> list[list[tuple[str, int | None]]]:
-    """'channels+qkv': gate/up rows paired by channel and q/k/v rows alone; 'channels+heads': the same with q/k/v
-    rows by head (head_dim rows in place: blocks of whole heads need no row order); other matrices whole.
-    'rows': every row alone."""
-    units = []
-    for n, (n_out, _) in shapes.items():
-        if split == "rows":
-            units += [[(n, r)] for r in range(n_out)]
-        elif n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-            per = head_dim if split == "channels+heads" else 1
-            units += [[(n, r) for r in range(r0, r0 + per)] for r0 in range(0, n_out, per)]
-        elif n.endswith("gate_proj.weight"):
-            units += [[(n, r), (n.replace("gate_proj", "up_proj"), r)] for r in range(n_out)]
-        elif not n.endswith("up_proj.weight"):
-            units.append([(n, None)])
-    return units
+from codec.row_blocks import allocate_rows, units_by
 
 
 def main() -> None:

@@ -20,19 +20,22 @@ import numpy as np
 
 from .atomic import atomic_output_dir
 from .errors import CodecError, read_json
-from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, unpack_matrix
+from .format import CODEBOOK, CODES, SCALES, bits_per_weight, pack_matrix, packed_bits, unpack_matrix
 from .calibration import Calibration, collect_hessians, read_text
 from .gguf_source import hf_source
-from .gptq import descend, gptq_depths, gptq_matrix, loss_increase
+from .gptq import descend, gptq_depths, gptq_matrix, output_error_rows
 from .mixed import allocate, check_budget, parse_overrides, pinned_depths
 from .norm_tuning import tune_norms
 from .quantize import CODEBOOK_SIZE, DEPTHS, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
+from .row_blocks import (allocate_rows, block_budget, block_name, channel_orders, codebook_bits, runs, take_rows,
+                         units_by)
 from .safetensors_io import (FLOAT_DTYPES, SafetensorsFile, ShardWriter, from_float, iter_checkpoint_files,
                              to_float32)
 
 FORMAT_NAME = "trit-checkpoint"
 FORMAT_VERSION = 1
+ROW_BLOCKS_VERSION = 2  # written when a matrix is stored as row blocks (the `row_blocks` field); read: 1 and 2
 MANIFEST = "trit.json"
 DEFAULT_SHARD_BYTES = 2 << 30
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "model.safetensors.index.json",
@@ -134,15 +137,40 @@ class QuantizePlan:
     output_grad_sq: dict[str, np.ndarray] | None = None
     quantize_head: bool = False
     measured: "MeasuredDepths | None" = None
-    results: dict[str, QuantizedMatrix] | None = None  # matrices quantized ahead of the writing (norm tuning)
+    results: dict[str, list] | None = None  # matrices quantized ahead of the writing (norm tuning)
     kept_values: dict[str, np.ndarray] | None = None  # kept tensors' values in place of the source's (tuned norms)
+    row_blocks: bool = False
+    row_depths: dict[str, np.ndarray] | None = None  # --row-blocks: each row's depth, rows in their written order
+    row_orders: dict[str, np.ndarray] | None = None  # gate/up: the source rows in written order (channels by depth)
+    column_orders: dict[str, np.ndarray] | None = None  # down_proj: its source columns in the same order
 
     def depth_of(self, name: str) -> int:
+        if self.row_depths is not None:
+            return int(self.row_depths[name][0])
         return self.depths[name] if self.depths is not None else self.depth
 
-    def quantize(self, w: np.ndarray, name: str) -> QuantizedMatrix:
+    def quantize(self, w: np.ndarray, name: str) -> list[tuple[int, QuantizedMatrix]]:
+        """The matrix quantized as its row blocks, (first row, matrix) each: one block unless --row-blocks."""
         if self.results is not None and name in self.results:
             return self.results[name]
+        if self.row_depths is not None and name in self.row_depths:
+            return self._quantize_rows(w, name)
+        return [(0, self._quantize_whole(w, name))]
+
+    def _quantize_rows(self, w: np.ndarray, name: str) -> list[tuple[int, QuantizedMatrix]]:
+        """--row-blocks: rows in their written order, each run of one depth from that depth's measured GPTQ
+        result (descended); down_proj with its columns in the channels' order, quantized again (GPTQ depends
+        on the order of the columns)."""
+        h = self.hessians[name]
+        if name in self.column_orders:
+            order = self.column_orders[name]
+            w, h = w[:, order], h[np.ix_(order, order)]
+            return [(0, descend(w, gptq_matrix(w, h, self.depth_of(name), name), h))]
+        order = self.row_orders.get(name, np.arange(w.shape[0]))
+        return [(a, descend(w[order[a:b]], take_rows(self.measured.get(name, d, w.shape[1]), order[a:b]), h))
+                for a, b, d in runs(self.row_depths[name])]
+
+    def _quantize_whole(self, w: np.ndarray, name: str) -> QuantizedMatrix:
         depth = self.depth_of(name)
         if self.measured is not None and name in self.measured:
             return descend(w, self.measured.get(name, depth, w.shape[1]), self.hessians[name])
@@ -176,7 +204,7 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
                           progress: Progress | None = None, calibration: Path | Calibration | None = None,
                           samples: int = 32,
                           bpw: float | None = None, tensor_depths: tuple[str, ...] = (),
-                          quantize_head: bool = False, norm_epochs: int = 0) -> dict:
+                          quantize_head: bool = False, norm_epochs: int = 0, row_blocks: bool = False) -> dict:
     """Quantize (or, with recover, decode) a Hugging Face checkpoint dir or a GGUF file into a trit
     checkpoint dir. Streams tensor by tensor; returns the manifest written.
 
@@ -188,20 +216,25 @@ def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse
     a quantized copy of the embedding, which stays 16-bit for lookups); decodes read a third of its bytes.
     Off by default: the published layout keeps the head in 16 bits.
     norm_epochs: with calibration, after quantizing every matrix, fit the norm weights to the source model's
-    outputs on the calibration text for this many passes (codec.norm_tuning); 0: keep the source's norms."""
+    outputs on the calibration text for this many passes (codec.norm_tuning); 0: keep the source's norms.
+    row_blocks: with bpw and calibration, a depth per q/k/v head and per MLP channel instead of per matrix
+    (codec.row_blocks): such matrices are written as row blocks, the MLP's channels in order of depth."""
     if Path(out).exists() and not force:  # before the work, not after
         raise CodecError(f"{out}: output directory exists (use --force to replace it)")
     if norm_epochs < 0:
         raise CodecError(f"--tune-norms: the number of passes must be at least 1, got {norm_epochs}")
     if norm_epochs and (calibration is None or recover):
         raise CodecError("--tune-norms needs --calibration (the text the norms are fitted on) and no --recover")
+    if row_blocks and (bpw is None or calibration is None or recover):
+        raise CodecError("--row-blocks needs --bpw and --calibration (rows are allocated by their measured "
+                         "output error) and no --recover")
     overrides = parse_overrides(list(tensor_depths))
     if bpw is not None:
         check_budget(bpw)
     if isinstance(calibration, (str, Path)):
         read_text(calibration)  # a bad file fails now, not after converting the source
     with hf_source(src, Path(out)) as hf:
-        plan = QuantizePlan(depth, mode, bpw=bpw, quantize_head=quantize_head)
+        plan = QuantizePlan(depth, mode, bpw=bpw, quantize_head=quantize_head, row_blocks=row_blocks)
         if calibration is not None and not recover:
             calib = calibration if isinstance(calibration, Calibration) else collect_hessians(
                 hf, calibration, samples, progress=_stage_progress(progress, "calibration"),
@@ -233,8 +266,10 @@ def _tune_norms(src: Path, plan: QuantizePlan, windows: list[list[int]], epochs:
             plan.results[name] = plan.quantize(to_float32(f.read(name), f.tensors[name].dtype), name)
             if progress:
                 progress(f"quantize {len(plan.results)} {name}", 0)
-    plan.kept_values, record = tune_norms(src, {n: qm.dequantize(np.float32) for n, qm in plan.results.items()},
-                                          windows, epochs, progress=_stage_progress(progress, "norm tuning"))
+    dequantized = {n: np.concatenate([qm.dequantize(np.float32) for _, qm in blocks])
+                   for n, blocks in plan.results.items()}  # the MLP's channels reordered alike: the same model
+    plan.kept_values, record = tune_norms(src, dequantized, windows, epochs,
+                                          progress=_stage_progress(progress, "norm tuning"))
     plan.record = {**plan.record, "norm_tuning": record}
 
 
@@ -242,20 +277,23 @@ def _plan_depths(src: Path, plan: QuantizePlan, bpw: float | None, overrides: li
     """Per-matrix depths: the overrides, and with a budget the sensitivity allocation. Each matrix's error at
     each depth: with calibration, the loss increase Σₒ gₒ (ΔW H ΔWᵀ)ₒₒ of its GPTQ quantization at that
     depth (codec.calibration; all depths in one sweep, kept in plan.measured for the writing); without, its
-    squared weight error Σ ΔW² (data-free)."""
-    _, files = read_source(src)
+    squared weight error Σ ΔW² (data-free). With plan.row_blocks the same errors row by row allocate a depth per
+    q/k/v head and MLP channel (codec.row_blocks; plan.row_depths and the channels' orders)."""
+    config, files = read_source(src)
     weights = {name: f for name, f in _source_tensors(files) if is_quantized_tensor(name, f.tensors[name].shape)}
     pinned = pinned_depths(list(weights), overrides)
     if bpw is None:
         return {name: pinned.get(name, plan.depth) for name in weights}
-    errors, shapes = {}, {}
+    errors, row_errors, shapes = {}, {}, {}
     for i, (name, f) in enumerate(weights.items()):
         w = to_float32(f.read(name), f.tensors[name].dtype)
         shapes[name] = tuple(w.shape)
         if plan.hessians is not None and name in plan.hessians:
-            results = gptq_depths(w, plan.hessians[name], DEPTHS, name)
-            errors[name] = {d: loss_increase(w, qm, plan.hessians[name], plan.output_grad_sq[name])
-                            for d, qm in results.items()}
+            h, g = plan.hessians[name], plan.output_grad_sq[name]
+            results = gptq_depths(w, h, DEPTHS, name)
+            rows = {d: output_error_rows(w, qm, h) for d, qm in results.items()}
+            errors[name] = {d: float(r @ g) for d, r in rows.items()}  # gptq.loss_increase
+            row_errors[name] = {d: r * g for d, r in rows.items()}
             if plan.measured is not None:
                 plan.measured.put(name, results)
         else:
@@ -264,7 +302,27 @@ def _plan_depths(src: Path, plan: QuantizePlan, bpw: float | None, overrides: li
                                             ** 2)) for d in DEPTHS}
         if progress:
             progress(f"sensitivity {i + 1}/{len(weights)} {name}", 0)
+    if plan.row_blocks:
+        _plan_row_depths(plan, config, row_errors, shapes, bpw, pinned)
+        return {n: int(d[0]) for n, d in plan.row_depths.items()}
     return allocate(errors, shapes, bpw, pinned)
+
+
+def _plan_row_depths(plan: QuantizePlan, config: dict, row_errors: dict, shapes: dict, bpw: float,
+                     pinned: dict[str, int]) -> None:
+    """--row-blocks: a depth per row (codec.row_blocks), then the MLP channels put in order of depth."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    row_bits = {n: {d: (packed_bits(*s, d) - codebook_bits()) / s[0] for d in DEPTHS} for n, s in shapes.items()}
+    depths = allocate_rows(units_by("channels+heads", shapes, head_dim), row_errors, row_bits,
+                           block_budget(bpw, shapes, head_dim), pinned)
+    plan.row_orders, plan.column_orders = {}, {}
+    for gate, order in channel_orders(depths).items():
+        for n in (gate, gate.replace("gate_proj", "up_proj")):
+            plan.row_orders[n], depths[n] = order, depths[n][order]
+        down = gate.replace("gate_proj", "down_proj")
+        if down in shapes:
+            plan.column_orders[down] = order
+    plan.row_depths = depths
 
 
 def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bool, force: bool,
@@ -279,10 +337,19 @@ def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bo
     with atomic_output_dir(out, force) as tmp:
         shards = _ShardedOutput(tmp, "model", shard_bytes)
 
-        def add_quantized(name: str, qm: QuantizedMatrix, info) -> None:
+        row_blocks: dict[str, list[str]] = {}
+
+        def add_quantized(name: str, qm: QuantizedMatrix, dtype: str) -> None:
             shards.add_together({f"{name}.{suffix}": arr for suffix, arr in pack_matrix(qm).items()})
-            quantized[name] = {"shape": list(info.shape), "depth": qm.depth, "dtype": info.dtype,
-                               "bits_per_weight": round(bits_per_weight(*info.shape, qm.depth), 4)}
+            quantized[name] = {"shape": list(qm.shape), "depth": qm.depth, "dtype": dtype,
+                               "bits_per_weight": round(bits_per_weight(*qm.shape, qm.depth), 4)}
+
+        def add_blocks(name: str, blocks: list[tuple[int, QuantizedMatrix]], dtype: str) -> None:
+            if len(blocks) == 1:
+                return add_quantized(name, blocks[0][1], dtype)
+            row_blocks[name] = [block_name(name, a, a + qm.shape[0]) for a, qm in blocks]
+            for block, (_, qm) in zip(row_blocks[name], blocks):
+                add_quantized(block, qm, dtype)
 
         for name, f in sources.items():
             info = f.tensors[name]
@@ -292,10 +359,9 @@ def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bo
                     raise CodecError(f"{f.path}: tensor '{name}' has dtype {info.dtype}; a linear weight must be "
                                      f"one of {', '.join(FLOAT_DTYPES)}")
                 if recover:
-                    qm = recover_matrix(stored, info.dtype, name)
+                    add_quantized(name, recover_matrix(stored, info.dtype, name), info.dtype)
                 else:
-                    qm = plan.quantize(to_float32(stored, info.dtype), name)
-                add_quantized(name, qm, info)
+                    add_blocks(name, plan.quantize(to_float32(stored, info.dtype), name), info.dtype)
             else:
                 if plan.kept_values is not None and name in plan.kept_values:
                     stored = from_float(plan.kept_values[name], info.dtype)
@@ -303,7 +369,7 @@ def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bo
                     raise CodecError(f"{f.path}: tensor '{name}' contains NaN or Inf")
                 if plan.quantize_head and name == head_source:
                     add_quantized(HEAD, quantize_matrix(to_float32(stored, info.dtype), HEAD_DEPTH, "mse", name),
-                                  info)
+                                  info.dtype)
                 if not (plan.quantize_head and name == HEAD):
                     shards.add(name, stored, info.dtype)
                     kept[name] = {"shape": list(info.shape), "dtype": info.dtype}
@@ -317,7 +383,8 @@ def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bo
         copy_side_files(src, tmp)
         depths = sorted({q["depth"] for q in quantized.values()})
         manifest = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "group_size": GROUP_SIZE,
+            "format": FORMAT_NAME, "format_version": ROW_BLOCKS_VERSION if row_blocks else FORMAT_VERSION,
+            "group_size": GROUP_SIZE,
             "codebook_size": CODEBOOK_SIZE,
             "codec_mode": "recovered" if recover else "gptq" if plan.hessians is not None else plan.mode,
             "depth": depths[0] if len(depths) == 1 else depths,
@@ -325,7 +392,10 @@ def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bo
             **({"calibration": plan.record} if plan.record else {}),
             **({"bits_per_weight_budget": plan.bpw} if plan.bpw is not None else {}),
             **({"quantized_head": {"depth": HEAD_DEPTH, "source": head_source}} if plan.quantize_head else {}),
-            "quantized": quantized, "kept": kept,
+            "quantized": quantized, **({"row_blocks": row_blocks} if row_blocks else {}),
+            **({"channel_orders": {n.rsplit(".", 2)[0]: o.tolist() for n, o in plan.row_orders.items()
+                                   if n.endswith("gate_proj.weight")}} if plan.row_orders else {}),
+            "kept": kept,
             "shards": {s: {"sha256": sha256_file(tmp / s), "bytes": (tmp / s).stat().st_size} for s in shard_files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -347,6 +417,21 @@ class TritCheckpoint:
     @property
     def kept_names(self) -> list[str]:
         return list(self.manifest["kept"])
+
+    @property
+    def row_blocks(self) -> dict[str, list[str]]:
+        """Matrix name -> the quantized entries of its row blocks, in row order (only matrices stored so)."""
+        return self.manifest.get("row_blocks", {})
+
+    @property
+    def matrix_names(self) -> list[str]:
+        """The model's quantized matrices: a matrix stored as row blocks once, under its own name."""
+        blocks = {b for bs in self.row_blocks.values() for b in bs}
+        return [n for n in self.quantized_names if n not in blocks] + list(self.row_blocks)
+
+    def dequantized(self, name: str, dtype: str) -> np.ndarray:
+        """A matrix's weights (its row blocks stacked) in the storage form of `dtype` (F16, BF16, F32)."""
+        return np.concatenate([dequantize_as(self.matrix(b), dtype) for b in self.row_blocks.get(name, [name])])
 
     def _file(self, entry: dict) -> SafetensorsFile:
         return self._files[entry["shard"]]
@@ -418,6 +503,15 @@ def _check_entries(manifest: dict, mpath: Path) -> None:
                 and e.get("dtype") in FLOAT_DTYPES and isinstance(e.get("shard"), str)):
             raise bad(f"quantized tensor '{name}': malformed entry (shape [rows, columns] with columns a multiple "
                       f"of {GROUP_SIZE}, depth in {list(DEPTHS)}, dtype in {list(FLOAT_DTYPES)}, shard)")
+    blocks = manifest.get("row_blocks", {})
+    if not isinstance(blocks, dict):
+        raise bad("field 'row_blocks' must be an object")
+    for name, parts in blocks.items():
+        entries = [manifest["quantized"].get(b) for b in parts] if isinstance(parts, list) else [None]
+        if (len(entries) < 2 or None in entries or name in manifest["quantized"]
+                or len({(e["shape"][1], e["dtype"]) for e in entries}) != 1):
+            raise bad(f"row_blocks of '{name}': malformed (two or more quantized entries, not the matrix's own "
+                      "name, with one column count and dtype)")
     for name, e in manifest["kept"].items():
         shape = e.get("shape") if isinstance(e, dict) else None
         if not (isinstance(shape, list) and all(_whole(d) for d in shape) and isinstance(e.get("dtype"), str)
@@ -439,8 +533,9 @@ def load_trit_checkpoint(path: str | os.PathLike, verify: bool = True) -> TritCh
     if _field(manifest, "format", mpath) != FORMAT_NAME:
         raise CodecError(f"{mpath}: field 'format' is {manifest['format']!r}, expected {FORMAT_NAME!r}")
     version = _field(manifest, "format_version", mpath)
-    if version != FORMAT_VERSION:
-        raise CodecError(f"{mpath}: unsupported format_version {version!r} (this tool reads {FORMAT_VERSION})")
+    if version not in (FORMAT_VERSION, ROW_BLOCKS_VERSION) or isinstance(version, bool):
+        raise CodecError(f"{mpath}: unsupported format_version {version!r} (this tool reads {FORMAT_VERSION} and "
+                         f"{ROW_BLOCKS_VERSION})")
     if _field(manifest, "group_size", mpath) != GROUP_SIZE:
         raise CodecError(f"{mpath}: group_size {manifest['group_size']} unsupported (only {GROUP_SIZE})")
     for key in ("quantized", "kept", "shards"):
@@ -475,12 +570,12 @@ def write_dequantized_checkpoint(trit: Path | TritCheckpoint, out: Path, dtype: 
     target = DTYPE_NAMES.get(dtype) if dtype else None
     with atomic_output_dir(out, force) as tmp:
         shards = _ShardedOutput(tmp, "model", DEFAULT_SHARD_BYTES)
-        for name in ckpt.quantized_names:
-            qm = ckpt.matrix(name)
-            d = target or ckpt.manifest["quantized"][name]["dtype"]
-            shards.add(name, dequantize_as(qm, d), d)
+        for name in ckpt.matrix_names:
+            d = target or ckpt.manifest["quantized"][ckpt.row_blocks.get(name, [name])[0]]["dtype"]
+            arr = ckpt.dequantized(name, d)
+            shards.add(name, arr, d)
             if progress:
-                progress(name, qm.codes.size)
+                progress(name, arr.size)
         for name in ckpt.kept_names:
             arr, d = ckpt.kept(name)
             if target and d in FLOAT_DTYPES and d != target:

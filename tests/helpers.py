@@ -11,6 +11,10 @@ import torch
 
 from codec import pack_matrix, quantize_matrix
 
+CALIBRATION_TEXT = ("Balanced ternary writes every number with the digits minus one, zero and plus one. A trit holds "
+                    "log2 of three bits. Quantized language models store each weight as a step times a small "
+                    "integer. ") * 40
+
 
 def compile_with_reference(src: pathlib.Path, root: pathlib.Path, depth: int, flags: tuple[str, ...] = ()):
     """src quantized at depth (trit-quantize, with flags), compiled for this CPU (trit-compile), and transformers

@@ -12,8 +12,8 @@ from codec.mixed import allocate
 from codec.quantize import quantize_matrix
 from trit_tvm.cli import compile_main
 
-TEXT = ("Balanced ternary writes every number with the digits minus one, zero and plus one. A trit holds "
-        "log2 of three bits. Quantized language models store each weight as a step times a small integer. ") * 40
+from helpers import CALIBRATION_TEXT
+
 
 
 def _correlated_inputs(n_in: int, rows: int = 2048, seed: int = 0) -> np.ndarray:
@@ -116,7 +116,7 @@ def test_allocation_meets_the_budget_and_spends_it():
 @pytest.fixture(scope="module")
 def calib_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calibration.txt"
-    path.write_text(TEXT)
+    path.write_text(CALIBRATION_TEXT)
     return path
 
 
@@ -226,11 +226,12 @@ def test_tensor_depth_overrides_a_uniform_depth(tiny_hf, tmp_path):
     (["--tensor-depth", "*.o_proj.weight=5"], "expected PATTERN=D with D in [1, 2, 3, 4]"),
     (["--tune-norms"], "--tune-norms needs --calibration"),
     (["--calibration", "TEXT", "--tune-norms", "-1"], "the number of passes must be at least 1"),
+    (["--bpw", "4.4", "--row-blocks"], "--row-blocks needs --bpw and --calibration"),
 ])
 def test_bad_input_is_one_line(tiny_hf, tmp_path, capsys, flags, message):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
-    (tmp_path / "text.txt").write_text(TEXT)
+    (tmp_path / "text.txt").write_text(CALIBRATION_TEXT)
     paths = {"EMPTY": tmp_path / "empty.txt", "BINARY": tmp_path / "binary.txt", "TEXT": tmp_path / "text.txt"}
     flags = [str(paths[f]) if f in paths else f for f in flags]
     assert quantize_main([str(tiny_hf), str(tmp_path / "out")] + flags) == 2
@@ -238,27 +239,3 @@ def test_bad_input_is_one_line(tiny_hf, tmp_path, capsys, flags, message):
     assert message in err[-1] and "Traceback" not in "\n".join(err), err
     assert not (tmp_path / "out").exists()
 
-
-def test_row_allocation_meets_the_budget_and_favours_sensitive_rows():
-    """benchmarks.bench_row_depths' greedy over rows: within the budget, spent, the rows that move the loss more
-    deeper; gate/up rows of a channel share a depth, and by head so do a head's q rows."""
-    from benchmarks.bench_row_depths import allocate_rows, units_by
-    from codec.format import packed_bits
-    shapes = {"model.layers.0.self_attn.q_proj.weight": (32, 64), "model.layers.0.mlp.gate_proj.weight": (16, 64),
-              "model.layers.0.mlp.up_proj.weight": (16, 64), "model.layers.0.mlp.down_proj.weight": (64, 16)}
-    rng = np.random.default_rng(5)
-    sensitivity = {n: rng.random(out) * 10 ** rng.integers(0, 3, out) for n, (out, _) in shapes.items()}
-    row_errors = {n: {d: s * 3.0 ** -d for d in (1, 2, 3, 4)} for n, s in sensitivity.items()}
-    row_bits = {n: {d: packed_bits(*shapes[n], d) / shapes[n][0] for d in (1, 2, 3, 4)} for n in shapes}
-    total = sum(a * b for a, b in shapes.values())
-    depths = allocate_rows(units_by("channels+qkv", shapes), row_errors, row_bits, 4.0 * total)
-    used = sum(row_bits[n][d] for n, rows in depths.items() for d in rows) / total
-    assert 3.9 < used <= 4.0, used
-    np.testing.assert_array_equal(depths["model.layers.0.mlp.gate_proj.weight"],
-                                  depths["model.layers.0.mlp.up_proj.weight"])
-    assert len(set(depths["model.layers.0.mlp.down_proj.weight"])) == 1  # o/down stay one depth
-    q = "model.layers.0.self_attn.q_proj.weight"
-    order = np.argsort(sensitivity[q])
-    assert depths[q][order[-4:]].min() >= depths[q][order[:4]].max() and depths[q].max() > depths[q].min()
-    by_head = allocate_rows(units_by("channels+heads", shapes, head_dim=8), row_errors, row_bits, 4.0 * total)
-    assert all(len(set(by_head[q][h:h + 8])) == 1 for h in range(0, 32, 8)) and len(set(by_head[q])) > 1

@@ -26,7 +26,7 @@ import tvm
 
 from codec.checkpoint import MANIFEST as TRIT_MANIFEST
 from codec.atomic import atomic_output_dir
-from codec.checkpoint import DTYPE_NAMES, FORMAT_VERSION, HEAD, TritCheckpoint, copy_side_files, load_trit_checkpoint, \
+from codec.checkpoint import DTYPE_NAMES, HEAD, TritCheckpoint, copy_side_files, load_trit_checkpoint, \
     sha256_file, write_trit_checkpoint
 from codec.errors import read_json
 from codec.format import CODES, SCALES
@@ -42,7 +42,7 @@ from .errors import CompileError
 from .models import Architecture, DecoderConfig, architecture_of, source_names
 from .operator import WeightLayout, layout_for_target
 from .pipeline import trit_pipeline
-from .quantization import DepthOf, ParamSource, TritQuantizer, uniform_depth
+from .quantization import DepthOf, ParamSource, RowBlock, TritQuantizer, uniform_depth
 from .targets import host_arch, target_arch, target_device_kind, target_to_json
 from .tuning import DEFAULT_LOGS, apply_records_pass, logs_dir
 from .variant_tuning import load_choices
@@ -61,11 +61,14 @@ def model_dtype_for(target: tvm.target.Target) -> str:
 
 
 def checkpoint_depths(ckpt: TritCheckpoint) -> DepthOf:
-    """The depth of each quantized tensor of the checkpoint (None: kept); a tensor the model needs that the
-    checkpoint lacks altogether is an error naming it."""
+    """The depth of each quantized tensor of the checkpoint, or its row blocks (None: kept); a tensor the model
+    needs that the checkpoint lacks altogether is an error naming it."""
     quantized, kept = ckpt.manifest["quantized"], ckpt.manifest["kept"]
 
-    def depth_of(name: str) -> int | None:
+    def depth_of(name: str) -> int | tuple[RowBlock, ...] | None:
+        if name in ckpt.row_blocks:
+            return tuple(RowBlock(b, int(quantized[b]["shape"][0]), int(quantized[b]["depth"]))
+                         for b in ckpt.row_blocks[name])
         if name in quantized:
             return int(quantized[name]["depth"])
         if name in kept:
@@ -282,7 +285,7 @@ def compile_model(model: Path, target: tvm.target.Target, out_dir: Path, depth: 
             copy_side_files(ckpt.path, tmp)
             params_sha256 = sha256_file(tmp / PARAMS)
             manifest = _manifest(target, arch, cfg, built, embedding_dtype=embed_dtype,
-                                 trit_format_version=FORMAT_VERSION, codec_mode=ckpt.manifest["codec_mode"],
+                                 trit_format_version=ckpt.manifest["format_version"], codec_mode=ckpt.manifest["codec_mode"],
                                  depth=ckpt.manifest["depth"], input_hash=_input_hash(ckpt),
                                  params_sha256=params_sha256,
                                  resident_trit_bytes=resident["trit"], resident_kept_bytes=resident["kept"],

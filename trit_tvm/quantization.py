@@ -7,8 +7,9 @@ The mutator also records where each parameter of the mutated model comes from in
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
@@ -19,14 +20,22 @@ from codec.format import CODEBOOK, CODES, SCALES
 from .errors import CompileError
 from .operator import WeightLayout, trit_decode_matmul_te, trit_op_attrs
 
-DepthOf = Callable[[str], "int | None"]  # checkpoint weight name -> its trit depth, None when kept dense
+class RowBlock(NamedTuple):
+    """Rows of a matrix stored as a quantized matrix of their own (checkpoint `row_blocks`)."""
+    tensor: str
+    rows: int
+    depth: int
+
+
+# checkpoint weight name -> its trit depth, its row blocks in row order, or None when kept dense
+DepthOf = Callable[[str], "int | tuple[RowBlock, ...] | None"]
 
 
 class TritLinear(nn.Module):
     """A linear layer stored as packed trits; forward is one trit_decode_matmul call.
 
-    parts: output sizes of several matrices with the same input stacked into one (q/k/v, gate/up): one
-    kernel reads x once and launches once for all of them; each keeps its own codebook."""
+    parts: output sizes of several matrices with the same input stacked into one (q/k/v, gate/up, row blocks of one
+    depth): one kernel reads x once and launches once for all of them; each keeps its own codebook."""
 
     def __init__(self, in_features: int, parts: tuple[int, ...], depth: int, bias: bool, dtype: str,
                  layout: WeightLayout):
@@ -48,15 +57,24 @@ class TritLinear(nn.Module):
                                                      self.bias is not None, self.layout, self.parts))
 
 
-class ConcatLinears(nn.Module):
-    """Stacked matrices of different depths: one TritLinear each, outputs concatenated (the packed layouts of
-    different depths cannot share a kernel)."""
+class DepthGroupedLinear(nn.Module):
+    """Row blocks of several depths (matrices stacked at different depths, or a matrix stored as row blocks): one
+    TritLinear per depth, its blocks as parts (the packed layouts of different depths cannot share a kernel), the
+    outputs put back in row order, then the bias."""
 
-    def __init__(self, linears: list[TritLinear]):
+    def __init__(self, linears: list[TritLinear], order: list[tuple[int, int]], bias: bool, dtype: str):
         self.linears = nn.ModuleList(linears)
+        self.order = order  # row order: (linear, part) of each block
+        self.bias = nn.Parameter((sum(lin.out_features for lin in linears),), dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return op.concat([linear(x) for linear in self.linears], dim=-1)
+        outs = [linear(x) for linear in self.linears]
+        if self.order != sorted(self.order):
+            pieces = [op.split(y, list(itertools.accumulate(lin.parts[:-1])), axis=-1) if len(lin.parts) > 1
+                      else (y,) for y, lin in zip(outs, self.linears)]
+            outs = [pieces[i][p] for i, p in self.order]
+        y = op.concat(outs, dim=-1)
+        return y + self.bias if self.bias is not None else y
 
 
 @dataclass(frozen=True)
@@ -89,18 +107,39 @@ class TritQuantizer(nn.Mutator):
                                "are quantized")
         parts = getattr(node, "out_parts", (node.out_features,))
         biases = self.source_names(f"{name}.bias") if node.bias is not None else [None] * len(parts)
-        if len(set(depths)) == 1:
+        if all(d == depths[0] for d in depths) and not isinstance(depths[0], tuple):
             return self._trit_linear(name, node, parts, depths[0], weights, biases)
-        return ConcatLinears([self._trit_linear(f"{name}.linears.{i}", node, (n,), d, [w], [b])
-                              for i, (n, d, w, b) in enumerate(zip(parts, depths, weights, biases))])
-
-    def _trit_linear(self, name: str, node: nn.Linear, parts: tuple[int, ...], depth: int, weights: list[str],
-                     biases: list[str | None]) -> TritLinear:
-        for suffix in (CODES, SCALES, CODEBOOK):
-            self.sources[f"{name}.{suffix}"] = ParamSource(tuple(weights), suffix)
+        blocks = [b for w, n, d in zip(weights, parts, depths) for b in self._blocks(w, n, d)]
+        by_depth: dict[int, list[int]] = {}
+        for i, b in enumerate(blocks):
+            by_depth.setdefault(b.depth, []).append(i)
+        order = [(g, members.index(i)) for i in range(len(blocks))
+                 for g, members in enumerate(by_depth.values()) if i in members]
         if node.bias is not None:
             self.sources[f"{name}.bias"] = ParamSource(tuple(biases))
-        return TritLinear(node.in_features, parts, depth, node.bias is not None, node.weight.dtype, self.layout)
+        return DepthGroupedLinear(
+            [self._trit_linear(f"{name}.linears.{g}", node, tuple(blocks[i].rows for i in members), depth,
+                               [blocks[i].tensor for i in members], None)
+             for g, (depth, members) in enumerate(by_depth.items())], order, node.bias is not None, node.weight.dtype)
+
+    @staticmethod
+    def _blocks(weight: str, rows: int, depth: "int | tuple[RowBlock, ...]") -> tuple[RowBlock, ...]:
+        if not isinstance(depth, tuple):
+            return (RowBlock(weight, rows, depth),)
+        if sum(b.rows for b in depth) != rows:
+            raise CompileError(f"the row blocks of '{weight}' hold {sum(b.rows for b in depth)} rows, the model "
+                               f"config needs {rows}")
+        return depth
+
+    def _trit_linear(self, name: str, node: nn.Linear, parts: tuple[int, ...], depth: int, weights: list[str],
+                     biases: list[str | None] | None) -> TritLinear:
+        """biases None: the layer's bias is added outside (DepthGroupedLinear)."""
+        for suffix in (CODES, SCALES, CODEBOOK):
+            self.sources[f"{name}.{suffix}"] = ParamSource(tuple(weights), suffix)
+        bias = node.bias is not None and biases is not None
+        if bias:
+            self.sources[f"{name}.bias"] = ParamSource(tuple(biases))
+        return TritLinear(node.in_features, parts, depth, bias, node.weight.dtype, self.layout)
 
     def source(self, param: str) -> ParamSource:
         """Where a parameter of the mutated model comes from."""
