@@ -33,6 +33,7 @@ def test_one_trit_call_per_quantized_linear_qkv_and_gate_up_stacked(trit_ckpt):
     from codec import load_trit_checkpoint
     from trit_tvm.compile import checkpoint_depths
     from trit_tvm.models import architecture_of
+    from trit_tvm.quantization import RowBlock
     ckpt = load_trit_checkpoint(trit_ckpt)
     arch, cfg = architecture_of(ckpt.config)
     depth_of = checkpoint_depths(ckpt)
@@ -40,12 +41,20 @@ def test_one_trit_call_per_quantized_linear_qkv_and_gate_up_stacked(trit_ckpt):
         assert [c.split("_", 3)[-1] for c in calls[:4]] == ["self_attn_qkv_proj", "self_attn_o_proj",
                                                              "mlp_gate_up_proj", "mlp_down_proj"], fn
         assert len(calls) == 4 * cfg.num_hidden_layers and len(set(calls)) == len(calls), fn
-    # a layer whose q has another depth than k and v: one call per matrix (two depths cannot share a kernel)
+    # a layer whose q has another depth than k and v: one call per depth (two depths cannot share a kernel)
     mixed = lambda name: 2 if name == "model.layers.0.self_attn.q_proj.weight" else depth_of(name)  # noqa: E731
     calls = _trit_calls(arch, cfg, mixed)["decode"]
-    assert [c.split("_", 3)[-1] for c in calls[:6]] == [
-        "self_attn_qkv_proj_linears_0", "self_attn_qkv_proj_linears_1", "self_attn_qkv_proj_linears_2",
-        "self_attn_o_proj", "mlp_gate_up_proj", "mlp_down_proj"]
+    assert [c.split("_", 3)[-1] for c in calls[:5]] == [
+        "self_attn_qkv_proj_linears_0", "self_attn_qkv_proj_linears_1", "self_attn_o_proj", "mlp_gate_up_proj",
+        "mlp_down_proj"]
+    # q stored as row blocks at depths 2, 3, 2 (k and v at 3): still one call per depth
+    q = "model.layers.0.self_attn.q_proj.weight"
+    heads = cfg.head_dim
+    blocks = (RowBlock("q0", heads, 2), RowBlock("q1", heads, 3), RowBlock("q2", cfg.num_attention_heads * heads
+                                                                            - 2 * heads, 2))
+    calls = _trit_calls(arch, cfg, lambda name: blocks if name == q else depth_of(name))["decode"]
+    assert [c.split("_", 3)[-1] for c in calls[:3]] == [
+        "self_attn_qkv_proj_linears_0", "self_attn_qkv_proj_linears_1", "self_attn_o_proj"]
 
 
 def test_run_json_and_text(llvm_artifact, capsys):
