@@ -145,7 +145,7 @@ class QuantizePlan:
     column_orders: dict[str, np.ndarray] | None = None  # down_proj: its source columns in the same order
 
     def depth_of(self, name: str) -> int:
-        if self.row_depths is not None:
+        if self.row_depths is not None and name in self.row_depths:
             return int(self.row_depths[name][0])
         return self.depths[name] if self.depths is not None else self.depth
 
@@ -158,16 +158,16 @@ class QuantizePlan:
         return [(0, self._quantize_whole(w, name))]
 
     def _quantize_rows(self, w: np.ndarray, name: str) -> list[tuple[int, QuantizedMatrix]]:
-        """--row-blocks: rows in their written order, each run of one depth from that depth's measured GPTQ
-        result (descended); down_proj with its columns in the channels' order, quantized again (GPTQ depends
-        on the order of the columns)."""
+        """--row-blocks: rows in their written order, each run of one depth from that depth's measured (GPTQ and
+        descended) result; down_proj with its columns in the channels' order, quantized again (GPTQ's static
+        groups are runs of 16 columns)."""
         h = self.hessians[name]
         if name in self.column_orders:
             order = self.column_orders[name]
             w, h = w[:, order], h[np.ix_(order, order)]
             return [(0, descend(w, gptq_matrix(w, h, self.depth_of(name), name), h))]
         order = self.row_orders.get(name, np.arange(w.shape[0]))
-        return [(a, descend(w[order[a:b]], take_rows(self.measured.get(name, d, w.shape[1]), order[a:b]), h))
+        return [(a, take_rows(self.measured.get(name, d, w.shape[1]), order[a:b]))
                 for a, b, d in runs(self.row_depths[name])]
 
     def _quantize_whole(self, w: np.ndarray, name: str) -> QuantizedMatrix:
@@ -181,7 +181,8 @@ class QuantizePlan:
 
 class MeasuredDepths:
     """Each matrix's GPTQ result at every depth, packed, in a temporary directory: mixed depth measures them all
-    to choose, and then writes the chosen one (after `descend`) instead of running its GPTQ sweep again."""
+    to choose, and then writes the chosen one (after `descend`; with --row-blocks they are kept descended)
+    instead of running its GPTQ sweep again."""
 
     def __init__(self, root: Path):
         self.root, self.files = root, {}
@@ -291,6 +292,8 @@ def _plan_depths(src: Path, plan: QuantizePlan, bpw: float | None, overrides: li
         if plan.hessians is not None and name in plan.hessians:
             h, g = plan.hessians[name], plan.output_grad_sq[name]
             results = gptq_depths(w, h, DEPTHS, name)
+            if plan.row_blocks:  # rows are chosen by the errors they are written with: descended (1.025x
+                results = {d: descend(w, qm, h) for d, qm in results.items()}  # vs 1.033x by the sweep's)
             rows = {d: output_error_rows(w, qm, h) for d, qm in results.items()}
             errors[name] = {d: float(r @ g) for d, r in rows.items()}  # gptq.loss_increase
             row_errors[name] = {d: r * g for d, r in rows.items()}
@@ -512,6 +515,10 @@ def _check_entries(manifest: dict, mpath: Path) -> None:
                 or len({(e["shape"][1], e["dtype"]) for e in entries}) != 1):
             raise bad(f"row_blocks of '{name}': malformed (two or more quantized entries, not the matrix's own "
                       "name, with one column count and dtype)")
+    orders = manifest.get("channel_orders", {})
+    for name, order in (orders.items() if isinstance(orders, dict) else [("", None)]):
+        if not (isinstance(order, list) and all(_whole(i) for i in order) and sorted(order) == list(range(len(order)))):
+            raise bad(f"channel_orders of '{name}': not a permutation of the channels")
     for name, e in manifest["kept"].items():
         shape = e.get("shape") if isinstance(e, dict) else None
         if not (isinstance(shape, list) and all(_whole(d) for d in shape) and isinstance(e.get("dtype"), str)

@@ -166,6 +166,9 @@ def _inspect(args: argparse.Namespace) -> int:
             f = sources[name]
             w = to_float32(f.read(name), f.tensors[name].dtype)
             order = orders.get(name.rsplit(".", 2)[0]) if name.endswith("down_proj.weight") else None
+            if order is not None and len(order) != w.shape[1]:
+                raise CodecError(f"{ckpt.path}: channel_orders of '{name}' has {len(order)} channels, the source "
+                                 f"matrix {w.shape[1]}")
             row["relative_mse"] = relative_mse(w if order is None else w[:, order], ckpt.matrix(name).dequantize())
         rows.append(row)
     n = sum(int(np.prod(r["shape"])) for r in rows)

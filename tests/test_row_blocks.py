@@ -121,3 +121,9 @@ def test_malformed_row_blocks_are_one_line(row_block_ckpt, tmp_path):
     (bad / "trit.json").write_text(json.dumps(m))
     with pytest.raises(CodecError, match=f"row_blocks of '{name}': malformed"):
         load_trit_checkpoint(bad)
+    m = json.loads((row_block_ckpt / "trit" / "trit.json").read_text())
+    mlp = next(iter(m["channel_orders"]))
+    m["channel_orders"][mlp][0] = m["channel_orders"][mlp][1]
+    (bad / "trit.json").write_text(json.dumps(m))
+    with pytest.raises(CodecError, match=f"channel_orders of '{mlp}': not a permutation"):
+        load_trit_checkpoint(bad)
