@@ -66,11 +66,12 @@ def _checked_tensors(reader, path: Path) -> list:
     return list(reader.tensors)
 
 
-def read_gguf_tensors(path: Path) -> Iterator[tuple[str, str, np.ndarray]]:
-    """(GGUF tensor name, GGUF type name, dequantized values) for every tensor, one at a time."""
+def read_gguf_tensors(path: Path, reader=None) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(GGUF tensor name, GGUF type name, dequantized values) for every tensor, one at a time; reader: the file's
+    GGUFReader when already open (parsing a file's metadata takes seconds: a tokenizer is thousands of fields)."""
     import gguf
     path = Path(path)
-    for t in _checked_tensors(_reader(path), path):
+    for t in _checked_tensors(reader or _reader(path), path):
         try:
             yield t.name, t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:  # noqa: BLE001  (malformed block data in an untrusted file)
@@ -87,8 +88,7 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
     """Write the GGUF model at `path` as a Hugging Face checkpoint into out_dir (created if needed)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
-                                                           load_gguf_checkpoint)
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     path, out_dir = Path(path), Path(out_dir)
@@ -99,7 +99,6 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        config_fields = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
     except (ValueError, KeyError, OSError, TypeError) as e:
         raise CodecError(f"{path}: transformers cannot read its config or tokenizer ({e})") from None
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
@@ -107,11 +106,11 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
     tokenizer.save_pretrained(out_dir)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config_fields)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())  # the heads to un-permute
     names = get_gguf_hf_weights_map(skeleton, processor)
     expected = {n for n in skeleton.state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")}
     writer = ShardWriter(out_dir / "model.safetensors")
-    for gguf_name, kind, weights in read_gguf_tensors(path):
+    for gguf_name, kind, weights in read_gguf_tensors(path, reader):
         fixed = processor.process(weights=weights, name=gguf_name, tensor_key_mapping=names, parsed_parameters={})
         name = names.get(fixed.name)
         if name is None:
