@@ -29,7 +29,7 @@ from codec.atomic import atomic_output_dir
 from codec.checkpoint import DTYPE_NAMES, HEAD, TritCheckpoint, copy_side_files, load_trit_checkpoint, \
     sha256_file, write_trit_checkpoint
 from codec.errors import read_json
-from codec.format import CODES, SCALES
+from codec.format import CODEBOOK, CODES, SCALES
 from codec.gguf_source import is_gguf
 from codec.safetensors_io import ShardWriter, dtype_name, from_float, to_float32
 from schedules import is_trit_decode_matmul
@@ -67,8 +67,8 @@ def checkpoint_depths(ckpt: TritCheckpoint) -> DepthOf:
 
     def depth_of(name: str) -> int | tuple[RowBlock, ...] | None:
         if name in ckpt.row_blocks:
-            return tuple(RowBlock(b, int(quantized[b]["shape"][0]), int(quantized[b]["depth"]))
-                         for b in ckpt.row_blocks[name])
+            return tuple(RowBlock(b, int(quantized[b]["shape"][0]), int(quantized[b]["depth"]),
+                                  np.asarray(ckpt.packed(b)[CODEBOOK]).tobytes()) for b in ckpt.row_blocks[name])
         if name in quantized:
             return int(quantized[name]["depth"])
         if name in kept:

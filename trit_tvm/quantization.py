@@ -25,6 +25,7 @@ class RowBlock(NamedTuple):
     tensor: str
     rows: int
     depth: int
+    codebook: bytes | None = None  # when known: blocks of one kernel that are neighbours and share it share a part
 
 
 # checkpoint weight name -> its trit depth, its row blocks in row order, or None when kept dense
@@ -59,20 +60,22 @@ class TritLinear(nn.Module):
 
 class DepthGroupedLinear(nn.Module):
     """Row blocks of several depths (matrices stacked at different depths, or a matrix stored as row blocks): one
-    TritLinear per depth, its blocks as parts (the packed layouts of different depths cannot share a kernel), the
-    outputs put back in row order, then the bias."""
+    TritLinear per depth (the packed layouts of different depths cannot share a kernel), the outputs put back in
+    row order, then the bias."""
 
-    def __init__(self, linears: list[TritLinear], order: list[tuple[int, int]], bias: bool, dtype: str):
+    def __init__(self, linears: list[TritLinear], blocks: list[tuple[int, ...]], order: list[tuple[int, int]],
+                 bias: bool, dtype: str):
         self.linears = nn.ModuleList(linears)
-        self.order = order  # row order: (linear, part) of each block
+        self.blocks = blocks  # per linear: the rows of each of its blocks
+        self.order = order  # row order: (linear, block) of each block
         self.bias = nn.Parameter((sum(lin.out_features for lin in linears),), dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         outs = [linear(x) for linear in self.linears]
         if self.order != sorted(self.order):
-            pieces = [op.split(y, list(itertools.accumulate(lin.parts[:-1])), axis=-1) if len(lin.parts) > 1
-                      else (y,) for y, lin in zip(outs, self.linears)]
-            outs = [pieces[i][p] for i, p in self.order]
+            pieces = [op.split(y, list(itertools.accumulate(rows[:-1])), axis=-1) if len(rows) > 1 else (y,)
+                      for y, rows in zip(outs, self.blocks)]
+            outs = [pieces[i][b] for i, b in self.order]
         y = op.concat(outs, dim=-1)
         return y + self.bias if self.bias is not None else y
 
@@ -117,10 +120,21 @@ class TritQuantizer(nn.Mutator):
                  for g, members in enumerate(by_depth.values()) if i in members]
         if node.bias is not None:
             self.sources[f"{name}.bias"] = ParamSource(tuple(biases))
-        return DepthGroupedLinear(
-            [self._trit_linear(f"{name}.linears.{g}", node, tuple(blocks[i].rows for i in members), depth,
-                               [blocks[i].tensor for i in members], None)
-             for g, (depth, members) in enumerate(by_depth.items())], order, node.bias is not None, node.weight.dtype)
+        linears = []
+        for g, (depth, members) in enumerate(by_depth.items()):
+            parts, firsts = [], []  # a part per run of neighbours with one codebook (fewer tables to look up in)
+            for i in members:
+                b = blocks[i]
+                if parts and b.codebook is not None and b.codebook == blocks[firsts[-1]].codebook:
+                    parts[-1] += b.rows
+                else:
+                    parts.append(b.rows)
+                    firsts.append(i)
+            linears.append(self._trit_linear(f"{name}.linears.{g}", node, tuple(parts), depth,
+                                             [blocks[i].tensor for i in members], None,
+                                             [blocks[i].tensor for i in firsts]))
+        return DepthGroupedLinear(linears, [tuple(blocks[i].rows for i in members) for members in by_depth.values()],
+                                  order, node.bias is not None, node.weight.dtype)
 
     @staticmethod
     def _blocks(weight: str, rows: int, depth: "int | tuple[RowBlock, ...]") -> tuple[RowBlock, ...]:
@@ -132,10 +146,12 @@ class TritQuantizer(nn.Mutator):
         return depth
 
     def _trit_linear(self, name: str, node: nn.Linear, parts: tuple[int, ...], depth: int, weights: list[str],
-                     biases: list[str | None] | None) -> TritLinear:
-        """biases None: the layer's bias is added outside (DepthGroupedLinear)."""
-        for suffix in (CODES, SCALES, CODEBOOK):
+                     biases: list[str | None] | None, codebooks: list[str] | None = None) -> TritLinear:
+        """biases None: the layer's bias is added outside (DepthGroupedLinear); codebooks: the tensor whose
+        codebook each part uses (default: weights, one part each)."""
+        for suffix in (CODES, SCALES):
             self.sources[f"{name}.{suffix}"] = ParamSource(tuple(weights), suffix)
+        self.sources[f"{name}.{CODEBOOK}"] = ParamSource(tuple(codebooks or weights), CODEBOOK)
         bias = node.bias is not None and biases is not None
         if bias:
             self.sources[f"{name}.bias"] = ParamSource(tuple(biases))
