@@ -1,8 +1,8 @@
 """Perplexity vs bits/weight for SmolLM2-135M-Instruct on held-out text: the source model, uniform depths
 1..4 in both data-free modes, calibrated (GPTQ) depths 2..4, and mixed depth at several budgets (a depth per
-matrix, and per q/k/v head and MLP channel: `--row-blocks`), each of the calibrated ones also with its norms tuned (trit-quantize --tune-norms, 2 passes). Each row is
-quantized, compiled for this CPU and scored twice: by the compiled module (trit-eval) and by transformers
-on the dequantized weights; the two must agree within 0.1%.
+matrix, and per q/k/v head and MLP channel: `--row-blocks`), each of the calibrated ones also with its norms
+tuned (trit-quantize --tune-norms, 2 passes). Each row is quantized, compiled for this CPU and scored twice: by
+the compiled module (trit-eval) and by transformers on the dequantized weights; the two must agree within 0.1%.
 
     python -m benchmarks.bench_quality [--eval-tokens 4096] [--plot benchmarks/quality.png] [--only ROW ...]
 

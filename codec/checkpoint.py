@@ -141,8 +141,7 @@ class QuantizePlan:
     kept_values: dict[str, np.ndarray] | None = None  # kept tensors' values in place of the source's (tuned norms)
     row_blocks: bool = False
     row_depths: dict[str, np.ndarray] | None = None  # --row-blocks: each row's depth, rows in their written order
-    row_orders: dict[str, np.ndarray] | None = None  # gate/up: the source rows in written order (channels by depth)
-    column_orders: dict[str, np.ndarray] | None = None  # down_proj: its source columns in the same order
+    channel_orders: dict[str, np.ndarray] | None = None  # --row-blocks: MLP -> its source channels in written order
 
     def depth_of(self, name: str) -> int:
         if self.row_depths is not None and name in self.row_depths:
@@ -161,14 +160,17 @@ class QuantizePlan:
         """--row-blocks: rows in their written order, each run of one depth from that depth's measured (GPTQ and
         descended) result; down_proj with its columns in the channels' order, quantized again (GPTQ's static
         groups are runs of 16 columns)."""
-        h = self.hessians[name]
-        if name in self.column_orders:
-            order = self.column_orders[name]
-            w, h = w[:, order], h[np.ix_(order, order)]
+        parent, linear, _ = name.rsplit(".", 2)
+        order = self.channel_orders.get(parent)
+        if order is not None and linear == "down_proj":
+            h = self.hessians[name][np.ix_(order, order)]
+            w = w[:, order]
             return [(0, descend(w, gptq_matrix(w, h, self.depth_of(name), name), h))]
-        order = self.row_orders.get(name, np.arange(w.shape[0]))
-        return [(a, take_rows(self.measured.get(name, d, w.shape[1]), order[a:b]))
-                for a, b, d in runs(self.row_depths[name])]
+        if order is None or linear not in ("gate_proj", "up_proj"):
+            order = np.arange(w.shape[0])
+        blocks = runs(self.row_depths[name])
+        measured = {d: self.measured.get(name, d, w.shape[1]) for d in {d for _, _, d in blocks}}
+        return [(a, take_rows(measured[d], order[a:b])) for a, b, d in blocks]
 
     def _quantize_whole(self, w: np.ndarray, name: str) -> QuantizedMatrix:
         depth = self.depth_of(name)
@@ -318,13 +320,10 @@ def _plan_row_depths(plan: QuantizePlan, config: dict, row_errors: dict, shapes:
     row_bits = {n: {d: (packed_bits(*s, d) - codebook_bits()) / s[0] for d in DEPTHS} for n, s in shapes.items()}
     depths = allocate_rows(units_by("channels+heads", shapes, head_dim), row_errors, row_bits,
                            block_budget(bpw, shapes, head_dim), pinned)
-    plan.row_orders, plan.column_orders = {}, {}
-    for gate, order in channel_orders(depths).items():
-        for n in (gate, gate.replace("gate_proj", "up_proj")):
-            plan.row_orders[n], depths[n] = order, depths[n][order]
-        down = gate.replace("gate_proj", "down_proj")
-        if down in shapes:
-            plan.column_orders[down] = order
+    plan.channel_orders = channel_orders(depths)
+    for mlp, order in plan.channel_orders.items():
+        for n in (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"):
+            depths[n] = depths[n][order]
     plan.row_depths = depths
 
 
@@ -396,8 +395,8 @@ def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bo
             **({"bits_per_weight_budget": plan.bpw} if plan.bpw is not None else {}),
             **({"quantized_head": {"depth": HEAD_DEPTH, "source": head_source}} if plan.quantize_head else {}),
             "quantized": quantized, **({"row_blocks": row_blocks} if row_blocks else {}),
-            **({"channel_orders": {n.rsplit(".", 2)[0]: o.tolist() for n, o in plan.row_orders.items()
-                                   if n.endswith("gate_proj.weight")}} if plan.row_orders else {}),
+            **({"channel_orders": {mlp: o.tolist() for mlp, o in plan.channel_orders.items()}}
+               if plan.channel_orders else {}),
             "kept": kept,
             "shards": {s: {"sha256": sha256_file(tmp / s), "bytes": (tmp / s).stat().st_size} for s in shard_files},
         }
@@ -439,16 +438,17 @@ class TritCheckpoint:
     def _file(self, entry: dict) -> SafetensorsFile:
         return self._files[entry["shard"]]
 
-    def packed(self, name: str) -> dict[str, np.ndarray]:
-        """The packed tensors of a quantized matrix: {trit_codes, trit_scales, trit_codebook}."""
+    def packed(self, name: str, keys: tuple[str, ...] = (CODES, SCALES, CODEBOOK)) -> dict[str, np.ndarray]:
+        """The packed tensors of a quantized matrix: {trit_codes, trit_scales, trit_codebook}, or only `keys`."""
         entry = self.manifest["quantized"][name]
         f = self._file(entry)
         try:
-            packed = {k: f.read(f"{name}.{k}") for k in (CODES, SCALES, CODEBOOK)}
+            packed = {k: f.read(f"{name}.{k}") for k in keys}
         except KeyError as e:
             raise CodecError(f"{f.path}: missing tensor {e} listed in {MANIFEST}") from None
-        codes = packed[CODES]
-        if codes.ndim != 3 or codes.shape[0] != entry["shape"][0] or codes.shape[1] != entry["depth"]:
+        codes = packed.get(CODES)
+        if codes is not None and (codes.ndim != 3 or codes.shape[0] != entry["shape"][0]
+                                  or codes.shape[1] != entry["depth"]):
             raise CodecError(f"{f.path}: tensor '{name}.{CODES}' has shape {list(codes.shape)}, which does not "
                              f"hold the {entry['shape']} matrix at depth {entry['depth']} that {MANIFEST} lists")
         return packed

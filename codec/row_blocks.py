@@ -96,8 +96,8 @@ def runs(depths: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def channel_orders(row_depths: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """gate_proj name -> the order of its MLP's channels by depth (stable), where the depths differ."""
-    return {n: np.argsort(d, kind="stable") for n, d in row_depths.items()
+    """MLP (the gate_proj name's parent) -> its channels in order of depth (stable), where the depths differ."""
+    return {n.rsplit(".", 2)[0]: np.argsort(d, kind="stable") for n, d in row_depths.items()
             if n.endswith("gate_proj.weight") and len(set(d.tolist())) > 1}
 
 

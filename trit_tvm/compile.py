@@ -68,7 +68,8 @@ def checkpoint_depths(ckpt: TritCheckpoint) -> DepthOf:
     def depth_of(name: str) -> int | tuple[RowBlock, ...] | None:
         if name in ckpt.row_blocks:
             return tuple(RowBlock(b, int(quantized[b]["shape"][0]), int(quantized[b]["depth"]),
-                                  np.asarray(ckpt.packed(b)[CODEBOOK]).tobytes()) for b in ckpt.row_blocks[name])
+                                  np.asarray(ckpt.packed(b, (CODEBOOK,))[CODEBOOK]).tobytes())
+                         for b in ckpt.row_blocks[name])
         if name in quantized:
             return int(quantized[name]["depth"])
         if name in kept:
@@ -100,7 +101,7 @@ def _param_array(ckpt: TritCheckpoint, param: str, source: ParamSource, shape: t
     linears), in the layout and dtype the VM expects."""
     names, suffix = list(source.tensors), source.packed
     if suffix is not None:
-        arr = np.concatenate([np.asarray(ckpt.packed(name)[suffix]) for name in names])
+        arr = np.concatenate([np.asarray(ckpt.packed(name, (suffix,))[suffix]) for name in names])
         info = ckpt.manifest["quantized"][names[0]]
         n_in = int(info["shape"][1])
         if suffix == CODES:
@@ -285,7 +286,8 @@ def compile_model(model: Path, target: tvm.target.Target, out_dir: Path, depth: 
             copy_side_files(ckpt.path, tmp)
             params_sha256 = sha256_file(tmp / PARAMS)
             manifest = _manifest(target, arch, cfg, built, embedding_dtype=embed_dtype,
-                                 trit_format_version=ckpt.manifest["format_version"], codec_mode=ckpt.manifest["codec_mode"],
+                                 trit_format_version=ckpt.manifest["format_version"],
+                                 codec_mode=ckpt.manifest["codec_mode"],
                                  depth=ckpt.manifest["depth"], input_hash=_input_hash(ckpt),
                                  params_sha256=params_sha256,
                                  resident_trit_bytes=resident["trit"], resident_kept_bytes=resident["kept"],

@@ -116,8 +116,8 @@ class TritQuantizer(nn.Mutator):
         by_depth: dict[int, list[int]] = {}
         for i, b in enumerate(blocks):
             by_depth.setdefault(b.depth, []).append(i)
-        order = [(g, members.index(i)) for i in range(len(blocks))
-                 for g, members in enumerate(by_depth.values()) if i in members]
+        position = {i: (g, k) for g, members in enumerate(by_depth.values()) for k, i in enumerate(members)}
+        order = [position[i] for i in range(len(blocks))]
         if node.bias is not None:
             self.sources[f"{name}.bias"] = ParamSource(tuple(biases))
         linears = []
