@@ -69,23 +69,23 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
 
     grads: dict[str, torch.Tensor] | None = {} if output_gradients else None
 
-    def add(store: dict, name: str, value):
-        store[name] = value.clone() if name not in store else store[name] + value
-
     def hook(name: str):
         def accumulate(_module, inputs, output):
             x_in = inputs[0]
             if id(x_in) not in products:  # the tensor is kept with it, so its id stays its own
                 x = x_in.detach().reshape(-1, x_in.shape[-1]).to(torch.float64)
-                if not torch.isfinite(x).all():
-                    raise CodecError(f"{text_file}: the inputs of '{name}' overflow to NaN or Inf when the source "
-                                     "model reads this text")
                 products[id(x_in)] = (x_in, x.T @ x)
-            add(hessians, name, products[id(x_in)][1])
+            if name in hessians:
+                hessians[name].add_(products[id(x_in)][1])
+            else:
+                hessians[name] = products[id(x_in)][1].clone()
             if grads is not None:
-                output.register_hook(lambda g: add(grads, name, g.detach().reshape(-1, g.shape[-1])
-                                                   .to(torch.float64).square().sum(0)))
+                output.register_hook(lambda g: add_grad(name, g.detach().reshape(-1, g.shape[-1])
+                                                        .to(torch.float64).square().sum(0)))
         return accumulate
+
+    def add_grad(name: str, value):
+        grads[name] = value if name not in grads else grads[name] + value
 
     handles = [m.register_forward_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
@@ -107,6 +107,10 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
         products.clear()
         for h in handles:
             h.remove()
+    bad = next((name for name, h in hessians.items() if not torch.isfinite(h).all()), None)
+    if bad is not None:
+        raise CodecError(f"{text_file}: the inputs of '{bad}' overflow to NaN or Inf when the source model reads "
+                         "this text")
     tokens = sum(len(w) for w in windows)
     digest = hashlib.sha256(Path(text_file).read_bytes()).hexdigest()
     settings = {"file": Path(text_file).name, "sha256": digest, "samples": len(windows), "tokens": tokens,

@@ -165,26 +165,26 @@ class QuantizePlan:
         if order is not None and linear == "down_proj":
             h = self.hessians[name][np.ix_(order, order)]
             w = w[:, order]
-            return [(0, descend(w, gptq_matrix(w, h, self.depth_of(name), name), h))]
+            return [(0, gptq_matrix(w, h, self.depth_of(name), name))]
         if order is None or linear not in ("gate_proj", "up_proj"):
             order = np.arange(w.shape[0])
         blocks = runs(self.row_depths[name])
-        measured = {d: self.measured.get(name, d, w.shape[1]) for d in {d for _, _, d in blocks}}
+        measured = {d: self.measured.get(name, d) for d in {d for _, _, d in blocks}}
         return [(a, take_rows(measured[d], order[a:b])) for a, b, d in blocks]
 
     def _quantize_whole(self, w: np.ndarray, name: str) -> QuantizedMatrix:
         depth = self.depth_of(name)
         if self.measured is not None and name in self.measured:
-            return descend(w, self.measured.get(name, depth, w.shape[1]), self.hessians[name])
+            return descend(w, self.measured.get(name, depth), self.hessians[name])
         if self.hessians is not None and name in self.hessians:
             return gptq_matrix(w, self.hessians[name], depth, name)
         return quantize_matrix(w, depth, self.mode, name)
 
 
 class MeasuredDepths:
-    """Each matrix's GPTQ result at every depth, packed, in a temporary directory: mixed depth measures them all
-    to choose, and then writes the chosen one (after `descend`; with --row-blocks they are kept descended)
-    instead of running its GPTQ sweep again."""
+    """Each matrix's GPTQ result at every depth, in a temporary directory (not packed: written and read back
+    once): mixed depth measures them all to choose, and then writes the chosen one (after `descend`; with
+    --row-blocks they are kept descended) instead of running its GPTQ sweep again."""
 
     def __init__(self, root: Path):
         self.root, self.files = root, {}
@@ -195,11 +195,12 @@ class MeasuredDepths:
     def put(self, name: str, results: dict[int, QuantizedMatrix]) -> None:
         self.files[name] = self.root / f"{len(self.files)}.npz"
         np.savez(self.files[name], **{f"{key}_{d}": arr for d, qm in results.items()
-                                      for key, arr in pack_matrix(qm).items()})
+                                      for key, arr in (("codes", qm.codes), ("scales", qm.scale_idx),
+                                                       ("codebook", qm.codebook))})
 
-    def get(self, name: str, depth: int, n_in: int) -> QuantizedMatrix:
+    def get(self, name: str, depth: int) -> QuantizedMatrix:
         with np.load(self.files[name]) as f:
-            return unpack_matrix({key: f[f"{key}_{depth}"] for key in (CODES, SCALES, CODEBOOK)}, n_in, name)
+            return QuantizedMatrix(f[f"codes_{depth}"], f[f"scales_{depth}"], f[f"codebook_{depth}"], depth)
 
 
 def write_trit_checkpoint(src: Path, out: Path, depth: int = 3, mode: str = "mse", recover: bool = False,

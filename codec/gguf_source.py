@@ -9,6 +9,7 @@ it). Tensors are dequantized one at a time by the `gguf` package and streamed to
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 from pathlib import Path
@@ -107,7 +108,8 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())  # the heads to un-permute
-    names = get_gguf_hf_weights_map(skeleton, processor)
+    with _name_map_built_once():
+        names = get_gguf_hf_weights_map(skeleton, processor)
     expected = {n for n in skeleton.state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")}
     writer = ShardWriter(out_dir / "model.safetensors")
     for gguf_name, kind, weights in read_gguf_tensors(path, reader):
@@ -126,6 +128,19 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
         raise CodecError(f"{path}: tensor for '{sorted(expected)[0]}' is missing from the GGUF file")
     writer.close({"format": "pt", "source": path.name})
     return out_dir
+
+
+@contextlib.contextmanager
+def _name_map_built_once() -> Iterator[None]:
+    """transformers' get_gguf_hf_weights_map builds gguf's name map anew for every submodule (about 400 for
+    SmolLM2, 5 s); while it runs, gguf.get_tensor_name_map (which it imports per call) answers from a cache."""
+    import gguf
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 @contextlib.contextmanager

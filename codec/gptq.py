@@ -54,11 +54,13 @@ def _target(w: np.ndarray, h: np.ndarray) -> np.ndarray:
 def inverse_hessian_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     """Upper Cholesky factor U of H⁻¹ = UᵀU (GPTQ's formulation: row i holds the feedback of column i). With J
     the reversal, JHJ = LLᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J): one factorization and one triangular inverse."""
-    h = damped_hessian(h, damp)
-    try:
-        return np.ascontiguousarray(np.linalg.inv(np.linalg.cholesky(h[::-1, ::-1]))[::-1, ::-1])
-    except np.linalg.LinAlgError:
-        raise CodecError("calibration Hessian is not positive definite (too few calibration tokens?)") from None
+    import torch  # its Cholesky and triangular solve: 3x faster than numpy's cholesky and inv here
+    h = torch.from_numpy(np.ascontiguousarray(damped_hessian(h, damp)[::-1, ::-1]))
+    factor, info = torch.linalg.cholesky_ex(h)
+    if info.item():
+        raise CodecError("calibration Hessian is not positive definite (too few calibration tokens?)")
+    inverse = torch.linalg.solve_triangular(factor, torch.eye(len(h), dtype=h.dtype), upper=False)
+    return np.ascontiguousarray(inverse.numpy()[::-1, ::-1])
 
 
 def _static_group_steps(groups: np.ndarray, best: np.ndarray, codebook: np.ndarray, qmax: int,
@@ -142,14 +144,16 @@ def descend(w: np.ndarray, qm: QuantizedMatrix, h: np.ndarray) -> QuantizedMatri
     for _ in range(DESCENT_ROUNDS):
         _descend_codes(codes, steps, resid, hd, qmax)
         _descend_steps(codes, scale_idx, codebook, steps, resid, hd)
-    _descend_codes(codes, steps, resid, hd, qmax)
+    _descend_codes(codes, steps, resid, hd, qmax, last=True)
     return QuantizedMatrix(np.ascontiguousarray(codes.T).astype(np.int8),
                            np.ascontiguousarray(scale_idx.T).astype(np.uint8), qm.codebook, qm.depth)
 
 
-def _descend_codes(codes: np.ndarray, steps: np.ndarray, resid: np.ndarray, h: np.ndarray, qmax: int) -> None:
+def _descend_codes(codes: np.ndarray, steps: np.ndarray, resid: np.ndarray, h: np.ndarray, qmax: int,
+                   last: bool = False) -> None:
     """Input by input, every row's code to the integer nearest the error's minimum along it. resid is brought up
-    to date once per block of inputs; inside a block each input's gradient is corrected for the moves before."""
+    to date once per block of inputs; inside a block each input's gradient is corrected for the moves before. last: no pass follows,
+    so only the inputs still ahead need resid (half the products)."""
     n_in, n_out = codes.shape
     scale = np.divide(1.0, steps * np.diag(h)[:, None], out=np.zeros_like(steps), where=steps > 0)
     for b0 in range(0, n_in, BLOCK):
@@ -157,10 +161,11 @@ def _descend_codes(codes: np.ndarray, steps: np.ndarray, resid: np.ndarray, h: n
         moved = np.zeros((b1 - b0, n_out))  # per input of the block: how much each row's weight moved
         for i, j in enumerate(range(b0, b1)):
             grad = resid[j] - h[j, b0:j] @ moved[:i]
-            new = np.clip(codes[j] + np.rint(grad * scale[j]), -qmax, qmax)
+            new = np.minimum(np.maximum(codes[j] + np.rint(grad * scale[j]), -qmax), qmax)
             moved[i] = (new - codes[j]) * steps[j]
             codes[j] = new
-        resid -= h[:, b0:b1] @ moved
+        ahead = b1 if last else 0
+        resid[ahead:] -= h[ahead:, b0:b1] @ moved
 
 
 def _descend_steps(codes: np.ndarray, scale_idx: np.ndarray, codebook: np.ndarray, steps: np.ndarray,
@@ -184,7 +189,8 @@ def _descend_steps(codes: np.ndarray, scale_idx: np.ndarray, codebook: np.ndarra
             moved[c0 - b0:c0 - b0 + GROUP_SIZE] = q * ds[rows, best]
             scale_idx[g] = cands[rows, best]
             steps[cols] = codebook[scale_idx[g]]
-        resid += h[:, b0:b1] @ moved
+        if moved.any():  # (at depth 3 and 4 a step hardly ever moves)
+            resid += h[:, b0:b1] @ moved
 
 
 def loss_increase_by_depth(w: np.ndarray, h: np.ndarray, output_grad_sq: np.ndarray, depths: tuple[int, ...],
