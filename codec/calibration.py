@@ -47,7 +47,7 @@ def read_text(path: Path) -> str:
 def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=None,
                      output_gradients: bool = False) -> Calibration:
     """Run the checkpoint on up to `samples` windows of SEQUENCE tokens of the text; hooks on every
-    nn.Linear accumulate its inputs' xᵀx in float64. With output_gradients, each window's language-model loss
+    nn.Linear accumulate its inputs' xᵀx (float32 within a window, float64 across). With output_gradients, each window's language-model loss
     is also back-propagated and the squared gradients of every linear's outputs summed (what mixed depth
     ranks matrices by)."""
     import torch
@@ -73,12 +73,12 @@ def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=
         def accumulate(_module, inputs, output):
             x_in = inputs[0]
             if id(x_in) not in products:  # the tensor is kept with it, so its id stays its own
-                x = x_in.detach().reshape(-1, x_in.shape[-1]).to(torch.float64)
-                products[id(x_in)] = (x_in, x.T @ x)
+                x = x_in.detach().reshape(-1, x_in.shape[-1])
+                products[id(x_in)] = (x_in, x.T @ x)  # in float32 over one window, summed in float64
             if name in hessians:
                 hessians[name].add_(products[id(x_in)][1])
             else:
-                hessians[name] = products[id(x_in)][1].clone()
+                hessians[name] = products[id(x_in)][1].to(torch.float64)
             if grads is not None:
                 output.register_hook(lambda g: add_grad(name, g.detach().reshape(-1, g.shape[-1])
                                                         .to(torch.float64).square().sum(0)))
