@@ -47,9 +47,9 @@ def read_text(path: Path) -> str:
 def collect_hessians(hf_dir: Path, text_file: Path, samples: int = 32, progress=None,
                      output_gradients: bool = False) -> Calibration:
     """Run the checkpoint on up to `samples` windows of SEQUENCE tokens of the text; hooks on every
-    nn.Linear accumulate its inputs' xᵀx (float32 within a window, float64 across). With output_gradients, each window's language-model loss
-    is also back-propagated and the squared gradients of every linear's outputs summed (what mixed depth
-    ranks matrices by)."""
+    nn.Linear accumulate its inputs' xᵀx (in float32 within a window, float64 across windows). With
+    output_gradients, each window's language-model loss is also back-propagated and the squared gradients of every
+    linear's outputs summed (what mixed depth ranks matrices by)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
