@@ -186,7 +186,7 @@ class QuantizePlan:
 class MeasuredDepths:
     """Each matrix's GPTQ result at every depth, in a temporary directory (not packed: written and read back
     once): mixed depth measures them all to choose, and then writes the chosen one (after `descend`; with
-    --row-blocks they are kept descended) instead of running its GPTQ sweep again."""
+    --row-blocks as _row_block_results keeps them) instead of running its GPTQ sweep again."""
 
     def __init__(self, root: Path):
         self.root, self.files = root, {}

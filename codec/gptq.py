@@ -135,7 +135,8 @@ def gptq_matrix(w: np.ndarray, h: np.ndarray, depth: int, name: str = "weight") 
 def descend(w: np.ndarray, qm: QuantizedMatrix, h: np.ndarray) -> QuantizedMatrix:
     """qm with its output error ΔW H ΔWᵀ (H damped as GPTQ's) lowered by coordinate descent, each row on its own:
     DESCENT_ROUNDS of a pass over the codes and one over the group steps (below STEPS_DESCENDED_BELOW), then the
-    codes again. No move can raise the error. Works on transposed copies ([in, out]): a column of the matrix is a contiguous row."""
+    codes again. No move can raise the error. Works on transposed copies ([in, out]): a column of the matrix is a
+    contiguous row."""
     hd = damped_hessian(h)
     target = _target(w, h)
     codes = qm.codes.T.astype(np.float64)
@@ -156,8 +157,8 @@ def descend(w: np.ndarray, qm: QuantizedMatrix, h: np.ndarray) -> QuantizedMatri
 def _descend_codes(codes: np.ndarray, steps: np.ndarray, resid: np.ndarray, h: np.ndarray, qmax: int,
                    last: bool = False) -> None:
     """Input by input, every row's code to the integer nearest the error's minimum along it. resid is brought up
-    to date once per block of inputs; inside a block each input's gradient is corrected for the moves before. last: no pass follows,
-    so only the inputs still ahead need resid (half the products)."""
+    to date once per block of inputs; inside a block each input's gradient is corrected for the moves before.
+    last: no pass follows, so only the inputs still ahead need resid (half the products)."""
     n_in, n_out = codes.shape
     scale = np.divide(1.0, steps * np.diag(h)[:, None], out=np.zeros_like(steps), where=steps > 0)
     for b0 in range(0, n_in, BLOCK):
@@ -193,8 +194,7 @@ def _descend_steps(codes: np.ndarray, scale_idx: np.ndarray, codebook: np.ndarra
             moved[c0 - b0:c0 - b0 + GROUP_SIZE] = q * ds[rows, best]
             scale_idx[g] = cands[rows, best]
             steps[cols] = codebook[scale_idx[g]]
-        if moved.any():  # (at depth 3 and 4 a step hardly ever moves)
-            resid += h[:, b0:b1] @ moved
+        resid += h[:, b0:b1] @ moved
 
 
 def loss_increase_by_depth(w: np.ndarray, h: np.ndarray, output_grad_sq: np.ndarray, depths: tuple[int, ...],
