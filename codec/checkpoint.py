@@ -28,8 +28,8 @@ from .mixed import allocate, check_budget, parse_overrides, pinned_depths
 from .norm_tuning import tune_norms
 from .quantize import CODEBOOK_SIZE, DEPTHS, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
-from .row_blocks import (allocate_rows, block_budget, block_name, channel_orders, codebook_bits, runs, take_rows,
-                         units_by)
+from .row_blocks import (allocate_rows, block_budget, block_name, channel_orders, codebook_bits, columns_are_channels,
+                         runs, take_rows, units_by)
 from .safetensors_io import (FLOAT_DTYPES, SafetensorsFile, ShardWriter, from_float, iter_checkpoint_files,
                              to_float32)
 
@@ -162,7 +162,7 @@ class QuantizePlan:
         groups are runs of 16 columns)."""
         parent, linear, _ = name.rsplit(".", 2)
         order = self.channel_orders.get(parent)
-        if linear == "down_proj":  # measured as swept (_row_block_results)
+        if columns_are_channels(name):  # measured as swept (_row_block_results)
             if order is None:
                 return [(0, descend(w, self.measured.get(name, self.depth_of(name)), self.hessians[name]))]
             h = self.hessians[name][np.ix_(order, order)]
@@ -327,7 +327,7 @@ def _row_block_results(w: np.ndarray, h: np.ndarray, g: np.ndarray, name: str, r
     against 1.0256x). down_proj is a unit of its own and quantized again when written (its columns in the channels'
     order): its errors are the sweep's, scaled per depth by what the descent gives on every ROW_SAMPLE-th row (the
     same checkpoint's perplexity as from every row's descent, a quarter of the time)."""
-    if name.endswith("down_proj.weight"):
+    if columns_are_channels(name):
         sample, rows = slice(None, None, ROW_SAMPLE), {}
         for d, qm in results.items():
             swept = output_error_rows(w, qm, h)

@@ -95,6 +95,12 @@ def runs(depths: np.ndarray) -> list[tuple[int, int, int]]:
     return [(a, b, int(depths[a])) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
+def columns_are_channels(name: str) -> bool:
+    """down_proj: its columns are the MLP's channels, so it is one unit and quantized again, columns in the
+    channels' order, when written (not taken from its measured rows)."""
+    return name.endswith("down_proj.weight")
+
+
 def channel_orders(row_depths: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """MLP (the gate_proj name's parent) -> its channels in order of depth (stable), where the depths differ."""
     return {n.rsplit(".", 2)[0]: np.argsort(d, kind="stable") for n, d in row_depths.items()
