@@ -4,7 +4,8 @@ matrix, and per q/k/v head and MLP channel: `--row-blocks`), each of the calibra
 tuned (trit-quantize --tune-norms, 2 passes). Each row is quantized, compiled for this CPU and scored twice: by
 the compiled module (trit-eval) and by transformers on the dequantized weights; the two must agree within 0.1%.
 
-    python -m benchmarks.bench_quality [--eval-tokens 4096] [--plot benchmarks/quality.png] [--only ROW ...]
+    python -m benchmarks.bench_quality [--eval-tokens 4096] [--eval-offset 0] [--plot benchmarks/quality.png]
+        [--only ROW ...]
 
 Texts: Python's own `pydoc_data.topics`, split by topic: even-numbered topics calibrate, odd-numbered ones
 evaluate (the quantizer never sees them). Prints one JSON line per row, then a summary line.
@@ -21,6 +22,7 @@ from benchmarks.common import machine
 
 BUDGETS = (2.5, 3.5, 4.4, 5.5)
 NORM_PASSES = 2  # trit-quantize --tune-norms's default
+CALIBRATED = "calibrated"  # a row's calibration before the statistics are collected
 OFF_SCALE = 3.0  # the plot's perplexity axis ends at this multiple of the source model's
 
 
@@ -36,6 +38,8 @@ def split_texts(out: Path) -> tuple[Path, Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval-tokens", type=int, default=4096, help="tokens of evaluation text scored per row")
+    ap.add_argument("--eval-offset", type=int, default=0,
+                    help="score the evaluation text from this token on (another slice of the held-out text)")
     ap.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens")
     ap.add_argument("--plot", type=Path, help="write perplexity vs bits/weight as a PNG")
     ap.add_argument("--only", action="append", metavar="ROW",
@@ -62,12 +66,12 @@ def main() -> None:
         calib_file, eval_file = split_texts(tmp)
         src = gguf_to_hf(gguf, tmp / "hf")
         logits_of, tokenizer = transformers_logits(src)
-        ids = tokenizer.encode(eval_file.read_text())[:args.eval_tokens]
+        ids = tokenizer.encode(eval_file.read_text())[args.eval_offset:args.eval_offset + args.eval_tokens]
+        if len(ids) < 2:
+            raise SystemExit(f"--eval-offset {args.eval_offset}: past the end of the evaluation text")
         source = perplexity(logits_of, ids).perplexity
         print(json.dumps({"row": "source (GGUF Q4_1 dequantized, FP32)", "bpw": None, "perplexity": source}))
-        t0 = time.perf_counter()
-        calib = collect_hessians(src, calib_file, args.samples, output_gradients=True)
-        calib_s = time.perf_counter() - t0
+        calib = CALIBRATED  # collected below, once, if a row to run needs it
         configs = [(f"d={d} {mode}", dict(depth=d, mode=mode)) for d in (1, 2, 3, 4) for mode in ("reference", "mse")]
         configs += [(f"d={d} calibrated", dict(depth=d, calibration=calib)) for d in (2, 3, 4)]
         configs += [(f"mixed {b} bpw calibrated", dict(bpw=b, calibration=calib)) for b in BUDGETS]
@@ -80,6 +84,12 @@ def main() -> None:
             if unknown:
                 raise SystemExit(f"--only: no row named {sorted(unknown)[0]!r}")
             configs = [(name, kw) for name, kw in configs if name in args.only]
+        calib_s = 0.0
+        if any("calibration" in kw for _, kw in configs):
+            t0 = time.perf_counter()
+            calib = collect_hessians(src, calib_file, args.samples, output_gradients=True)
+            calib_s = time.perf_counter() - t0
+            configs = [(name, {**kw, "calibration": calib} if "calibration" in kw else kw) for name, kw in configs]
         target = parse_target("llvm")
         for i, (name, kw) in enumerate(configs):
             t0 = time.perf_counter()
@@ -98,8 +108,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(json.dumps({"bench": "quality", "model": "SmolLM2-135M-Instruct", "source_perplexity": round(source, 4),
-                      "eval_tokens": len(ids), "calibration_samples": args.samples, **machine(),
-                      "all_agree": all(r["agree"] for r in rows)}))
+                      "eval_tokens": len(ids), "eval_offset": args.eval_offset,
+                      "calibration_samples": None if calib is CALIBRATED else args.samples,
+                      **machine(), "all_agree": all(r["agree"] for r in rows)}))
     if args.plot:
         ran = {r["row"] for r in rows}
         earlier = [json.loads(line) for line in args.plot_with.read_text().splitlines()] if args.plot_with else []

@@ -73,7 +73,7 @@ def max_blocks(name: str, n_out: int, head_dim: int) -> int:
     gate/up (channels in order of depth), one for the rest."""
     if name.endswith(QKV):
         return -(-n_out // head_dim)
-    return len(DEPTHS) if name.endswith(("gate_proj.weight", "up_proj.weight")) else 1
+    return len(DEPTHS) if rows_are_channels(name) else 1
 
 
 def codebook_bits() -> int:
@@ -93,6 +93,11 @@ def runs(depths: np.ndarray) -> list[tuple[int, int, int]]:
     """(start, stop, depth) of each run of equal depths."""
     cuts = [0, *(np.flatnonzero(np.diff(depths)) + 1).tolist(), len(depths)]
     return [(a, b, int(depths[a])) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def rows_are_channels(name: str) -> bool:
+    """gate_proj and up_proj: their rows are the MLP's channels, so they are written in the channels' order."""
+    return name.endswith(("gate_proj.weight", "up_proj.weight"))
 
 
 def columns_are_channels(name: str) -> bool:
