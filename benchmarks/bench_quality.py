@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--plot-with", type=Path, metavar="JSONL",
                     help="an earlier run's output: its rows are plotted with this run's (rows run now replace them)")
     args = ap.parse_args()
+    if args.eval_offset < 0 or args.eval_tokens < 2:
+        ap.error("--eval-offset must be ≥ 0 and --eval-tokens ≥ 2")
 
     from codec.calibration import collect_hessians
     from codec.checkpoint import load_trit_checkpoint, write_dequantized_checkpoint, write_trit_checkpoint
