@@ -49,6 +49,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.eval_offset < 0 or args.eval_tokens < 2:
         ap.error("--eval-offset must be ≥ 0 and --eval-tokens ≥ 2")
+    calib = CALIBRATED  # collected below, once, if a row to run needs it
+    configs = [(f"d={d} {mode}", dict(depth=d, mode=mode)) for d in (1, 2, 3, 4) for mode in ("reference", "mse")]
+    configs += [(f"d={d} calibrated", dict(depth=d, calibration=calib)) for d in (2, 3, 4)]
+    configs += [(f"mixed {b} bpw calibrated", dict(bpw=b, calibration=calib)) for b in BUDGETS]
+    configs += [(f"mixed {b} bpw calibrated, row blocks", dict(bpw=b, calibration=calib, row_blocks=True))
+                for b in BUDGETS]
+    configs += [(f"{name} + norms", dict(kw, norm_epochs=NORM_PASSES)) for name, kw in configs
+                if "calibration" in kw]
+    if args.only:
+        unknown = set(args.only) - {name for name, _ in configs}
+        if unknown:
+            ap.exit(2, f"bench_quality: --only: no row named {sorted(unknown)[0]!r}\n")
+        configs = [(name, kw) for name, kw in configs if name in args.only]
 
     from codec.calibration import collect_hessians
     from codec.checkpoint import load_trit_checkpoint, write_dequantized_checkpoint, write_trit_checkpoint
@@ -70,22 +83,9 @@ def main() -> None:
         logits_of, tokenizer = transformers_logits(src)
         ids = tokenizer.encode(eval_file.read_text())[args.eval_offset:args.eval_offset + args.eval_tokens]
         if len(ids) < 2:
-            raise SystemExit(f"--eval-offset {args.eval_offset}: past the end of the evaluation text")
+            ap.exit(2, f"bench_quality: --eval-offset {args.eval_offset}: past the end of the evaluation text\n")
         source = perplexity(logits_of, ids).perplexity
         print(json.dumps({"row": "source (GGUF Q4_1 dequantized, FP32)", "bpw": None, "perplexity": source}))
-        calib = CALIBRATED  # collected below, once, if a row to run needs it
-        configs = [(f"d={d} {mode}", dict(depth=d, mode=mode)) for d in (1, 2, 3, 4) for mode in ("reference", "mse")]
-        configs += [(f"d={d} calibrated", dict(depth=d, calibration=calib)) for d in (2, 3, 4)]
-        configs += [(f"mixed {b} bpw calibrated", dict(bpw=b, calibration=calib)) for b in BUDGETS]
-        configs += [(f"mixed {b} bpw calibrated, row blocks", dict(bpw=b, calibration=calib, row_blocks=True))
-                    for b in BUDGETS]
-        configs += [(f"{name} + norms", dict(kw, norm_epochs=NORM_PASSES)) for name, kw in configs
-                    if "calibration" in kw]
-        if args.only:
-            unknown = set(args.only) - {name for name, _ in configs}
-            if unknown:
-                raise SystemExit(f"--only: no row named {sorted(unknown)[0]!r}")
-            configs = [(name, kw) for name, kw in configs if name in args.only]
         calib_s = 0.0
         if any("calibration" in kw for _, kw in configs):
             t0 = time.perf_counter()
