@@ -22,7 +22,6 @@ from benchmarks.common import machine
 
 BUDGETS = (2.5, 3.5, 4.4, 5.5)
 NORM_PASSES = 2  # trit-quantize --tune-norms's default
-CALIBRATED = "calibrated"  # a row's calibration before the statistics are collected
 OFF_SCALE = 3.0  # the plot's perplexity axis ends at this multiple of the source model's
 
 
@@ -49,11 +48,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.eval_offset < 0 or args.eval_tokens < 2:
         ap.error("--eval-offset must be ≥ 0 and --eval-tokens ≥ 2")
-    calib = CALIBRATED  # collected below, once, if a row to run needs it
     configs = [(f"d={d} {mode}", dict(depth=d, mode=mode)) for d in (1, 2, 3, 4) for mode in ("reference", "mse")]
-    configs += [(f"d={d} calibrated", dict(depth=d, calibration=calib)) for d in (2, 3, 4)]
-    configs += [(f"mixed {b} bpw calibrated", dict(bpw=b, calibration=calib)) for b in BUDGETS]
-    configs += [(f"mixed {b} bpw calibrated, row blocks", dict(bpw=b, calibration=calib, row_blocks=True))
+    # calibration=None: the statistics, collected once below if a row to run needs them
+    configs += [(f"d={d} calibrated", dict(depth=d, calibration=None)) for d in (2, 3, 4)]
+    configs += [(f"mixed {b} bpw calibrated", dict(bpw=b, calibration=None)) for b in BUDGETS]
+    configs += [(f"mixed {b} bpw calibrated, row blocks", dict(bpw=b, calibration=None, row_blocks=True))
                 for b in BUDGETS]
     configs += [(f"{name} + norms", dict(kw, norm_epochs=NORM_PASSES)) for name, kw in configs
                 if "calibration" in kw]
@@ -62,6 +61,7 @@ def main() -> None:
         if unknown:
             ap.exit(2, f"bench_quality: --only: no row named {sorted(unknown)[0]!r}\n")
         configs = [(name, kw) for name, kw in configs if name in args.only]
+    calibrated = any("calibration" in kw for _, kw in configs)  # a row to run needs the calibration statistics
 
     from codec.calibration import collect_hessians
     from codec.checkpoint import load_trit_checkpoint, write_dequantized_checkpoint, write_trit_checkpoint
@@ -87,7 +87,7 @@ def main() -> None:
         source = perplexity(logits_of, ids).perplexity
         print(json.dumps({"row": "source (GGUF Q4_1 dequantized, FP32)", "bpw": None, "perplexity": source}))
         calib_s = 0.0
-        if any("calibration" in kw for _, kw in configs):
+        if calibrated:
             t0 = time.perf_counter()
             calib = collect_hessians(src, calib_file, args.samples, output_gradients=True)
             calib_s = time.perf_counter() - t0
@@ -111,7 +111,7 @@ def main() -> None:
             rows.append(row)
     print(json.dumps({"bench": "quality", "model": "SmolLM2-135M-Instruct", "source_perplexity": round(source, 4),
                       "eval_tokens": len(ids), "eval_offset": args.eval_offset,
-                      "calibration_samples": None if calib is CALIBRATED else args.samples,
+                      "calibration_samples": args.samples if calibrated else None,
                       **machine(), "all_agree": all(r["agree"] for r in rows)}))
     if args.plot:
         ran = {r["row"] for r in rows}

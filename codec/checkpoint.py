@@ -29,7 +29,7 @@ from .norm_tuning import tune_norms
 from .quantize import CODEBOOK_SIZE, DEPTHS, GROUP_SIZE, QuantizedMatrix, quantize_matrix
 from .recover import dequantize_as, recover_matrix
 from .row_blocks import (allocate_rows, block_budget, block_name, channel_orders, codebook_bits, columns_are_channels,
-                         rows_are_channels, runs, take_rows, units_by)
+                         mlp_of, rows_are_channels, runs, take_rows, units_by)
 from .safetensors_io import (FLOAT_DTYPES, SafetensorsFile, ShardWriter, from_float, iter_checkpoint_files,
                              to_float32)
 
@@ -160,7 +160,7 @@ class QuantizePlan:
         """--row-blocks: rows in their written order, each run of one depth from that depth's measured (GPTQ and
         descended) result; down_proj with its columns in the channels' order, quantized again (GPTQ's static
         groups are runs of 16 columns)."""
-        order = self.channel_orders.get(name.rsplit(".", 2)[0])
+        order = self.channel_orders.get(mlp_of(name))
         if columns_are_channels(name):  # measured as swept (_row_block_results)
             if order is None:
                 return [(0, descend(w, self.measured.get(name, self.depth_of(name)), self.hessians[name]))]

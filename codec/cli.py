@@ -20,7 +20,7 @@ from .checkpoint import (DTYPE_NAMES, HEAD_DEPTH, load_trit_checkpoint, read_sou
 from .errors import CodecError
 from .gguf_source import gguf_tensor_count, is_gguf
 from .quantize import DEPTHS, MODES, relative_mse
-from .row_blocks import columns_are_channels
+from .row_blocks import columns_are_channels, mlp_of
 from .safetensors_io import to_float32
 
 log = logging.getLogger("trit")
@@ -166,7 +166,7 @@ def _inspect(args: argparse.Namespace) -> int:
         if name in sources:  # a row block has no source tensor of its own; down_proj's columns may be reordered
             f = sources[name]
             w = to_float32(f.read(name), f.tensors[name].dtype)
-            order = orders.get(name.rsplit(".", 2)[0]) if columns_are_channels(name) else None
+            order = orders.get(mlp_of(name)) if columns_are_channels(name) else None
             if order is not None and len(order) != w.shape[1]:
                 raise CodecError(f"{ckpt.path}: channel_orders of '{name}' has {len(order)} channels, the source "
                                  f"matrix {w.shape[1]}")

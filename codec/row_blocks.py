@@ -106,9 +106,14 @@ def columns_are_channels(name: str) -> bool:
     return name.endswith("down_proj.weight")
 
 
+def mlp_of(name: str) -> str:
+    """The MLP a gate/up/down matrix belongs to (its name's parent): channel_orders' key."""
+    return name.rsplit(".", 2)[0]
+
+
 def channel_orders(row_depths: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """MLP (the gate_proj name's parent) -> its channels in order of depth (stable), where the depths differ."""
-    return {n.rsplit(".", 2)[0]: np.argsort(d, kind="stable") for n, d in row_depths.items()
+    """MLP (mlp_of gate_proj) -> its channels in order of depth (stable), where the depths differ."""
+    return {mlp_of(n): np.argsort(d, kind="stable") for n, d in row_depths.items()
             if n.endswith("gate_proj.weight") and len(set(d.tolist())) > 1}
 
 
