@@ -344,11 +344,9 @@ def _plan_row_depths(plan: QuantizePlan, config: dict, row_errors: dict, shapes:
     row_bits = {n: {d: (packed_bits(*s, d) - codebook_bits()) / s[0] for d in DEPTHS} for n, s in shapes.items()}
     depths = allocate_rows(units_by("channels+heads", shapes, head_dim), row_errors, row_bits,
                            block_budget(bpw, shapes, head_dim), pinned)
-    plan.channel_orders = channel_orders(depths)
-    for mlp, order in plan.channel_orders.items():
-        for n in (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"):
-            depths[n] = depths[n][order]
-    plan.row_depths = depths
+    orders = plan.channel_orders = channel_orders(depths)
+    plan.row_depths = {n: d[orders[mlp_of(n)]] if rows_are_channels(n) and mlp_of(n) in orders else d
+                       for n, d in depths.items()}
 
 
 def _write_trit_checkpoint(src: Path, out: Path, plan: QuantizePlan, recover: bool, force: bool,
