@@ -9,7 +9,6 @@ it). Tensors are dequantized one at a time by the `gguf` package and streamed to
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import shutil
 from pathlib import Path
@@ -108,8 +107,7 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())  # the heads to un-permute
-    with _name_map_built_once():
-        names = get_gguf_hf_weights_map(skeleton, processor)
+    names = get_gguf_hf_weights_map(_NamesOnly(skeleton), processor)
     expected = {n for n in skeleton.state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")}
     writer = ShardWriter(out_dir / "model.safetensors")
     for gguf_name, kind, weights in read_gguf_tensors(path, reader):
@@ -130,17 +128,20 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
     return out_dir
 
 
-@contextlib.contextmanager
-def _name_map_built_once() -> Iterator[None]:
-    """transformers' get_gguf_hf_weights_map builds gguf's name map anew for every submodule (about 400 for
-    SmolLM2, 5 s); while it runs, gguf.get_tensor_name_map (which it imports per call) answers from a cache."""
-    import gguf
-    original = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
-    try:
-        yield
-    finally:
-        gguf.get_tensor_name_map = original
+class _NamesOnly:
+    """What transformers' get_gguf_hf_weights_map reads of a model, without its submodules: it maps the model's
+    fully qualified names, then again each submodule's (for models converted from a base class, as Bloom), building
+    gguf's name map anew each time (about 400 times for SmolLM2, 5 s); the architectures read here need only the
+    first pass."""
+
+    def __init__(self, model):
+        self.config, self._state_dict = model.config, model.state_dict()
+
+    def state_dict(self) -> dict:
+        return self._state_dict
+
+    def named_children(self) -> tuple:
+        return ()
 
 
 @contextlib.contextmanager
