@@ -26,8 +26,9 @@ log = logging.getLogger("trit")
 # its own; BF16 and block-quantized ones become float32, which holds their values exactly)
 TENSOR_TYPES = {"F32": "F32", "F16": "F16", "BF16": "F32", "Q8_0": "F32", "Q4_0": "F32", "Q4_1": "F32",
                 "Q4_K": "F32", "Q6_K": "F32"}
-# GGUF general.architecture -> the transformers model_type it converts to
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
+# GGUF general.architecture values read here (llama.cpp writes Mistral models as "llama"; a "mistral" file has no
+# tensor name map in gguf-py, so transformers cannot map its tensors either)
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 Progress = Callable[[str, int], None]
 
 
