@@ -108,8 +108,9 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress | None = None) -> P
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())  # the heads to un-permute
-    names = get_gguf_hf_weights_map(_NamesOnly(skeleton), processor)
-    expected = {n for n in skeleton.state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")}
+    view = _NamesOnly(skeleton)
+    names = get_gguf_hf_weights_map(view, processor)
+    expected = {n for n in view.state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")}
     writer = ShardWriter(out_dir / "model.safetensors")
     for gguf_name, kind, weights in read_gguf_tensors(path, reader):
         fixed = processor.process(weights=weights, name=gguf_name, tensor_key_mapping=names, parsed_parameters={})
