@@ -1,5 +1,5 @@
 """Perplexity vs bits/weight for SmolLM2-135M-Instruct on held-out text: the source model, uniform depths
-1..4 in both data-free modes, calibrated (GPTQ) depths 2..4, and mixed depth at several budgets (a depth per
+1..4 in both data-free modes, calibrated (GPTQ) depths 1..4, and mixed depth at several budgets (a depth per
 matrix, and per q/k/v head and MLP channel: `--row-blocks`), each of the calibrated ones also with its norms
 tuned (trit-quantize --tune-norms, 2 passes). Each row is quantized, compiled for this CPU and scored twice: by
 the compiled module (trit-eval) and by transformers on the dequantized weights; the two must agree within 0.1%.
@@ -50,7 +50,7 @@ def main() -> None:
         ap.error("--eval-offset must be ≥ 0 and --eval-tokens ≥ 2")
     configs = [(f"d={d} {mode}", dict(depth=d, mode=mode)) for d in (1, 2, 3, 4) for mode in ("reference", "mse")]
     # calibration=None: the statistics, collected once below if a row to run needs them
-    configs += [(f"d={d} calibrated", dict(depth=d, calibration=None)) for d in (2, 3, 4)]
+    configs += [(f"d={d} calibrated", dict(depth=d, calibration=None)) for d in (1, 2, 3, 4)]
     configs += [(f"mixed {b} bpw calibrated", dict(bpw=b, calibration=None)) for b in BUDGETS]
     configs += [(f"mixed {b} bpw calibrated, row blocks", dict(bpw=b, calibration=None, row_blocks=True))
                 for b in BUDGETS]

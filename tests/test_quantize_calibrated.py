@@ -120,6 +120,17 @@ def calib_text(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("flags, warned", [(["--depth", "1"], True), (["--depth", "2"], False),
+                                           (["--depth", "1", "--calibration", "TEXT", "--samples", "1"], False)])
+def test_data_free_depth_1_warns_that_calibration_helps(tiny_hf, calib_text, tmp_path, caplog, flags, warned):
+    """Data-free d=1 loses most of a model (README, Quality), calibration most of that loss back: say so where the
+    choice is made."""
+    flags = [str(calib_text) if f == "TEXT" else f for f in flags]
+    with caplog.at_level("WARNING", logger="trit"):
+        assert quantize_main([str(tiny_hf), str(tmp_path / "trit"), *flags]) == 0
+    assert any("give --calibration" in r.getMessage() for r in caplog.records) == warned
+
+
 def test_calibrated_checkpoint_records_its_calibration_and_runs_token_exact(tiny_hf, calib_text, tmp_path):
     from transformers import AutoModelForCausalLM
 
