@@ -142,7 +142,8 @@ def plot(rows: list[dict], source: float, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylim(source * 0.97, top)
     if off_scale:
-        ax.text(0.01, 0.99, "off scale: " + ", ".join(off_scale), transform=ax.transAxes, va="top", fontsize=8)
+        ax.text(0.01, 0.08, "off scale:\n" + "\n".join(off_scale), transform=ax.transAxes, va="bottom", fontsize=8,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     ax.set_title("SmolLM2-135M: perplexity vs bits/weight (compiled module)")
     ax.legend()
     fig.tight_layout()
