@@ -100,7 +100,7 @@ def quantize_parser() -> argparse.ArgumentParser:
 def _quantize(args: argparse.Namespace) -> int:
     if args.depth == 1 and args.calibration is None and args.bpw is None and not args.recover:
         log.warning("trit-quantize: data-free depth 1 keeps little of a model (SmolLM2-135M: perplexity 15.7 -> "
-                    "53460; calibrated, 85); give --calibration FILE, or a higher --depth")
+                    "53461; calibrated, 85); give --calibration FILE, or a higher --depth")
     bar, step = _element_bar(_total_elements(args.src), "recover" if args.recover else f"quantize d={args.depth}")
     t0 = time.perf_counter()
     with bar:
