@@ -98,9 +98,6 @@ def quantize_parser() -> argparse.ArgumentParser:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    if args.depth == 1 and args.calibration is None and args.bpw is None and not args.recover:
-        log.warning("trit-quantize: data-free depth 1 keeps little of a model (SmolLM2-135M: perplexity 15.7 -> "
-                    "53461; calibrated, 85); give --calibration FILE, or a higher --depth")
     bar, step = _element_bar(_total_elements(args.src), "recover" if args.recover else f"quantize d={args.depth}")
     t0 = time.perf_counter()
     with bar:
@@ -114,6 +111,9 @@ def _quantize(args: argparse.Namespace) -> int:
              "%.1f MB in %d shard(s), %.1f s", args.out, len(manifest["quantized"]), n_q / 1e6, manifest["depth"],
              manifest["codec_mode"], len(manifest["kept"]), size / 1e6, len(manifest["shards"]),
              time.perf_counter() - t0)
+    if args.depth == 1 and args.calibration is None and args.bpw is None and not args.recover:
+        log.warning("trit-quantize: data-free depth 1 keeps little of a model (SmolLM2-135M: perplexity 15.7 -> "
+                    "53461; calibrated, 85); give --calibration FILE, or a higher --depth")
     return 0
 
 
